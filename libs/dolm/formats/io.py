@@ -1,0 +1,449 @@
+"""Reading and writing dolm files: Parquet/CSV tables, JSON, HDF5, safetensors.
+
+Every writer validates against the schema, writes to a temporary name in the target
+folder and renames, so an interrupted run never leaves a file that looks complete.
+Every reader validates before work starts and raises :class:`dolm.errors.InputError`
+(exit 3) naming the file, column or dataset and what was expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dolm.errors import DolmRuntimeError, InputError
+from dolm.formats.provenance import FileMeta, Run, sha256_bytes, sha256_file
+from dolm.formats.schema import (
+    available_schemas,
+    check_json,
+    check_table,
+    load_schema,
+    schema_version,
+)
+
+PARQUET_MAGIC = b"PAR1"
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+KEY_SCHEMA = "dolm.schema"
+KEY_PROVENANCE = "dolm.provenance"
+KEY_EXTRA = "dolm.extra"
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def check_output(path: str | os.PathLike | None, force: bool, option: str = "--output") -> None:
+    """Refuse an existing output without ``--force`` (exit 3), before any work is done."""
+    if path is None or str(path) == "-":
+        return
+    p = Path(path)
+    if p.exists() and not force:
+        raise InputError(f"{option} {p}: file exists; pass --force to overwrite it")
+    if not p.parent.exists():
+        raise InputError(f"{option} {p}: folder {p.parent} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+    """
+    target = Path(path)
+    check_output(target, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def _schema_header(schema: str) -> dict[str, Any]:
+    return {"name": schema, "version": schema_version(schema)}
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _read_input_bytes(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    return Path(path).read_bytes()
+
+
+def _missing(path: str, what: str = "file") -> InputError:
+    return InputError(f"{path}: {what} not found")
+
+
+def read_table(
+    path: str | os.PathLike,
+    schema: str | None = None,
+    run: Run | None = None,
+    columns: list[str] | None = None,
+) -> tuple[Any, FileMeta]:
+    """Read a Parquet (or CSV/TSV/JSONL) table, validate it, return (DataFrame, FileMeta).
+
+    ``schema``: the format the caller needs. A dolm file naming another schema is refused;
+    a plain file (no dolm metadata, e.g. a user's CSV) is checked against ``schema``.
+    ``-`` reads Parquet from stdin (buffered whole: its footer is at the end).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = str(path)
+    if path != "-" and not os.path.exists(path):
+        raise _missing(path)
+    if path != "-" and os.path.isdir(path):
+        raise InputError(f"{path}: is a folder, expected a table file (Parquet or CSV)")
+    suffix = Path(path).suffix.lower()
+    digest: str | None = None
+    kv: dict[str, str] = {}
+    if suffix in (".csv", ".tsv", ".jsonl", ".ndjson"):
+        table = _read_text_table(path, suffix)
+    else:
+        data = _read_input_bytes(path) if path == "-" else None
+        source: Any = pa.BufferReader(data) if data is not None else path
+        if data is not None:
+            digest = sha256_bytes(data)
+            head, tail = data[:4], data[-4:]
+        else:
+            with open(path, "rb") as fh:
+                head = fh.read(4)
+                fh.seek(max(0, os.path.getsize(path) - 4))
+                tail = fh.read(4)
+        if head != PARQUET_MAGIC:
+            raise InputError(
+                f"{path}: not a Parquet file (expected a file starting with PAR1; "
+                "CSV/TSV/JSONL files need the matching extension)"
+            )
+        if tail != PARQUET_MAGIC:
+            raise InputError(f"{path}: truncated or corrupt Parquet file (no footer)")
+        try:
+            table = pq.read_table(source, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{path}: corrupt Parquet file: {exc}") from None
+        raw = table.schema.metadata or {}
+        kv = {k.decode(): v.decode() for k, v in raw.items() if k.decode().startswith("dolm.")}
+    meta = _meta_from_kv(path, kv)
+    meta.sha256 = digest
+    if schema is not None and meta.schema is not None and meta.schema != schema:
+        raise InputError(f"{path}: is a {meta.schema!r} file, expected a {schema!r} file")
+    check_name = meta.schema or schema
+    if check_name is not None:
+        problems = check_table(table, load_schema(check_name, meta.version), path)
+        if problems:
+            raise InputError(_join(problems))
+    if run is not None:
+        run.add_input(path, meta, sha256=digest)
+    return table.to_pandas(), meta
+
+
+def _read_text_table(path: str, suffix: str) -> Any:
+    import pandas as pd
+    import pyarrow as pa
+
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            df = pd.read_json(path, lines=True)
+        else:
+            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+    except Exception as exc:  # pandas raises many parser error types
+        raise InputError(f"{path}: could not parse as {suffix[1:].upper()}: {exc}") from None
+    return pa.Table.from_pandas(df, preserve_index=False)
+
+
+def _meta_from_kv(path: str, kv: dict[str, str]) -> FileMeta:
+    meta = FileMeta(path=path)
+    try:
+        if KEY_SCHEMA in kv:
+            head = json.loads(kv[KEY_SCHEMA])
+            meta.schema, meta.version = head["name"], int(head["version"])
+        if KEY_PROVENANCE in kv:
+            meta.provenance = json.loads(kv[KEY_PROVENANCE])
+        if KEY_EXTRA in kv:
+            meta.extra = json.loads(kv[KEY_EXTRA])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: unreadable dolm metadata: {exc}") from None
+    return meta
+
+
+def _join(problems: list[str], limit: int = 8) -> str:
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return "\n  ".join(problems[:limit]) + more
+
+
+def to_arrow(df: Any) -> Any:
+    """pandas DataFrame (or pyarrow Table) -> pyarrow Table without the index."""
+    import pyarrow as pa
+
+    if isinstance(df, pa.Table):
+        return df
+    return pa.Table.from_pandas(df, preserve_index=False)
+
+
+def write_table(
+    df: Any,
+    path: str | os.PathLike,
+    schema: str,
+    run: Run | None,
+    force: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Validate ``df`` against ``schema`` and write it as Parquet with dolm metadata.
+
+    ``-`` writes to stdout. Otherwise written to a temporary file and renamed.
+    """
+    import pyarrow.parquet as pq
+
+    table = to_arrow(df)
+    problems = check_table(table, load_schema(schema), f"output {path}")
+    if problems:
+        raise DolmRuntimeError("output fails its schema (a dolm bug):\n  " + _join(problems))
+    md = dict(table.schema.metadata or {})
+    md[KEY_SCHEMA.encode()] = json.dumps(_schema_header(schema)).encode()
+    md[KEY_PROVENANCE.encode()] = json.dumps(run.chain() if run else []).encode()
+    md[KEY_EXTRA.encode()] = json.dumps(extra or {}, default=str).encode()
+    table = table.replace_schema_metadata(md)
+    if str(path) == "-":
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        sys.stdout.buffer.write(buf.getvalue())
+        sys.stdout.buffer.flush()
+        return
+    with atomic_path(path, force) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_meta(path: str | os.PathLike) -> FileMeta:
+    """Schema and provenance of any dolm file (Parquet, HDF5, JSON, safetensors)."""
+    path = str(path)
+    kind = sniff(path)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            raw = pq.read_schema(path).metadata or {}
+        except Exception as exc:
+            raise InputError(f"{path}: corrupt Parquet file: {exc}") from None
+        return _meta_from_kv(path, {k.decode(): v.decode() for k, v in raw.items()})
+    if kind == "hdf5":
+        from dolm.formats.h5 import read_h5_meta
+
+        return read_h5_meta(path)
+    if kind == "safetensors":
+        return _meta_from_kv(path, read_safetensors_metadata(path))
+    if kind == "json":
+        obj = _load_json(path)
+        head = obj.get("dolm", {}) if isinstance(obj, dict) else {}
+        meta = FileMeta(path=path, provenance=head.get("provenance", []))
+        if "schema" in head:
+            meta.schema, meta.version = head["schema"]["name"], int(head["schema"]["version"])
+        return meta
+    return FileMeta(path=path)
+
+
+# ---------------------------------------------------------------- JSON
+
+
+def _load_json(path: str) -> Any:
+    if not os.path.exists(path):
+        raise _missing(path)
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON: {exc}") from None
+
+
+def read_json(
+    path: str | os.PathLike, schema: str | None = None, run: Run | None = None
+) -> tuple[Any, FileMeta]:
+    """Read and validate a dolm JSON file; return (object, FileMeta)."""
+    path = str(path)
+    obj = _load_json(path)
+    meta = read_meta(path)
+    if schema is not None and meta.schema is not None and meta.schema != schema:
+        raise InputError(f"{path}: is a {meta.schema!r} file, expected a {schema!r} file")
+    name = meta.schema or schema
+    if name is not None:
+        problems = check_json(obj, load_schema(name, meta.version), path)
+        if problems:
+            raise InputError(_join(problems))
+    meta.sha256 = sha256_file(path)
+    if run is not None:
+        run.add_input(path, meta)
+    return obj, meta
+
+
+def write_json(
+    obj: dict[str, Any], path: str | os.PathLike, schema: str, run: Run | None, force: bool = False
+) -> None:
+    """Add the ``dolm`` header, validate, and write JSON atomically (``-`` = stdout)."""
+    out = dict(obj)
+    out["dolm"] = {"schema": _schema_header(schema), "provenance": run.chain() if run else []}
+    problems = check_json(out, load_schema(schema), f"output {path}")
+    if problems:
+        raise DolmRuntimeError("output fails its schema (a dolm bug):\n  " + _join(problems))
+    text = json.dumps(out, indent=2, default=_json_default) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    with atomic_path(path, force) as tmp:
+        tmp.write_text(text)
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.bool_):
+        return bool(o)
+    return str(o)
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def read_safetensors_metadata(path: str) -> dict[str, str]:
+    """The ``__metadata__`` string map of a safetensors file (header only, no tensors)."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or n > 100_000_000:
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(n))
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path}: not a valid safetensors file: {exc}") from None
+    return header.get("__metadata__", {}) or {}
+
+
+def describe_safetensors(path: str) -> dict[str, Any]:
+    """A JSON description of a safetensors file: metadata and tensors (dtype, shape)."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    md = header.pop("__metadata__", {}) or {}
+    tensors = {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in header.items()}
+    return {"metadata": md, "tensors": tensors}
+
+
+def save_safetensors(
+    tensors: dict[str, Any],
+    path: str | os.PathLike,
+    schema: str,
+    run: Run | None,
+    force: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Save torch tensors as safetensors with dolm metadata, validated and atomic."""
+    from safetensors.torch import save_file
+
+    md = {
+        KEY_SCHEMA: json.dumps(_schema_header(schema)),
+        KEY_PROVENANCE: json.dumps(run.chain() if run else []),
+        KEY_EXTRA: json.dumps(extra or {}, default=_json_default),
+    }
+    with atomic_path(path, force) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=md)
+        problems = check_json(describe_safetensors(str(tmp)), load_schema(schema), f"output {path}")
+        if problems:
+            raise DolmRuntimeError("output fails its schema (a dolm bug):\n  " + _join(problems))
+
+
+def load_safetensors(
+    path: str | os.PathLike, schema: str | None = None, run: Run | None = None
+) -> tuple[dict[str, Any], FileMeta]:
+    """Load tensors and metadata from a dolm safetensors file, validated."""
+    from safetensors.torch import load_file
+
+    path = str(path)
+    if not os.path.exists(path):
+        raise _missing(path)
+    meta = _meta_from_kv(path, read_safetensors_metadata(path))
+    if schema is not None and meta.schema is not None and meta.schema != schema:
+        raise InputError(f"{path}: is a {meta.schema!r} file, expected a {schema!r} file")
+    name = meta.schema or schema
+    if name is not None:
+        problems = check_json(describe_safetensors(path), load_schema(name, meta.version), path)
+        if problems:
+            raise InputError(_join(problems))
+    meta.sha256 = sha256_file(path)
+    if run is not None:
+        run.add_input(path, meta)
+    return load_file(path), meta
+
+
+# ---------------------------------------------------------------- any file
+
+
+def sniff(path: str) -> str:
+    """File kind from its first bytes: parquet, hdf5, safetensors, json, csv, or unknown."""
+    if not os.path.exists(path):
+        raise _missing(path)
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head[:4] == PARQUET_MAGIC:
+        return "parquet"
+    if head[:8] == HDF5_MAGIC:
+        return "hdf5"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "json"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    suffix = Path(path).suffix.lower()
+    if suffix in (".csv", ".tsv", ".jsonl", ".ndjson"):
+        return "csv"
+    return "unknown"
+
+
+def validate_file(
+    path: str | os.PathLike, schema: str | None = None
+) -> tuple[str | None, list[str]]:
+    """Validate any dolm file; return (schema name, problems). No problems = valid."""
+    path = str(path)
+    try:
+        kind = sniff(path)
+        if kind in ("parquet", "csv"):
+            if kind == "parquet" and schema is None and read_meta(path).schema is None:
+                return None, [f"{path}: Parquet file without dolm metadata (no 'dolm.schema')"]
+            _, meta = read_table(path, schema=schema)
+            return meta.schema or schema, []
+        if kind == "hdf5":
+            from dolm.formats.h5 import check_h5
+
+            return check_h5(path, schema)
+        if kind == "json":
+            meta = read_meta(path)
+            if meta.schema is None and schema is None:
+                return None, [f"{path}: JSON file without a 'dolm.schema' header"]
+            read_json(path, schema=schema)
+            return meta.schema or schema, []
+        if kind == "safetensors":
+            meta = _meta_from_kv(path, read_safetensors_metadata(path))
+            if meta.schema is None and schema is None:
+                return None, [f"{path}: safetensors file without 'dolm.schema' metadata"]
+            load_safetensors(path, schema=schema)
+            return meta.schema or schema, []
+        return None, [
+            f"{path}: unknown file type (expected Parquet, HDF5, JSON or safetensors; "
+            f"known schemas: {', '.join(available_schemas())})"
+        ]
+    except InputError as exc:
+        return schema, [str(exc)]

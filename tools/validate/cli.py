@@ -1,0 +1,34 @@
+"""``dolm-validate FILE...``: check dolm files against their schemas.
+
+Exit 0 when every file is valid, 3 when any is invalid (the first problems are named:
+file, column or dataset, expected vs found). A truncated or corrupt Parquet or HDF5
+file is reported as such.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from dolm.cli import _CONTEXT, DolmCommand
+
+
+@click.command(name="dolm-validate", cls=DolmCommand, context_settings=_CONTEXT)
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--schema", default=None, help="Check against this schema instead of the file's own.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only problems.")
+def main(files: tuple[str, ...], schema: str | None, quiet: bool) -> None:
+    """Validate FILES against their dolm schemas."""
+    from dolm.formats import validate_file
+
+    bad = 0
+    for path in files:
+        name, problems = validate_file(path, schema=schema)
+        if problems:
+            bad += 1
+            click.echo(f"{path}: INVALID", err=True)
+            for p in problems:
+                click.echo(f"  {p}", err=True)
+        elif not quiet:
+            click.echo(f"{path}: ok ({name})")
+    sys.exit(3 if bad else 0)
