@@ -78,7 +78,7 @@ def test_every_option_has_help_and_valid_default(name):
 def test_unknown_option_and_bad_value_are_input_errors():
     with pytest.raises(InputError, match="unknown option 'bogus'"):
         FAMILIES["bayes"].generate(bogus=1)
-    with pytest.raises(InputError, match="--n-draws: expected int"):
+    with pytest.raises(InputError, match="--n-draws: expected an integer"):
         FAMILIES["bayes"].generate(n_draws="ten")
     with pytest.raises(InputError, match="--templates: expected one of"):
         FAMILIES["bayes"].generate(templates="base,weird")

@@ -72,9 +72,8 @@ class Option:
         try:
             out = _coerce(self.type, value)
         except (TypeError, ValueError) as e:
-            raise InputError(
-                f"{self.flag}: expected {self.type.replace('_', ' of ')}, found {value!r}"
-            ) from e
+            expected = _describe(self.type)
+            raise InputError(f"{self.flag}: expected {expected}, found {value!r}") from e
         if self.choices is not None:
             vals = out if isinstance(out, list) else [out]
             bad = [v for v in vals if v not in self.choices]
@@ -83,6 +82,15 @@ class Option:
                     f"{self.flag}: expected one of {', '.join(self.choices)}, found {bad[0]!r}"
                 )
         return out
+
+
+def _describe(kind: str) -> str:
+    names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+             "choice": "a string"}
+    if kind.endswith("_list"):
+        item = kind[: -len("_list")]
+        return "comma-separated " + {"int": "integers", "float": "numbers"}.get(item, "values")
+    return names.get(kind, kind)
 
 
 def _coerce(kind: str, value: Any) -> Any:

@@ -107,6 +107,9 @@ def _generate(split, seed, tokenizer, n, world_seed, n_entities, relations):
     for rel in relations:
         values = list(w[rel])
         for tid, tpl in phrasings(rel, split):
+            if tokenizer is not None:  # token lengths once per (phrasing, subject)
+                n_prompt = [token_count(tokenizer, tpl.format(s=x)) for x in subjects]
+                n_subject = [token_count(tokenizer, " " + x) for x in subjects]
             for ei, subj in enumerate(subjects):
                 prompt = tpl.format(s=subj)
                 target = values[ei]
@@ -115,11 +118,8 @@ def _generate(split, seed, tokenizer, n, world_seed, n_entities, relations):
                 cands = [j for j in range(len(subjects)) if j != ei and values[j] != target
                          and len(subjects[j].split()) == len(subj.split())]
                 if tokenizer is not None:
-                    n_tok = token_count(tokenizer, prompt)
-                    n_subj = token_count(tokenizer, " " + subj)
-                    cands = [j for j in cands
-                             if token_count(tokenizer, tpl.format(s=subjects[j])) == n_tok
-                             and token_count(tokenizer, " " + subjects[j]) == n_subj]
+                    cands = [j for j in cands if n_prompt[j] == n_prompt[ei]
+                             and n_subject[j] == n_subject[ei]]
                 if not cands:
                     dropped += 1
                     continue
@@ -150,8 +150,8 @@ def _generate(split, seed, tokenizer, n, world_seed, n_entities, relations):
                     "subject_words": len(subj.split()),
                 }
                 if tokenizer is not None:
-                    row["subject_tokens"] = token_count(tokenizer, " " + subj)
-                    row["prompt_tokens"] = token_count(tokenizer, prompt)
+                    row["subject_tokens"] = n_subject[ei]
+                    row["prompt_tokens"] = n_prompt[ei]
                 rows.append(row)
     if dropped and not rows:
         raise InputError(
