@@ -1,0 +1,355 @@
+"""Reading and writing sites with plain PyTorch forward hooks / pre-hooks.
+
+:class:`Trace` is what ``LoadedModel.trace(read=..., write=...)`` returns. It registers
+at most one hook per HF module that carries a requested site (grouped by module, so
+``head.3.*`` is one pre-hook on layer 3's output projection), and removes every hook on
+exit, exceptions included. Hooks sit on the modules as loaded, so quantized
+(bitsandbytes) and ``device_map`` models work unchanged.
+
+Write functions are ``fn(act, batch_index) -> act`` (same shape); ``batch_index`` is
+a LongTensor of the rows' indices (``trace(batch_index=...)``, default ``arange(batch)``).
+A returned tensor is cast to the activation's dtype and device.
+
+Order inside one module: at the attention module ``attn_out.L`` is written first, then
+``resid_mid.L`` (by adjusting ``attn_out.L`` to ``new_mid - resid_pre``). A read value
+is the value *after* any write at the same site (what flows downstream). Reads are
+references to the model's own tensors (detached unless ``detach=False``), no copies.
+
+transformers 5 quirks handled here: blocks return a tensor for most architectures but a
+tuple for some (GPT-J); attention modules return ``(out, weights)`` with ``weights``
+``None`` unless the eager implementation runs; hidden states may be passed
+positionally or as ``hidden_states=``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from dolm.errors import DolmRuntimeError, InputError
+from dolm.models.sites import READ_ONLY_KINDS
+
+
+def _first(output):
+    """The tensor a module contributes (item 0 of a tuple/list)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output[0]
+
+
+def _replace_first(output, new):
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, tuple):
+        return (new,) + tuple(output[1:])
+    out = list(output)
+    out[0] = new
+    return out
+
+
+def _input_of(args, kwargs):
+    if args:
+        return args[0]
+    return kwargs["hidden_states"]
+
+
+def _with_input(args, kwargs, new):
+    if args:
+        return (new,) + tuple(args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = new
+    return args, kwargs
+
+
+class Trace:
+    """Context manager that reads and writes sites during forward passes.
+
+    ``tr[site]`` gives a read value after the forward; ``tr.values`` is the dict.
+    Several forwards inside one trace overwrite the values (last wins).
+    """
+
+    def __init__(self, lm, read=(), write=None, batch_index=None, detach=True):
+        self.lm = lm
+        space = lm.sites
+        read_names = lm.expand_sites(read) if read else []
+        write_items: list[tuple[str, object]] = []
+        for pattern, fn in (write or {}).items():
+            if not callable(fn):
+                raise InputError(f"write function for site {pattern!r} is not callable")
+            for name in lm.expand_sites(pattern):
+                write_items.append((name, fn))
+        self.read_names = read_names
+        self.write_names = [n for n, _ in write_items]
+        self.detach = detach
+        self.batch_index = batch_index
+        self._bidx_cache = None
+        self.values: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+        self._resid_pre: dict[int, torch.Tensor] = {}
+        self._saved_attn_impl = None
+
+        reads = [space.parse(n) for n in read_names]
+        writes = [(space.parse(n), fn) for n, fn in write_items]
+        for site, _ in writes:
+            if site.kind in READ_ONLY_KINDS:
+                raise InputError(
+                    f"site {site.name!r} is read-only (attention pattern); write attn_out.L, "
+                    "resid_mid.L or head.L.H instead"
+                )
+        self.needs_eager = any(s.kind == "attn" for s in reads)
+        # group by module: key -> {"read": [...], "write": [...]}
+        plan: dict[tuple, dict[str, list]] = defaultdict(lambda: {"read": [], "write": []})
+        for site in reads:
+            plan[self._group(site)]["read"].append(site)
+        for site, fn in writes:
+            plan[self._group(site)]["write"].append((site, fn))
+        # resid_mid needs the block input
+        for site in reads + [s for s, _ in writes]:
+            if site.kind == "resid_mid":
+                plan[("block_pre", site.layer)]  # noqa: B018 - ensure the group exists
+        self.plan = dict(plan)
+
+    @staticmethod
+    def _group(site):
+        kind = site.kind
+        if kind in ("embed", "final_norm", "logits"):
+            return (kind,)
+        if kind == "resid_pre":
+            return ("block_pre", site.layer)
+        if kind == "resid_post":
+            return ("block", site.layer)
+        if kind in ("attn_out", "resid_mid", "attn"):
+            return ("attn", site.layer)
+        if kind == "mlp_out":
+            return ("mlp", site.layer)
+        if kind == "head":
+            return ("attn_o", site.layer)
+        raise AssertionError(kind)
+
+    # ---------------------------------------------------------------- helpers
+    def _bidx(self, n: int, device) -> torch.Tensor:
+        if self.batch_index is not None:
+            bi = self.batch_index
+            if not isinstance(bi, torch.Tensor):
+                bi = torch.as_tensor(bi, dtype=torch.long)
+                self.batch_index = bi
+            if bi.shape[0] != n:
+                raise InputError(
+                    f"trace batch_index has {bi.shape[0]} rows but the batch has {n}"
+                )
+            if bi.device != device:
+                bi = bi.to(device)
+                self.batch_index = bi
+            return bi
+        cached = self._bidx_cache
+        if cached is None or cached.shape[0] != n or cached.device != device:
+            cached = torch.arange(n, device=device)
+            self._bidx_cache = cached
+        return cached
+
+    def _apply(self, name, fn, act):
+        new = fn(act, self._bidx(act.shape[0], act.device))
+        if not isinstance(new, torch.Tensor):
+            raise InputError(f"write function for site {name!r} returned {type(new).__name__}, "
+                             "expected a tensor")
+        if new.shape != act.shape:
+            raise InputError(
+                f"write function for site {name!r} returned shape {tuple(new.shape)}, "
+                f"expected {tuple(act.shape)}"
+            )
+        if new.dtype != act.dtype or new.device != act.device:
+            new = new.to(device=act.device, dtype=act.dtype)
+        return new
+
+    def _store(self, name, t):
+        self.values[name] = t.detach() if self.detach else t
+
+    # ---------------------------------------------------------------- hook makers
+    def _simple_forward_hook(self, reads, writes):
+        """Forward hook for modules whose (first) output is the site."""
+        read_names = [s.name for s in reads]
+        write_fns = [(s.name, fn) for s, fn in writes]
+        apply, store = self._apply, self._store
+
+        def hook(module, args, output):
+            act = _first(output)
+            if write_fns:
+                for name, fn in write_fns:
+                    act = apply(name, fn, act)
+            for name in read_names:
+                store(name, act)
+            if write_fns:
+                return _replace_first(output, act)
+            return None
+
+        return hook
+
+    def _block_pre_hook(self, layer, reads, writes):
+        read_names = [s.name for s in reads]
+        write_fns = [(s.name, fn) for s, fn in writes]
+        apply, store, saved = self._apply, self._store, self._resid_pre
+
+        def hook(module, args, kwargs):
+            act = _input_of(args, kwargs)
+            if write_fns:
+                for name, fn in write_fns:
+                    act = apply(name, fn, act)
+            saved[layer] = act
+            for name in read_names:
+                store(name, act)
+            if write_fns:
+                return _with_input(args, kwargs, act)
+            return None
+
+        return hook
+
+    def _attn_hook(self, layer, reads, writes):
+        out_reads = [s.name for s in reads if s.kind == "attn_out"]
+        mid_reads = [s.name for s in reads if s.kind == "resid_mid"]
+        pat_reads = [s.name for s in reads if s.kind == "attn"]
+        out_writes = [(s.name, fn) for s, fn in writes if s.kind == "attn_out"]
+        mid_writes = [(s.name, fn) for s, fn in writes if s.kind == "resid_mid"]
+        apply, store, saved = self._apply, self._store, self._resid_pre
+        changed = bool(out_writes or mid_writes)
+
+        def hook(module, args, output):
+            act = _first(output)
+            for name, fn in out_writes:
+                act = apply(name, fn, act)
+            if mid_reads or mid_writes:
+                pre = saved[layer]
+                if pre.device != act.device:
+                    pre = pre.to(act.device)
+                mid = pre + act
+                if mid_writes:
+                    for name, fn in mid_writes:
+                        mid = apply(name, fn, mid)
+                    act = mid - pre
+                for name in mid_reads:
+                    store(name, mid)
+            for name in out_reads:
+                store(name, act)
+            if pat_reads:
+                pattern = None if isinstance(output, torch.Tensor) or len(output) < 2 else output[1]
+                if pattern is None:
+                    raise DolmRuntimeError(
+                        f"layer {layer}: the attention module returned no attention pattern; "
+                        "it needs the eager attention implementation"
+                    )
+                for name in pat_reads:
+                    store(name, pattern)
+            if changed:
+                return _replace_first(output, act)
+            return None
+
+        return hook
+
+    def _attn_o_pre_hook(self, reads, writes):
+        n_heads = self.lm.n_heads
+        read_items = [(s.name, s.head) for s in reads]
+        write_items = [(s.name, s.head, fn) for s, fn in writes]
+        apply, store = self._apply, self._store
+
+        def hook(module, args, kwargs):
+            x = _input_of(args, kwargs)
+            if write_items:
+                x = x.clone()
+            xv = x.view(*x.shape[:-1], n_heads, x.shape[-1] // n_heads)
+            for name, head, fn in write_items:
+                xv[..., head, :] = apply(name, fn, xv[..., head, :])
+            for name, head in read_items:
+                store(name, xv[..., head, :])
+            if write_items:
+                return _with_input(args, kwargs, x)
+            return None
+
+        return hook
+
+    # ---------------------------------------------------------------- context
+    def __enter__(self):
+        ad = self.lm.adapter
+        model = self.lm.model
+        try:
+            if self.needs_eager:
+                cur = model.config._attn_implementation
+                if cur != "eager":
+                    self._saved_attn_impl = cur
+                    model.set_attn_implementation("eager")
+            for key, group in self.plan.items():
+                reads, writes = group["read"], group["write"]
+                kind = key[0]
+                if kind == "embed":
+                    h = ad.embed.register_forward_hook(self._simple_forward_hook(reads, writes))
+                elif kind == "final_norm":
+                    h = ad.final_norm.register_forward_hook(
+                        self._simple_forward_hook(reads, writes)
+                    )
+                elif kind == "logits":
+                    h = ad.unembed.register_forward_hook(self._simple_forward_hook(reads, writes))
+                elif kind == "block_pre":
+                    h = ad.block(key[1]).register_forward_pre_hook(
+                        self._block_pre_hook(key[1], reads, writes), with_kwargs=True
+                    )
+                elif kind == "block":
+                    h = ad.block(key[1]).register_forward_hook(
+                        self._simple_forward_hook(reads, writes)
+                    )
+                elif kind == "attn":
+                    h = ad.block_module(key[1], "attn").register_forward_hook(
+                        self._attn_hook(key[1], reads, writes)
+                    )
+                elif kind == "mlp":
+                    h = ad.block_module(key[1], "mlp").register_forward_hook(
+                        self._simple_forward_hook(reads, writes)
+                    )
+                elif kind == "attn_o":
+                    h = ad.block_module(key[1], "attn_o").register_forward_pre_hook(
+                        self._attn_o_pre_hook(reads, writes), with_kwargs=True
+                    )
+                else:  # pragma: no cover
+                    raise AssertionError(kind)
+                self._handles.append(h)
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def _remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._resid_pre.clear()
+        if self._saved_attn_impl is not None:
+            self.lm.model.set_attn_implementation(self._saved_attn_impl)
+            self._saved_attn_impl = None
+
+    def __exit__(self, exc_type, exc, tb):
+        self._remove()
+        return False
+
+    # ---------------------------------------------------------------- dict access
+    def __getitem__(self, site: str) -> torch.Tensor:
+        try:
+            return self.values[site]
+        except KeyError:
+            if site in self.read_names:
+                raise KeyError(
+                    f"site {site!r} was not reached: run the model inside the trace "
+                    "(run_from_layer does not reach sites before its start layer)"
+                ) from None
+            raise KeyError(
+                f"site {site!r} was not requested; read={self.read_names}"
+            ) from None
+
+    def __contains__(self, site) -> bool:
+        return site in self.values
+
+    def get(self, site, default=None):
+        return self.values.get(site, default)
+
+    def keys(self):
+        return self.values.keys()
+
+    def items(self):
+        return self.values.items()

@@ -1,0 +1,441 @@
+"""``LoadedModel``: model + tokenizer + adapter, with sites, tracing, encoding, token
+helpers and layer stepping (``run_from_layer``) for fast activation patching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dolm.errors import InputError
+from dolm.models.adapters import Adapter, ArchSpec
+from dolm.models.hooks import Trace, _first
+from dolm.models.sites import SiteSpace
+
+
+# --------------------------------------------------------------------------- encoding
+@dataclass
+class Encoding:
+    """A right-padded batch of prompts.
+
+    ``input_ids``/``attention_mask``: (batch, seq) LongTensors on the model's input
+    device. ``last_index``: (batch,) position of each row's last real token.
+    ``lengths``: list of real token counts. ``offsets``: per row, per real token,
+    ``(char_start, char_end)`` in the prompt text (``(0, 0)`` for an added BOS).
+    ``n_prefix``: per row, number of added special tokens at the start (0 or 1).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    last_index: torch.Tensor
+    lengths: list[int]
+    offsets: list[list[tuple[int, int]]] | None
+    texts: list[str]
+    names: list[str]
+    n_prefix: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """(1, seq) positions; right padding keeps every row's positions at 0..n-1."""
+        return torch.arange(self.input_ids.shape[1], device=self.input_ids.device)[None]
+
+    def to(self, device) -> Encoding:
+        self.input_ids = self.input_ids.to(device)
+        self.attention_mask = self.attention_mask.to(device)
+        self.last_index = self.last_index.to(device)
+        return self
+
+    def span_to_tokens(self, row: int, start: int, end: int) -> list[int]:
+        """Token positions of row ``row`` whose characters overlap ``[start, end)``.
+
+        Added special tokens never match. An empty list means the span covers no
+        token (e.g. an empty or whitespace-only span).
+        """
+        if self.offsets is None:
+            raise InputError("span_to_tokens needs a fast tokenizer (character offsets)")
+        if not (0 <= start <= end <= len(self.texts[row])):
+            raise InputError(
+                f"prompt {self.names[row]}: span [{start}, {end}) outside the text "
+                f"(length {len(self.texts[row])})"
+            )
+        out = []
+        for pos, (s, e) in enumerate(self.offsets[row]):
+            if e > s and s < end and e > start:
+                out.append(pos)
+        return out
+
+    def span_last_token(self, row: int, start: int, end: int) -> int:
+        """Position of the last token overlapping the span; InputError if none."""
+        toks = self.span_to_tokens(row, start, end)
+        if not toks:
+            raise InputError(
+                f"prompt {self.names[row]}: span [{start}, {end}) "
+                f"({self.texts[row][start:end]!r}) covers no token"
+            )
+        return toks[-1]
+
+
+# --------------------------------------------------------------------------- stepping
+class _Recorder(torch.nn.Module):
+    """Stand-in for a block while the layer context is captured: records the
+    arguments the model passes to block ``i`` and returns the input unchanged."""
+
+    def __init__(self, store: dict, i: int, as_tuple: bool):
+        super().__init__()
+        self._store = store
+        self._i = i
+        self._as_tuple = as_tuple
+
+    def forward(self, *args, **kwargs):
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        self._store[self._i] = (rest, kwargs)
+        return (hidden, None) if self._as_tuple else hidden
+
+
+@dataclass
+class LayerContext:
+    """What the model passes to each block besides the hidden states (attention mask,
+    rotary position embeddings, position ids, ...), captured from the model itself for
+    one batch shape and attention mask. Reuse it across ``run_from_layer`` calls."""
+
+    args: dict[int, tuple]
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    shape: tuple[int, int]
+    attn_impl: str
+
+
+class LoadedModel:
+    """A loaded causal LM with dolm's site vocabulary. See ``dolm.models`` docs."""
+
+    def __init__(self, model, tokenizer, arch: ArchSpec, info: dict):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.adapter = Adapter(arch, model)
+        self.info = info
+        cfg = model.config
+        self.n_layers = len(self.adapter.layers)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.d_model = int(cfg.hidden_size)
+        hd = getattr(cfg, "head_dim", None)
+        self.d_head = int(hd) if hd else self.d_model // self.n_heads
+        d_mlp = (getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
+                 or 4 * self.d_model)
+        self.d_mlp = int(d_mlp)
+        self.d_vocab = int(self.adapter.unembed.weight.shape[0]) if hasattr(
+            self.adapter.unembed, "weight") else int(cfg.vocab_size)
+        self.n_ctx = int(getattr(cfg, "max_position_embeddings", None)
+                         or getattr(cfg, "n_positions", 0) or 0) or None
+        self.sites = SiteSpace(self.n_layers, self.n_heads)
+        self._prepends_bos: bool | None = None
+        info.setdefault("n_layers", self.n_layers)
+
+    # ------------------------------------------------------------------ basics
+    def __repr__(self) -> str:
+        return (f"LoadedModel({self.info.get('spec')!r}, {self.adapter.name}, "
+                f"n_layers={self.n_layers}, n_heads={self.n_heads}, d_model={self.d_model})")
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the input embedding (where input ids go)."""
+        return self.adapter.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.adapter.embed.weight.dtype
+
+    @property
+    def parallel_residual(self) -> bool:
+        return self.adapter.parallel
+
+    def expand_sites(self, patterns) -> list[str]:
+        """Names for a pattern (``resid_post.*``), a comma list, or a list of either."""
+        return self.sites.expand(patterns)
+
+    def parse_site(self, site: str):
+        """``Site(kind, layer, head)`` for a concrete site name."""
+        return self.sites.parse(site)
+
+    def trace(self, read=(), write=None, *, batch_index=None, detach: bool = True) -> Trace:
+        """Context manager reading ``read`` sites and applying ``write`` functions.
+
+        ``with lm.trace(read=[...], write={site: fn}) as tr: lm.model(...)``; then
+        ``tr[site]``. Patterns are expanded. ``fn(act, batch_index) -> act``.
+        Reading ``attn.L`` switches the model to eager attention inside the context.
+        """
+        return Trace(self, read=read, write=write, batch_index=batch_index, detach=detach)
+
+    def forward(self, enc: Encoding, **kwargs):
+        """``model(input_ids, attention_mask)`` for an :class:`Encoding`."""
+        return self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                          use_cache=False, **kwargs)
+
+    # ------------------------------------------------------------------ tokens
+    @property
+    def prepends_bos(self) -> bool:
+        """Whether this tokenizer conventionally prepends BOS (its post-processor does)."""
+        if self._prepends_bos is None:
+            tok = self.tokenizer
+            bos = tok.bos_token_id
+            if bos is None:
+                self._prepends_bos = False
+            else:
+                with_sp = tok("a", add_special_tokens=True)["input_ids"]
+                plain = tok("a", add_special_tokens=False)["input_ids"]
+                self._prepends_bos = bool(
+                    len(with_sp) > len(plain) and with_sp and with_sp[0] == bos
+                )
+        return self._prepends_bos
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    def encode(self, texts, *, names=None, add_bos: bool | None = None,
+               max_length: int | None = None, device=None) -> Encoding:
+        """Tokenize ``texts`` into a right-padded :class:`Encoding`.
+
+        ``add_bos``: None follows the tokenizer's convention (Llama-style tokenizers
+        prepend BOS, GPT-2-style do not); True/False forces it. A BOS already at the
+        start of the text is never doubled. No EOS is appended. ``names`` (e.g. prompt
+        ids) are used in error messages. A prompt longer than ``max_length`` (default:
+        the model's context) is an InputError naming it.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise InputError("encode: no prompts")
+        names = [str(n) for n in names] if names is not None else [f"#{i}" for i in
+                                                                      range(len(texts))]
+        if len(names) != len(texts):
+            raise InputError(f"encode: {len(names)} names for {len(texts)} prompts")
+        for name, t in zip(names, texts, strict=True):
+            if not isinstance(t, str):
+                raise InputError(f"prompt {name}: expected a string, found {type(t).__name__}")
+        tok = self.tokenizer
+        fast = bool(getattr(tok, "is_fast", False))
+        batch = tok(texts, add_special_tokens=False, return_offsets_mapping=fast)
+        ids_list = batch["input_ids"]
+        offs_list = batch["offset_mapping"] if fast else None
+        want_bos = self.prepends_bos if add_bos is None else bool(add_bos)
+        bos = tok.bos_token_id
+        if want_bos and bos is None:
+            raise InputError("encode: add_bos=True but the tokenizer has no BOS token")
+        limit = max_length if max_length is not None else self.n_ctx
+        rows, offsets, n_prefix = [], [], []
+        for i, ids in enumerate(ids_list):
+            ids = list(ids)
+            off = [tuple(o) for o in offs_list[i]] if fast else None
+            pre = 0
+            if want_bos and (not ids or ids[0] != bos):
+                ids.insert(0, bos)
+                if off is not None:
+                    off.insert(0, (0, 0))
+                pre = 1
+            if not ids:
+                raise InputError(f"prompt {names[i]}: empty (no tokens)")
+            if limit is not None and len(ids) > limit:
+                raise InputError(
+                    f"prompt {names[i]}: {len(ids)} tokens, longer than the model's context "
+                    f"of {limit} tokens ({len(texts[i])} characters: {texts[i][:60]!r}...)"
+                )
+            rows.append(ids)
+            offsets.append(off)
+            n_prefix.append(pre)
+        lengths = [len(r) for r in rows]
+        seq = max(lengths)
+        pad = self.pad_id
+        dev = self.device if device is None else device
+        input_ids = torch.full((len(rows), seq), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), seq), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        last = torch.tensor([n - 1 for n in lengths], dtype=torch.long)
+        return Encoding(
+            input_ids=input_ids.to(dev), attention_mask=mask.to(dev), last_index=last.to(dev),
+            lengths=lengths, offsets=offsets if fast else None, texts=texts, names=names,
+            n_prefix=n_prefix,
+        )
+
+    def to_str_tokens(self, ids) -> list[str]:
+        """Decoded string of each token id."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def _tokenize_piece(self, s: str) -> list[int]:
+        return list(self.tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    def _single_token_problem(self, s: str) -> str | None:
+        if not isinstance(s, str) or s == "":
+            return f"{s!r} is not a non-empty string"
+        ids = self._tokenize_piece(s)
+        if len(ids) == 1:
+            return None
+        pieces = self.to_str_tokens(ids)
+        msg = f"{s!r} is {len(ids)} tokens {pieces}, expected exactly one"
+        cands = []
+        if not s.startswith(" "):
+            cands.append(" " + s)
+        if s != s.strip():
+            cands.append(s.strip())
+            if s.strip():
+                cands.append(" " + s.strip())
+        for c in dict.fromkeys(cands):
+            if c and c != s and len(self._tokenize_piece(c)) == 1:
+                msg += f"; {c!r} is one token"
+                break
+        return msg
+
+    def token_id(self, s: str) -> int:
+        """The id of ``s`` if it is exactly one token, else InputError with a suggestion
+        (e.g. the leading-space variant when that is one token)."""
+        problem = self._single_token_problem(s)
+        if problem:
+            raise InputError(f"token {problem}")
+        return int(self._tokenize_piece(s)[0])
+
+    def choice_token_ids(self, choices, first_token: bool = False) -> list[int]:
+        """Distinct token ids for ``choices``.
+
+        Each choice must be exactly one token (InputError listing every offender, with
+        suggestions), unless ``first_token=True``, which takes each choice's first token.
+        Two choices with the same (first) token are an InputError.
+        """
+        choices = list(choices)
+        if not choices:
+            raise InputError("choices: empty list")
+        ids, problems = [], []
+        for c in choices:
+            if first_token:
+                toks = self._tokenize_piece(c) if isinstance(c, str) and c else []
+                if not toks:
+                    problems.append(f"{c!r} has no tokens")
+                    ids.append(None)
+                else:
+                    ids.append(int(toks[0]))
+            else:
+                p = self._single_token_problem(c)
+                if p:
+                    problems.append(p)
+                    ids.append(None)
+                else:
+                    ids.append(int(self._tokenize_piece(c)[0]))
+        if problems:
+            raise InputError("choices: " + "; ".join(problems))
+        seen: dict[int, str] = {}
+        for c, i in zip(choices, ids, strict=True):
+            if i in seen:
+                what = "first token" if first_token else "token"
+                raise InputError(
+                    f"choices {seen[i]!r} and {c!r} share the {what} {self.to_str_tokens([i])[0]!r}"
+                    f" (id {i}); choices must be distinguishable by their {what}"
+                )
+            seen[i] = c
+        return ids
+
+    # ------------------------------------------------------------------ stepping
+    def layer_context(self, attention_mask: torch.Tensor, position_ids=None) -> LayerContext:
+        """Capture the per-block arguments for a batch with this attention mask.
+
+        Runs the model's own forward with the blocks replaced by recorders, so masks
+        (causal, padding, sliding window), rotary embeddings and position ids are
+        exactly what the model computes; costs about one embedding lookup.
+        """
+        ad = self.adapter
+        if attention_mask.dim() != 2:
+            raise InputError("layer_context: attention_mask must be (batch, seq)")
+        b, s = attention_mask.shape
+        store: dict[int, tuple] = {}
+        dummy = torch.zeros(b, s, self.d_model, dtype=self.dtype, device=self.device)
+        mask = attention_mask.to(self.device)
+        if position_ids is not None:
+            position_ids = position_ids.to(self.device)
+        original = getattr(ad.layers_parent, ad.layers_attr)
+        first_error = None
+        # the adapter says whether blocks return tuples; try the other form if it fails
+        for as_tuple in (ad.spec.block_tuple, not ad.spec.block_tuple):
+            store.clear()
+            recorders = torch.nn.ModuleList(
+                _Recorder(store, i, as_tuple) for i in range(self.n_layers))
+            setattr(ad.layers_parent, ad.layers_attr, recorders)
+            try:
+                with torch.no_grad():
+                    ad.base_model(inputs_embeds=dummy, attention_mask=mask,
+                                  position_ids=position_ids, use_cache=False)
+                break
+            except Exception as exc:
+                first_error = first_error or exc
+            finally:
+                setattr(ad.layers_parent, ad.layers_attr, original)
+        else:
+            raise first_error
+        if len(store) != self.n_layers:  # pragma: no cover - architecture mismatch
+            raise RuntimeError(f"layer_context captured {len(store)} of {self.n_layers} blocks")
+        return LayerContext(args=store, attention_mask=attention_mask, position_ids=position_ids,
+                            shape=(b, s), attn_impl=self.config._attn_implementation)
+
+    def run_from_layer(self, hidden: torch.Tensor, start_layer: int, attention_mask=None,
+                       position_ids=None, *, context: LayerContext | None = None,
+                       positions=None, write=None, batch_index=None) -> torch.Tensor:
+        """Run blocks ``start_layer..n_layers-1``, the final norm and the unembedding.
+
+        ``hidden`` is ``resid_pre.<start_layer>`` (batch, seq, d_model); with
+        ``start_layer == n_layers`` it is the last block's output. Give the batch's
+        ``attention_mask`` (and ``position_ids`` if not 0..seq-1), or a ``context``
+        from :meth:`layer_context` to reuse across calls. ``positions``: None -> logits
+        for every position (batch, seq, vocab); a (batch,) LongTensor -> (batch, vocab)
+        at one position per row; (batch, k) -> (batch, k, vocab). Only the selected
+        positions go through the final norm and unembedding.
+
+        Sites are hooked as in a full forward: wrap the call in ``lm.trace(...)`` to read
+        or write (sites before ``start_layer`` and ``embed`` are not reached); ``write``
+        is a shortcut for ``with lm.trace(write=write, batch_index=batch_index)``.
+        """
+        if not (0 <= start_layer <= self.n_layers):
+            raise InputError(f"start_layer {start_layer} out of range 0..{self.n_layers}")
+        if context is None or context.attn_impl != self.config._attn_implementation:
+            if context is not None:
+                attention_mask, position_ids = context.attention_mask, context.position_ids
+            if attention_mask is None:
+                attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long,
+                                            device=hidden.device)
+            context = self.layer_context(attention_mask, position_ids)
+        if tuple(hidden.shape[:2]) != context.shape:
+            raise InputError(
+                f"run_from_layer: hidden has shape {tuple(hidden.shape)}, context is for "
+                f"(batch, seq) = {context.shape}"
+            )
+        if write:
+            with self.trace(write=write, batch_index=batch_index):
+                return self._run_from_layer(hidden, start_layer, context, positions)
+        return self._run_from_layer(hidden, start_layer, context, positions)
+
+    def _run_from_layer(self, hidden, start_layer, context, positions):
+        layers = self.adapter.layers
+        args = context.args
+        h = hidden
+        for i in range(start_layer, self.n_layers):
+            rest, kwargs = args[i]
+            h = _first(layers[i](h, *rest, **kwargs))
+        if positions is not None:
+            positions = torch.as_tensor(positions, device=h.device)
+            rows = torch.arange(h.shape[0], device=h.device)
+            h = h[rows, positions] if positions.dim() == 1 else h[rows[:, None], positions]
+        h = self.adapter.final_norm(h)
+        return self.adapter.unembed(h)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny randomly initialised models of every supported family.
+
+- ``tiny_model_dir(family="gpt2") -> Path``: an HF folder (config, safetensors weights,
+  fast byte-level BPE tokenizer) that ``dolm.models.load(path)`` loads offline. Built
+  once per session per family. Families: ``dolm.models.tiny.FAMILIES`` (``gpt2``,
+  ``gpt_neox``, ``gpt_neox_seq``, ``llama``, ``qwen2``, ``mistral``, ``qwen3``,
+  ``gemma``, ``phi3``, ``gptj``, ``gpt_neo``). 3 layers, 4 heads, d_model 32, context 64,
+  vocab ~550 (every corpus word is one token with its leading space, most are several
+  without it). Llama/Mistral/Gemma/Phi-3 tokenizers prepend ``<s>``; the others add nothing.
+- ``tiny_gpt2_dir``: ``tiny_model_dir("gpt2")``.
+- ``tiny_lm(family="gpt2", **load_kwargs) -> LoadedModel``: loaded once per session per
+  (family, kwargs); treat it as read-only (traces clean up after themselves).
+
+Also, for the whole session: ``DOLM_CACHE_DIR`` points to a temporary folder (weights
+hash cache) and HF progress bars are off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dolm_test_env(tmp_path_factory):
+    saved = {k: os.environ.get(k) for k in ("DOLM_CACHE_DIR", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    os.environ["DOLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("dolm-cache"))
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from dolm.models.tiny import build_tiny_model
+
+    built: dict[str, object] = {}
+
+    def make(family: str = "gpt2"):
+        if family not in built:
+            built[family] = build_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+        return built[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tiny_model_dir):
+    return tiny_model_dir("gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir):
+    from dolm.models import load
+
+    loaded: dict[tuple, object] = {}
+
+    def get(family: str = "gpt2", **kwargs):
+        key = (family, tuple(sorted(kwargs.items())))
+        if key not in loaded:
+            loaded[key] = load(str(tiny_model_dir(family)), **kwargs)
+        return loaded[key]
+
+    return get
