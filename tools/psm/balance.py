@@ -1,0 +1,86 @@
+"""Covariate balance in the shape of MatchIt's ``summary()``.
+
+For each covariate (categorical ones one row per level) and the distance (propensity
+score), before ("all") and after ("matched") matching:
+
+* ``smd``: (weighted mean treated - weighted mean control) / s, where s is the SD in the
+  *whole* sample before matching of the treated group (ATT), of the control group (ATC), or
+  sqrt((s_t^2 + s_c^2) / 2) (ATE); the same s before and after, as in MatchIt. SDs use n - 1.
+* ``var_ratio``: weighted variance treated / control (reliability weights, n - 1 analogue:
+  sum w (x - m)^2 / (sum w - sum w^2 / sum w)); left empty for binary columns, as in MatchIt.
+* ``ecdf_mean``, ``ecdf_max``: mean and max absolute difference of the weighted empirical
+  CDFs over the distinct values; for a binary column both are |p_t - p_c| (MatchIt).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def wmean(x: np.ndarray, w: np.ndarray) -> float:
+    return float(np.sum(w * x) / np.sum(w))
+
+
+def wvar(x: np.ndarray, w: np.ndarray) -> float:
+    sw = np.sum(w)
+    m = np.sum(w * x) / sw
+    denom = sw - np.sum(w**2) / sw
+    if denom <= 0:
+        return float("nan")
+    return float(np.sum(w * (x - m) ** 2) / denom)
+
+
+def ecdf_diffs(x, t, w, order=None) -> tuple[float, float]:
+    """Mean and max |F_t - F_c| of the weighted eCDFs over the distinct values of x among
+    the units with w > 0. ``order`` (argsort of x) may be passed to reuse one sort."""
+    if order is None:
+        order = np.argsort(x, kind="stable")
+    ws, ts, xs = w[order], t[order], x[order]
+    keep = ws > 0
+    ws, ts, xs = ws[keep], ts[keep], xs[keep]
+    w1 = np.where(ts == 1, ws, 0.0)
+    w0 = ws - w1
+    c1 = np.cumsum(w1) / w1.sum()
+    c0 = np.cumsum(w0) / w0.sum()
+    last = np.flatnonzero(np.append(xs[1:] != xs[:-1], True))  # last index of each value
+    d = np.abs(c1[last] - c0[last])
+    return float(d.mean()), float(d.max())
+
+
+def scale_sd(x: np.ndarray, t: np.ndarray, estimand: str) -> float:
+    """The SMD denominator in the full sample (before matching)."""
+    s1 = np.std(x[t == 1], ddof=1) if np.sum(t == 1) > 1 else np.nan
+    s0 = np.std(x[t == 0], ddof=1) if np.sum(t == 0) > 1 else np.nan
+    if estimand == "ATT":
+        return float(s1)
+    if estimand == "ATC":
+        return float(s0)
+    return float(np.sqrt((s1**2 + s0**2) / 2))
+
+
+def balance_row(x, t, w, binary: bool, sd: float, order=None) -> dict[str, float | None]:
+    """Balance statistics of one column for weights ``w`` (0 = not in the sample)."""
+    m1, m0 = (t == 1) & (w > 0), (t == 0) & (w > 0)
+    x1, w1, x0, w0 = x[m1], w[m1], x[m0], w[m0]
+    if len(x1) == 0 or len(x0) == 0:
+        nan = float("nan")
+        return dict(mean_treated=nan, mean_control=nan, smd=nan, var_ratio=None,
+                    ecdf_mean=nan, ecdf_max=nan)
+    mt, mc = wmean(x1, w1), wmean(x0, w0)
+    diff = mt - mc
+    smd = diff / sd if sd and np.isfinite(sd) and sd > 0 else (0.0 if diff == 0 else float("nan"))
+    if binary:
+        vr = None
+        em = ex = abs(diff)
+    else:
+        v0 = wvar(x0, w0)
+        vr = wvar(x1, w1) / v0 if v0 and np.isfinite(v0) and v0 > 0 else float("nan")
+        em, ex = ecdf_diffs(x, t, w, order)
+    return dict(mean_treated=mt, mean_control=mc, smd=float(smd), var_ratio=vr,
+                ecdf_mean=em, ecdf_max=ex)
+
+
+def ess(w: np.ndarray) -> float:
+    """Kish effective sample size (sum w)^2 / sum w^2 of the positive weights."""
+    w = w[w > 0]
+    return float(np.sum(w) ** 2 / np.sum(w**2)) if len(w) else 0.0

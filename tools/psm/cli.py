@@ -1,0 +1,173 @@
+"""dolm-psm: propensity score matching on any unit table (Parquet or CSV)."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import click
+from dolm.cli import log, output_option, seed_option, tool
+from dolm.errors import InputError
+
+
+def _caliper(ctx, param, value):
+    if value is None:
+        return None
+    if not value > 0:
+        raise click.BadParameter(f"expected a positive number of SDs of the logit propensity, "
+                                 f"found {value}")
+    return value
+
+
+def expand_columns(spec: str, columns: list[str], option: str) -> list[str]:
+    """Comma-separated names or glob patterns (``attn_to.*``) -> column names, in order."""
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if any(ch in part for ch in "*?["):
+            hits = [c for c in columns if fnmatch.fnmatchcase(c, part)]
+            if not hits:
+                raise InputError(f"{option}: pattern {part!r} matches no column")
+            out += hits
+        else:
+            out.append(part)
+    return list(dict.fromkeys(out))
+
+
+def _sibling(output: str, suffix: str) -> str | None:
+    if output == "-":
+        return None
+    base = output[:-5] if output.endswith(".json") else output
+    return f"{base}.{suffix}.parquet"
+
+
+@tool("psm", outputs=("output", "pairs", "balance", "units"))
+@click.argument("table", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--treatment", "-t", required=True, help="Treatment column (binary or categorical).")
+@click.option("--outcome", "-y", required=True, help="Outcome column (numeric or boolean).")
+@click.option("--covariates", "-c", default=None,
+              help="Comma-separated covariate columns; glob patterns allowed ('attn_to.*').")
+@click.option("--dag", "dag_path", type=click.Path(dir_okay=False), default=None,
+              help="A dag JSON file: DoWhy identifies the backdoor adjustment set from it "
+              "(instead of --covariates). Nodes the table lacks must be listed as 'latent'.")
+@click.option("--reference", default=None,
+              help="Reference (control) level of the treatment; default: the smallest level. "
+              "Every other level is compared with it.")
+@click.option("--id", "id_column", default=None,
+              help="Unit id column: reported in the pairs and used for the canonical order.")
+@click.option("--propensity", type=click.Choice(["logistic", "gbm"]), default="logistic",
+              show_default=True,
+              help="logistic: unpenalised logistic regression on standardised covariates; "
+              "gbm: gradient boosting (scikit-learn HistGradientBoostingClassifier).")
+@click.option("--ratio", "-k", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Matches per focal unit (1:k).")
+@click.option("--replace/--no-replace", default=False, show_default=True,
+              help="Match with or without replacement.")
+@click.option("--caliper", type=float, default=0.2, show_default=True, callback=_caliper,
+              help="Caliper in pooled SDs of the logit propensity score.")
+@click.option("--no-caliper", is_flag=True, help="Match without a caliper.")
+@click.option("--common-support", type=click.Choice(["both", "treated", "control", "none"]),
+              default="both", show_default=True,
+              help="Discard units whose propensity lies outside the other group's range.")
+@click.option("--estimand", "estimands", default="ATT,ATC,ATE", show_default=True,
+              help="Comma-separated estimands among ATT, ATC, ATE.")
+@click.option("--se", type=click.Choice(["ai", "bootstrap"]), default="ai", show_default=True,
+              help="ai: Abadie-Imbens standard errors; bootstrap: paired (matched-set) bootstrap.")
+@click.option("--n-boot", type=click.IntRange(min=50), default=1000, show_default=True,
+              help="Bootstrap replicates (with --se bootstrap).")
+@click.option("--refute/--no-refute", default=True, show_default=True,
+              help="Run DoWhy's placebo, random-common-cause and data-subset refuters.")
+@click.option("--refute-sims", type=click.IntRange(min=2), default=50, show_default=True,
+              help="Simulations per refuter.")
+@click.option("--dropna", is_flag=True,
+              help="Drop rows with missing treatment/outcome/covariates (reported).")
+@output_option(help="Summary JSON ('-' for stdout).")
+@click.option("--pairs", type=click.Path(dir_okay=False), default=None,
+              help="Matched pairs Parquet [default: <output>.pairs.parquet].")
+@click.option("--balance", type=click.Path(dir_okay=False), default=None,
+              help="Balance table Parquet [default: <output>.balance.parquet].")
+@click.option("--units", type=click.Path(dir_okay=False), default=None,
+              help="Per-unit propensity and weights Parquet [default: <output>.units.parquet].")
+@seed_option
+def main(run, table, treatment, outcome, covariates, dag_path, reference, id_column, propensity,
+         ratio, replace, caliper, no_caliper, common_support, estimands, se, n_boot, refute,
+         refute_sims, dropna, output, pairs, balance, units, force, seed):
+    """Propensity score matching of TABLE: balance, ATT/ATC/ATE, sensitivity.
+
+    Every level of --treatment is compared with the reference level. Writes the summary
+    (JSON, -o), the matched pairs, the balance table and per-unit scores (Parquet).
+    """
+    from dolm.formats import available_schemas, check_output, read_json, read_table, write_json
+    from dolm.formats import write_table as _write
+
+    est = tuple(e.strip().upper() for e in estimands.split(",") if e.strip())
+    bad = [e for e in est if e not in ("ATT", "ATC", "ATE")]
+    if bad or not est:
+        raise InputError(f"--estimand: expected some of ATT, ATC, ATE, found {estimands!r}")
+    if (covariates is None) == (dag_path is None):
+        raise InputError("give either --covariates or --dag (exactly one)")
+    paths = {}
+    for key, given in (("pairs", pairs), ("balance", balance), ("units", units)):
+        p = given or _sibling(output, key)
+        if p and not given:
+            check_output(p, force, option=f"--{key}")
+        paths[key] = p
+
+    df, meta = read_table(table, run=run)
+    cols = [str(c) for c in df.columns]
+    dag_info = None
+    if dag_path is not None:
+        from dolm_tools.psm.dag import backdoor_set
+
+        schema = "dag" if "dag" in available_schemas() else None
+        obj, _ = read_json(dag_path, schema=schema, run=run)
+        dag_info = backdoor_set(obj, dag_path, cols, treatment, outcome)
+        covs = dag_info["adjustment_set"]
+        if not covs:
+            raise InputError(
+                f"--dag {dag_path}: the backdoor set is empty (the DAG implies no confounding "
+                f"of {treatment!r} and {outcome!r}), so there is nothing to match on; the "
+                "naive difference is already unbiased under this DAG"
+            )
+        log(f"dolm-psm: DoWhy backdoor adjustment set from {dag_path}: {', '.join(covs)}")
+    else:
+        covs = expand_columns(covariates, cols, "--covariates")
+
+    from dolm_tools.psm.core import Options, run_psm
+    from dolm_tools.psm.data import prepare
+
+    u = prepare(df, treatment, outcome, covs, path=table, reference=reference,
+                id_column=id_column, dropna=dropna)
+    if u.dropped_na:
+        log(f"dolm-psm: --dropna: dropped {u.dropped_na['rows']} rows with missing values "
+            f"({u.dropped_na['by_column']})")
+    opt = Options(method=propensity, ratio=ratio, replace=replace,
+                  caliper=None if no_caliper else caliper, common_support=common_support,
+                  estimands=est, se=se, n_boot=n_boot, seed=seed, refute=refute,
+                  refute_sims=refute_sims)
+    res = run_psm(u, opt)
+    summary = {"tool": "psm", "input": str(table), **res.summary,
+               "covariates_from": "dag" if dag_info else "option", "dag": dag_info}
+    extra = {"treatment": treatment, "outcome": outcome}
+    for key, frame, schema in (("pairs", res.pairs, "psm_pairs"),
+                               ("balance", res.balance, "psm_balance"),
+                               ("units", res.units, "psm_units")):
+        if paths[key]:
+            _write(frame, paths[key], schema=schema, run=run, force=force, extra=extra)
+    write_json(summary, output, schema="psm_summary", run=run, force=force)
+    _report(summary)
+
+
+def _report(summary: dict) -> None:
+    prop = summary["contrasts"][0]["propensity"]["description"]
+    log(f"dolm-psm: propensity: {prop}")
+    for c in summary["contrasts"]:
+        if c["positivity"].get("warning"):
+            log(f"dolm-psm: {c['contrast']}: {c['positivity']['warning']}")
+        for e in c["effects"]:
+            log(f"dolm-psm: {c['contrast']}: {e['estimand']:>5} = {_f(e['estimate'])} "
+                f"[{_f(e['ci_low'])}, {_f(e['ci_high'])}] (n_sets={e['n_sets']})")
+
+
+def _f(v) -> str:
+    return "nan" if v is None else f"{v:.4g}"

@@ -1,0 +1,374 @@
+"""dolm-psm's statistics core: plain functions from prepared units to result tables.
+
+``run_psm(units, options)`` returns :class:`PSMResult` with three pandas tables (pairs,
+balance, units) and the summary dict; the CLI only reads, calls and writes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from dolm.errors import InputError
+from dolm_tools.psm import balance as bal
+from dolm_tools.psm import effects as eff
+from dolm_tools.psm import sensitivity as sens
+from dolm_tools.psm.data import Units
+from dolm_tools.psm.matching import common_support, match
+from dolm_tools.psm.propensity import fit_propensity, logit
+
+ESTIMANDS = ("ATT", "ATC", "ATE")
+
+
+@dataclass
+class Options:
+    method: str = "logistic"  # logistic | gbm
+    ratio: int = 1
+    replace: bool = False
+    caliper: float | None = 0.2  # SDs of the logit propensity; None = no caliper
+    common_support: str = "both"  # none | both | treated | control
+    estimands: tuple[str, ...] = ESTIMANDS
+    se: str = "ai"  # ai | bootstrap
+    n_boot: int = 1000
+    seed: int = 0
+    refute: bool = True
+    refute_sims: int = 50
+    positivity_eps: float = 0.01
+
+
+@dataclass
+class PSMResult:
+    pairs: pd.DataFrame
+    balance: pd.DataFrame
+    units: pd.DataFrame
+    summary: dict[str, Any]
+
+
+@dataclass
+class Matched:
+    """Propensity, trimming and matches of one binary contrast (unit-local indices)."""
+
+    ps: np.ndarray
+    lg: np.ndarray
+    keep: np.ndarray
+    caliper_width: float | None
+    sd_logit: float
+    pairs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    unmatched: dict[str, np.ndarray] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def model_matrix(X: np.ndarray, names: list[str], drop: list[bool]) -> tuple[np.ndarray, list[str]]:
+    """Columns for the propensity model: no reference levels, no constant columns."""
+    cols = [j for j in range(X.shape[1]) if not drop[j] and np.ptp(X[:, j]) > 0]
+    return X[:, cols], [names[j] for j in cols]
+
+
+def match_contrast(
+    X: np.ndarray, names: list[str], t: np.ndarray, rank: np.ndarray, opt: Options,
+    directions: tuple[str, ...],
+) -> Matched:
+    ps, info = fit_propensity(X, t, names, opt.method, opt.seed)
+    lg = logit(ps)
+    s1 = np.var(lg[t == 1], ddof=1) if np.sum(t == 1) > 1 else 0.0
+    s0 = np.var(lg[t == 0], ddof=1) if np.sum(t == 0) > 1 else 0.0
+    sd = float(np.sqrt((s1 + s0) / 2))
+    width = None if opt.caliper is None else opt.caliper * sd
+    keep = common_support(ps, t, opt.common_support)
+    m = Matched(ps=ps, lg=lg, keep=keep, caliper_width=width, sd_logit=sd, info=info)
+    tr = np.flatnonzero((t == 1) & keep)
+    co = np.flatnonzero((t == 0) & keep)
+    for dname in directions:
+        focal, pool = (tr, co) if dname == "ATT" else (co, tr)
+        res = match(lg[focal], lg[pool], rank[focal], rank[pool], opt.ratio, opt.replace, width)
+        m.pairs[dname] = (focal[res.focal], pool[res.pool], res.distance)
+        m.unmatched[dname] = focal[res.unmatched]
+    return m
+
+
+def _directions(estimands: tuple[str, ...]) -> tuple[str, ...]:
+    need = set()
+    for e in estimands:
+        need |= {"ATT", "ATC"} if e == "ATE" else {e}
+    return tuple(d for d in ("ATT", "ATC") if d in need)
+
+
+def point_estimate(X, names, t, y, rank, opt: Options, estimand: str) -> float:
+    """The matching estimate alone (used by DoWhy's refuters)."""
+    dirs = _directions((estimand,))
+    m = match_contrast(X, names, t, rank, opt, dirs)
+    sets = []
+    for dname in dirs:
+        pf, pm, _ = m.pairs[dname]
+        if len(pf):
+            sets.append(eff.set_diffs(y, pf, pm, dname == "ATT"))
+    if not sets:
+        return float("nan")
+    return float(np.concatenate([s.d for s in sets]).mean())
+
+
+def _weights(n: int, sets: list[eff.SetDiffs]) -> np.ndarray:
+    w = np.zeros(n)
+    for s in sets:
+        w[s.focal] += 1.0
+        w += np.bincount(s.pair_match, weights=1.0 / s.size[s.pair_focal], minlength=n)
+    return w
+
+
+def _fmt(v: Any) -> str:
+    return str(v)
+
+
+def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, list, list]:
+    df = units.df
+    tcol = df[units.treatment]
+    sel = np.flatnonzero(((tcol == level) | (tcol == units.reference)).to_numpy())
+    label = f"{_fmt(level)} vs {_fmt(units.reference)}"
+    t = (tcol.to_numpy()[sel] == level).astype(int)
+    y = df[units.outcome].to_numpy(dtype=float)[sel]
+    rows = df["_row"].to_numpy()[sel]
+    ids = df[units.id_column].astype(str).to_numpy()[sel] if units.id_column else None
+    rank = sel.astype(np.int64)  # canonical order
+    D = units.design
+    Xall = D.X[sel]
+    Xm, mnames = model_matrix(Xall, D.names, D.drop_for_model)
+    if Xm.shape[1] == 0:
+        raise InputError(
+            f"--covariates: every covariate is constant within contrast {label!r}; nothing "
+            "to match on"
+        )
+    n1, n0 = int(t.sum()), int((1 - t).sum())
+    if n1 < 2 or n0 < 2:
+        raise InputError(
+            f"--treatment {units.treatment!r}: contrast {label!r} has {n1} treated and {n0} "
+            "control units; expected at least 2 of each"
+        )
+    dirs = _directions(opt.estimands)
+    m = match_contrast(Xm, mnames, t, rank, opt, dirs)
+    n = len(t)
+
+    # positivity
+    out1 = int(np.sum((t == 1) & ~m.keep))
+    out0 = int(np.sum((t == 0) & ~m.keep))
+    eps = opt.positivity_eps
+    positivity = {
+        "common_support": opt.common_support,
+        "discarded_treated": out1,
+        "discarded_control": out0,
+        "extreme_ps_treated": int(np.sum((t == 1) & ((m.ps < eps) | (m.ps > 1 - eps)))),
+        "extreme_ps_control": int(np.sum((t == 0) & ((m.ps < eps) | (m.ps > 1 - eps)))),
+        "extreme_threshold": eps,
+        "ps_range_treated": [float(m.ps[t == 1].min()), float(m.ps[t == 1].max())],
+        "ps_range_control": [float(m.ps[t == 0].min()), float(m.ps[t == 0].max())],
+    }
+    kept1, kept0 = int(np.sum((t == 1) & m.keep)), int(np.sum((t == 0) & m.keep))
+    if kept1 == 0 or kept0 == 0:
+        raise InputError(
+            f"contrast {label!r}: no common support: trimming by the propensity score "
+            f"({opt.common_support}) discarded {out1} of {n1} treated and {out0} of {n0} control "
+            "units, leaving no units to match (a positivity failure: the covariates separate "
+            "the groups)"
+        )
+    if out1 or out0 or positivity["extreme_ps_treated"] or positivity["extreme_ps_control"]:
+        positivity["warning"] = (
+            f"positivity: {out1} treated and {out0} control units lie outside the common "
+            f"support; {positivity['extreme_ps_treated']} treated and "
+            f"{positivity['extreme_ps_control']} control units have propensity < {eps} or "
+            f"> {1 - eps}"
+        )
+
+    sets: dict[str, eff.SetDiffs] = {}
+    for dname in dirs:
+        pf, pm, _ = m.pairs[dname]
+        if len(pf) == 0:
+            who = "treated" if dname == "ATT" else "control"
+            raise InputError(
+                f"contrast {label!r}: no {who} unit has a match within the caliper "
+                f"({opt.caliper} SD of the logit propensity = {m.caliper_width:.4g}); widen "
+                "--caliper or check the overlap"
+            )
+        sets[dname] = eff.set_diffs(y, pf, pm, dname == "ATT")
+
+    rng = np.random.default_rng([opt.seed, 17])
+    sigma2 = eff.cond_var(m.lg, y, t) if opt.se == "ai" else None
+    effects = []
+    sensitivity: dict[str, Any] = {}
+    sd_y = float(np.std(y, ddof=1))
+    weights: dict[str, np.ndarray] = {}
+    for est in opt.estimands:
+        use = [sets[d] for d in _directions((est,))]
+        r = eff.estimate(use, n, sigma2, opt.se, opt.n_boot, rng)
+        r = {"estimand": est, **r}
+        effects.append(r)
+        w = _weights(n, use)
+        weights[est] = w
+        p0 = bal.wmean(y[t == 0], w[t == 0]) if np.any(w[t == 0] > 0) else float("nan")
+        s: dict[str, Any] = {
+            "e_value": sens.e_value(r["estimate"], r["ci_low"], r["ci_high"],
+                                    units.outcome_binary, p0, sd_y)
+        }
+        if est in ("ATT", "ATC"):
+            s["rosenbaum"] = sens.rosenbaum(sets[est].d)
+        sensitivity[est] = s
+    effects.append({"estimand": "naive", **eff.naive(y, t)})
+
+    # balance (MatchIt summary shape)
+    bal_rows = []
+    cols = [("distance", m.ps, False, "distance")] + [
+        (nm, Xall[:, j], D.binary[j], "binary" if D.binary[j] else "continuous")
+        for j, nm in enumerate(D.names)
+    ]
+    ones = np.ones(n)
+    counts = {}
+    orders: dict[int, np.ndarray | None] = {}
+    for est in opt.estimands:
+        w = weights[est]
+        for j, (name, x, binary, kind) in enumerate(cols):
+            sd = bal.scale_sd(x, t, est)
+            if j not in orders:
+                orders[j] = None if binary else np.argsort(x, kind="stable")
+            for sample, ww in (("all", ones), ("matched", w)):
+                bal_rows.append({
+                    "contrast": label, "estimand": est, "variable": name, "type": kind,
+                    "sample": sample, **bal.balance_row(x, t, ww, binary, sd, orders[j]),
+                })
+        c = {}
+        for g, gname in ((0, "control"), (1, "treated")):
+            mg = t == g
+            c[gname] = {
+                "all": int(mg.sum()),
+                "matched_ess": bal.ess(w[mg]),
+                "matched": int(np.sum(mg & (w > 0))),
+                "unmatched": int(np.sum(mg & m.keep & (w == 0))),
+                "discarded": int(np.sum(mg & ~m.keep)),
+            }
+        counts[est] = c
+
+    # matched pairs
+    pair_rows = []
+    for dname in dirs:
+        pf, pm, dist = m.pairs[dname]
+        s = sets[dname]
+        tr, co = (pf, pm) if dname == "ATT" else (pm, pf)
+        set_id = np.searchsorted(s.focal, pf)
+        pair_rows.append(pd.DataFrame({
+            "contrast": label,
+            "estimand": dname,
+            "set_id": set_id.astype(np.int64),
+            "treated_row": rows[tr].astype(np.int64),
+            "control_row": rows[co].astype(np.int64),
+            "treated_id": ids[tr] if ids is not None else None,
+            "control_id": ids[co] if ids is not None else None,
+            "treated_ps": m.ps[tr],
+            "control_ps": m.ps[co],
+            "distance": dist,
+            "weight": 1.0 / s.size[set_id],
+            "treated_outcome": y[tr],
+            "control_outcome": y[co],
+        }))
+
+    unit_df = pd.DataFrame({
+        "contrast": label,
+        "row": rows.astype(np.int64),
+        "id": ids if ids is not None else None,
+        "level": [_fmt(v) for v in tcol.to_numpy()[sel]],
+        "treated": t.astype(bool),
+        "propensity": m.ps,
+        "logit_propensity": m.lg,
+        "discarded": ~m.keep,
+        "weight_att": weights.get("ATT", np.full(n, np.nan)),
+        "weight_atc": weights.get("ATC", np.full(n, np.nan)),
+        "weight_ate": weights.get("ATE", np.full(n, np.nan)),
+    })
+
+    summary = {
+        "contrast": label,
+        "treated_level": _fmt(level),
+        "control_level": _fmt(units.reference),
+        "n_treated": n1,
+        "n_control": n0,
+        "propensity": m.info,
+        "matching": {
+            "distance": "logit of the propensity score",
+            "ratio": opt.ratio,
+            "replace": opt.replace,
+            "order": "largest propensity first (MatchIt m.order='largest')" if not opt.replace
+            else "independent per focal unit",
+            "caliper_sd": opt.caliper,
+            "caliper_width": m.caliper_width,
+            "sd_logit_pooled": m.sd_logit,
+        },
+        "positivity": positivity,
+        "counts": counts,
+        "effects": effects,
+        "sensitivity": sensitivity,
+    }
+    if opt.refute:
+        from dolm_tools.psm.refute import refute_all
+
+        est = opt.estimands[0]
+        main = next(e["estimate"] for e in effects if e["estimand"] == est)
+        summary["refutation"] = refute_all(Xm, mnames, t, y, rank, opt, est, main)
+    return summary, pair_rows, bal_rows, [unit_df]
+
+
+PAIR_COLS = ["contrast", "estimand", "set_id", "treated_row", "control_row", "treated_id",
+             "control_id", "treated_ps", "control_ps", "distance", "weight", "treated_outcome",
+             "control_outcome"]
+
+
+def run_psm(units: Units, opt: Options) -> PSMResult:
+    if opt.caliper is not None and not opt.caliper > 0:
+        raise InputError(f"--caliper: expected a positive number of SDs, found {opt.caliper}")
+    if opt.ratio < 1:
+        raise InputError(f"--ratio: expected an integer >= 1, found {opt.ratio}")
+    contrasts, pairs, bal_rows, unit_dfs = [], [], [], []
+    for level in units.levels[1:]:
+        s, p, b, u = run_contrast(units, level, opt)
+        contrasts.append(s)
+        pairs += p
+        bal_rows += b
+        unit_dfs += u
+    pairs_df = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame(columns=PAIR_COLS)
+    for c in ("treated_id", "control_id"):
+        pairs_df[c] = pairs_df[c].astype("string")
+    units_df = pd.concat(unit_dfs, ignore_index=True)
+    units_df["id"] = units_df["id"].astype("string")
+    summary = {
+        "treatment": units.treatment,
+        "outcome": units.outcome,
+        "covariates": units.covariates,
+        "reference_level": _fmt(units.reference),
+        "levels": [_fmt(v) for v in units.levels],
+        "n_units": int(len(units.df)),
+        "dropped_missing": units.dropped_na or {"rows": 0},
+        "outcome_binary": units.outcome_binary,
+        "options": {
+            "propensity": opt.method, "ratio": opt.ratio, "replace": opt.replace,
+            "caliper": opt.caliper, "common_support": opt.common_support,
+            "estimands": list(opt.estimands), "se": opt.se, "n_boot": opt.n_boot,
+            "seed": opt.seed, "refute": opt.refute, "refute_sims": opt.refute_sims,
+        },
+        "contrasts": contrasts,
+    }
+    return PSMResult(pairs=pairs_df, balance=pd.DataFrame(bal_rows), units=units_df,
+                     summary=clean(summary))
+
+
+def clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    return obj
