@@ -1,0 +1,640 @@
+"""dolm-plot: every figure kind renders from small synthetic files written with the real
+schemas; images are non-blank and of the expected size; the report embeds every figure
+and the provenance; bad input exits 3."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from dolm.formats import Run, write_json, write_table
+from dolm.formats.schema import available_schemas
+from dolm_tools.plot import style
+from dolm_tools.plot.draw import load_sources, render
+from dolm_tools.plot.registry import load_all, plan
+
+MODELS = {
+    "toy": {"spec": "toy", "architecture": "gpt2", "weights_sha256": "a" * 64, "n_layers": 4},
+    "gpt2-small": {"spec": "gpt2", "architecture": "gpt2", "weights_sha256": "b" * 64,
+                   "n_layers": 6},
+}
+
+
+def installed(*schemas: str) -> bool:
+    return all(s in available_schemas() for s in schemas)
+
+
+def needs(*schemas: str):
+    missing = [s for s in schemas if s not in available_schemas()]
+    return pytest.mark.skipif(bool(missing), reason=f"schema not installed yet: {missing}")
+
+
+def make_run(tool: str, model: str | None = "toy", seed: int = 0) -> Run:
+    run = Run(tool, argv=[f"dolm-{tool}", "--model", model or "-", "--seed", str(seed)],
+              seed=seed)
+    if model:
+        run.set_model(MODELS[model])
+    return run
+
+
+# ------------------------------------------------------------------ synthetic tables
+
+
+def effects_trace(n_layers: int = 4, n_pos: int = 6, n_prompts: int = 3, peak: int = 2,
+                  seed: int = 0) -> pd.DataFrame:
+    """A causal trace over resid_pre / attn_out / mlp_out with a bump at (peak, last-1)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_prompts):
+        for fam, scale in (("resid_pre", 1.0), ("attn_out", 0.4), ("mlp_out", 0.7)):
+            for layer in range(n_layers):
+                for pos in range(n_pos):
+                    bump = np.exp(-((layer - peak) ** 2) / 2.0) * (pos == n_pos - 2)
+                    v = scale * (2.0 * bump - 0.3 * (pos == 0)) + 0.05 * rng.normal()
+                    for metric, val in (("logit_diff", v), ("recovery", v / 2)):
+                        rows.append(dict(prompt_id=f"p{p}", tool="patch",
+                                         intervention=f"denoise {fam}.{layer}@{pos}",
+                                         site=f"{fam}.{layer}", layer=layer, position=pos,
+                                         head=None, window=None, kind="denoise", alpha=None,
+                                         component=None, metric=metric, value=float(val)))
+    return _effects_frame(rows)
+
+
+def effects_heads(n_layers: int = 4, n_heads: int = 4, n_prompts: int = 3) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    rows = []
+    for p in range(n_prompts):
+        for layer in range(n_layers):
+            for h in range(n_heads):
+                v = (-1.5 if (layer, h) == (2, 1) else 0.6 if (layer, h) == (3, 0) else 0.0)
+                rows.append(dict(prompt_id=f"p{p}", tool="ablate",
+                                 intervention=f"zero head.{layer}.{h}", site=f"head.{layer}.{h}",
+                                 layer=layer, position=None, head=h, window=None, kind="zero",
+                                 alpha=None, component=f"head.{layer}.{h}", metric="logit_diff",
+                                 value=float(v + 0.05 * rng.normal())))
+    for p in range(n_prompts):
+        for comp, v in (("head.2.1+head.3.0", -2.0), ("mlp_out.1", 0.4), ("attn_out.0", -0.2)):
+            rows.append(dict(prompt_id=f"p{p}", tool="ablate", intervention=f"mean {comp}",
+                             site=None, layer=None, position=None, head=None, window=None,
+                             kind="mean", alpha=None, component=comp, metric="logit_diff",
+                             value=float(v + 0.1 * rng.normal())))
+    return _effects_frame(rows)
+
+
+def effects_steer(n_prompts: int = 3) -> pd.DataFrame:
+    rng = np.random.default_rng(2)
+    rows = []
+    for p in range(n_prompts):
+        for layer in (1, 3):
+            for a in (-4.0, -2.0, 0.0, 2.0, 4.0):
+                v = np.tanh(a / (1 + layer)) * 2 + 0.05 * rng.normal()
+                rows.append(dict(prompt_id=f"p{p}", tool="steer",
+                                 intervention=f"add resid_post.{layer} alpha={a}",
+                                 site=f"resid_post.{layer}", layer=layer, position=None,
+                                 head=None, window=None, kind="add", alpha=a, component=None,
+                                 metric="prob_target", value=float(v)))
+    return _effects_frame(rows)
+
+
+def _effects_frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    for col in ("layer", "position", "head", "window"):
+        df[col] = df[col].astype("Int64")
+    df["alpha"] = df["alpha"].astype("float64")
+    for col in ("site", "kind", "component"):
+        df[col] = df[col].astype(object)
+    return df
+
+
+def bayes_prompts(n_draws: int = 6, perms: int = 3) -> pd.DataFrame:
+    from math import comb  # noqa: F401
+
+    rows = []
+    i = 0
+    for tpl in ("base", "independent"):
+        for nx in range(n_draws + 1):
+            for _k in range(perms):
+                post = 0.625 if tpl == "independent" else (
+                    0.5 * 0.5 ** n_draws * 0.5 + 0.5 * 0.75 ** nx * 0.25 ** (n_draws - nx) * 0.75
+                ) / (0.5 * 0.5 ** n_draws + 0.5 * 0.75 ** nx * 0.25 ** (n_draws - nx))
+                rows.append(dict(prompt_id=f"bayes-eval-{i:06d}", family="bayes",
+                                 prompt="Draws from one bag:" + " X" * nx + " Y" * (n_draws - nx),
+                                 target=" X", foil=" Y", choices=[" X", " Y"], cf_prompt=None,
+                                 cf_target=None, cf_foil=None, spans=None, cf_spans=None,
+                                 group_id=f"n{n_draws}x{nx}", split="eval", n_draws=n_draws,
+                                 n_x=nx, posterior_x=float(post), template=tpl))
+                i += 1
+    return pd.DataFrame(rows)
+
+
+def outcomes_for(prompts: pd.DataFrame, noise: float, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    post = prompts["posterior_x"].to_numpy()
+    px = np.clip(post + noise * rng.normal(size=len(post)), 0.01, 0.99)
+    df = pd.DataFrame({
+        "prompt_id": prompts["prompt_id"],
+        "n_tokens": np.full(len(post), 8, dtype=np.int64),
+        "target_logprob": np.log(px),
+        "target_rank": (px < 0.5).astype(np.int64),
+        "correct": px >= 0.5,
+        "choice_probs": [[float(p), float(1 - p)] for p in px],
+        "choice_pred": (px < 0.5).astype(np.int64),
+    })
+    for span in ("draws", "header"):
+        for layer in range(2):
+            for h in range(2):
+                df[f"attn_to.{span}.L{layer}.H{h}"] = rng.uniform(0, 0.8, len(df))
+    return df
+
+
+def lens_table(n_layers: int = 4, n_prompts: int = 2) -> pd.DataFrame:
+    rows = []
+    toks = [" the", " X", " Y", " bag"]
+    for p in range(n_prompts):
+        for lens in ("logit", "tuned"):
+            for layer in range(n_layers):
+                for pos in (4, 5):
+                    x = layer / (n_layers - 1)
+                    if lens == "tuned":
+                        x = min(1.0, x + 0.25)
+                    for rank in range(3):
+                        rows.append(dict(prompt_id=f"p{p}", layer=layer, position=pos,
+                                         lens=lens, rank=rank, token=toks[(layer + rank) % 4],
+                                         prob=float(max(0.05, 0.9 * x - 0.2 * rank)),
+                                         target_logprob=float(-3 + 2.8 * x),
+                                         choice_logprobs=[float(-3 + 2.5 * x),
+                                                          float(-1.5 - 0.5 * x)],
+                                         entropy=float(3 - 2 * x),
+                                         kl_to_final=float((1 - x) * (2 if lens == "logit"
+                                                                      else 1))))
+    return pd.DataFrame(rows)
+
+
+def dla_table(n_layers: int = 4, n_heads: int = 2, n_prompts: int = 2) -> pd.DataFrame:
+    rows = []
+    for p in range(n_prompts):
+        rows.append(dict(prompt_id=f"p{p}", component="embed", layer=None, head=None,
+                         kind="embed", value=0.3))
+        for layer in range(n_layers):
+            rows.append(dict(prompt_id=f"p{p}", component=f"attn.{layer}", layer=layer,
+                             head=None, kind="attn", value=0.5 * layer - 0.4))
+            rows.append(dict(prompt_id=f"p{p}", component=f"mlp.{layer}", layer=layer,
+                             head=None, kind="mlp", value=0.8 - 0.3 * layer))
+            for h in range(n_heads):
+                rows.append(dict(prompt_id=f"p{p}", component=f"head.{layer}.{h}", layer=layer,
+                                 head=h, kind="head", value=(0.5 * layer - 0.4) * (h + 1) / 3))
+        rows.append(dict(prompt_id=f"p{p}", component="bias", layer=None, head=None,
+                         kind="bias", value=-0.1))
+    df = pd.DataFrame(rows)
+    df["layer"] = df["layer"].astype("Int64")
+    df["head"] = df["head"].astype("Int64")
+    return df
+
+
+def patch_summary_table(n_prompts: int = 6, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_prompts):
+        for grid in ("resid_pre", "mlp_out"):
+            rows.append(dict(prompt_id=f"p{p}", grid=grid, window=None, kind="denoise",
+                             mode="noise", method="exact", metric="logit_diff",
+                             clean_value=2.0, corrupt_value=-1.0, n_cells=24,
+                             peak_layer=int(rng.integers(1, 4)), peak_position=4, peak_head=None,
+                             peak_value=float(rng.uniform(0.4, 1.0)), peak_effect=2.0,
+                             num_choice_flips=int(rng.integers(0, 5)),
+                             gini_coefficient=float(rng.uniform(0.5, 0.9)),
+                             top5_concentration=float(rng.uniform(0.3, 0.8)),
+                             clean_choice=" X", clean_chose_intended=True))
+    df = pd.DataFrame(rows)
+    for col in ("window", "peak_head"):
+        df[col] = df[col].astype("Int64")
+    return df
+
+
+def psm_tables(n: int = 80, seed: int = 0) -> dict:
+    """Balance, units, pairs and summary of a toy matching (consistent, not a real fit)."""
+    rng = np.random.default_rng(seed)
+    contrast = "direct vs cot"
+    ps = rng.uniform(0.05, 0.95, n)
+    treated = rng.random(n) < ps
+    units = pd.DataFrame({
+        "contrast": contrast, "row": np.arange(n, dtype=np.int64),
+        "id": [f"u{i}" for i in range(n)],
+        "level": np.where(treated, "direct", "cot"), "treated": treated, "propensity": ps,
+        "logit_propensity": np.log(ps / (1 - ps)), "discarded": (ps > 0.9) & treated,
+        "weight_att": np.where((ps < 0.8), 1.0, 0.0), "weight_atc": np.nan,
+        "weight_ate": np.where((ps < 0.8), 1.0, 0.0)})
+    brow = []
+    for est in ("ATT", "ATE"):
+        for var, before, after in (("distance", 1.0, 0.05), ("difficulty", -0.9, 0.04),
+                                   ("length", 0.3, -0.12), ("grp[b]", 0.08, 0.02)):
+            for sample, smd in (("all", before), ("matched", after)):
+                brow.append(dict(contrast=contrast, estimand=est, variable=var,
+                                 type="binary" if "[" in var else "continuous", sample=sample,
+                                 mean_treated=0.5 + smd / 4, mean_control=0.5, smd=smd,
+                                 var_ratio=None if "[" in var else 1.1, ecdf_mean=abs(smd) / 4,
+                                 ecdf_max=abs(smd) / 2))
+    t_idx = np.flatnonzero(treated)[:20]
+    c_idx = np.flatnonzero(~treated)[:20]
+    k = min(len(t_idx), len(c_idx))
+    pairs = pd.DataFrame({
+        "contrast": contrast, "estimand": "ATT", "set_id": np.arange(k, dtype=np.int64),
+        "treated_row": t_idx[:k].astype(np.int64), "control_row": c_idx[:k].astype(np.int64),
+        "treated_id": [f"u{i}" for i in t_idx[:k]], "control_id": [f"u{i}" for i in c_idx[:k]],
+        "treated_ps": ps[t_idx[:k]], "control_ps": ps[c_idx[:k]],
+        "distance": np.abs(ps[t_idx[:k]] - ps[c_idx[:k]]), "weight": 1.0,
+        "treated_outcome": rng.normal(-0.5, 1, k), "control_outcome": rng.normal(0, 1, k)})
+    counts = {"all": 40, "matched_ess": 20.0, "matched": 20, "unmatched": 15, "discarded": 5}
+    summary = {
+        "tool": "psm", "input": "units.csv", "treatment": "format", "outcome": "score",
+        "covariates": ["difficulty", "length", "grp"], "covariates_from": "option",
+        "dag": None, "reference_level": "cot", "levels": ["cot", "direct"], "n_units": n,
+        "dropped_missing": {"rows": 0}, "outcome_binary": False, "options": {},
+        "contrasts": [{
+            "contrast": contrast, "treated_level": "direct", "control_level": "cot",
+            "n_treated": int(treated.sum()), "n_control": int((~treated).sum()),
+            "propensity": {"model": "logistic", "description": "logistic regression"},
+            "matching": {"distance": "logit", "ratio": 1, "replace": False, "caliper_sd": 0.2,
+                         "caliper_width": 0.22},
+            "positivity": {"common_support": "both", "discarded_treated": 5,
+                           "discarded_control": 0, "extreme_ps_treated": 0,
+                           "extreme_ps_control": 0},
+            "counts": {"ATT": {"treated": counts, "control": counts}},
+            "effects": [
+                {"estimand": e, "estimate": v, "se": 0.07, "ci_low": v - 0.14,
+                 "ci_high": v + 0.14, "p_value": 0.001, "n_sets": 20, "se_method": "ai"}
+                for e, v in (("ATT", -0.45), ("ATE", -0.48), ("naive", -0.14))],
+            "sensitivity": {}}]}
+    return {"units": units, "balance": pd.DataFrame(brow), "pairs": pairs, "summary": summary}
+
+
+def write_activations(path: Path, model: str = "toy", n_layers: int = 3, rows: int = 8,
+                      d: int = 16) -> None:
+    import h5py
+    from dolm.formats import finish_h5, open_h5_for_write
+
+    run = make_run("collect-acts", model)
+    fh = open_h5_for_write(path, "activations", run, extra={"sites": "resid_post.*"})
+    text = h5py.string_dtype("utf-8")
+    fh.create_dataset("prompt_id", data=np.array([f"p{i // 2}" for i in range(rows)],
+                                                 dtype=object), dtype=text)
+    fh.create_dataset("prompt_index", data=np.arange(rows, dtype=np.int64) // 2)
+    fh.create_dataset("position", data=np.arange(rows, dtype=np.int64) % 2 + 3)
+    fh.create_dataset("position_label", data=np.array(["last"] * rows, dtype=object), dtype=text)
+    fh.create_dataset("token_id", data=np.arange(rows, dtype=np.int64))
+    rng = np.random.default_rng(0)
+    for layer in range(n_layers):
+        for fam, scale in (("resid_post", 1.0 + layer), ("mlp_out", 0.5)):
+            fh.create_dataset(f"{fam}.{layer}",
+                              data=(scale * rng.normal(size=(rows, d))).astype(np.float32))
+    finish_h5(fh, path, "activations", run)
+
+
+def dag_obj() -> dict:
+    return {
+        "nodes": ["format", "completion", "difficulty", "length", "attention"],
+        "edges": [
+            {"source": "difficulty", "target": "format", "weight": 0.8},
+            {"source": "difficulty", "target": "completion", "weight": -0.6},
+            {"source": "length", "target": "format", "weight": 0.3},
+            {"source": "length", "target": "completion", "weight": -0.4},
+            {"source": "format", "target": "attention", "weight": 1.2},
+            {"source": "attention", "target": "completion", "weight": 0.9},
+        ],
+        "latent": ["length"],
+        "roles": {"treatment": "format", "outcome": "completion", "mediators": ["attention"]},
+    }
+
+
+# ------------------------------------------------------------------ a run directory
+
+
+def write_run(d: Path) -> dict[str, Path]:
+    """A small run folder: effects of two models, ablation and steering, and what has landed
+    of prompts / outcomes / dag / lens / attributions."""
+    d.mkdir(parents=True, exist_ok=True)
+    files = {}
+    files["trace_toy"] = d / "trace_toy.parquet"
+    write_table(effects_trace(), files["trace_toy"], "effects", make_run("patch", "toy"))
+    files["trace_gpt2"] = d / "trace_gpt2.parquet"
+    gpt2 = effects_trace(n_layers=6, peak=4, seed=3)
+    write_table(gpt2[gpt2["metric"] == "logit_diff"], files["trace_gpt2"], "effects",
+                make_run("patch", "gpt2-small"))
+    if installed("activations"):
+        files["acts_toy"] = d / "acts_toy.h5"
+        write_activations(files["acts_toy"])
+        files["acts_gpt2"] = d / "acts_gpt2.h5"
+        write_activations(files["acts_gpt2"], "gpt2-small", n_layers=5)
+    files["ablate"] = d / "ablate.parquet"
+    write_table(effects_heads(), files["ablate"], "effects", make_run("ablate"))
+    files["steer"] = d / "steer.parquet"
+    write_table(effects_steer(), files["steer"], "effects", make_run("steer"))
+    prompts = bayes_prompts()
+    if installed("prompts"):
+        files["prompts"] = d / "prompts.parquet"
+        write_table(prompts, files["prompts"], "prompts", make_run("gen-prompts", None))
+    files["outcomes_toy"] = d / "outcomes_toy.parquet"
+    write_table(outcomes_for(prompts, 0.05), files["outcomes_toy"], "outcomes",
+                make_run("collect-acts", "toy"))
+    files["outcomes_gpt2"] = d / "outcomes_gpt2.parquet"
+    write_table(outcomes_for(prompts, 0.15, seed=1), files["outcomes_gpt2"], "outcomes",
+                make_run("collect-acts", "gpt2-small"))
+    if installed("patch_summary"):
+        files["patch_summary"] = d / "patch_summary.parquet"
+        write_table(patch_summary_table(), files["patch_summary"], "patch_summary",
+                    make_run("patch"))
+        files["patch_summary_gpt2"] = d / "patch_summary_gpt2.parquet"
+        write_table(patch_summary_table(seed=1), files["patch_summary_gpt2"], "patch_summary",
+                    make_run("patch", "gpt2-small"))
+    if installed("psm_units", "psm_balance", "psm_pairs", "psm_summary"):
+        psm = psm_tables()
+        for key in ("units", "balance", "pairs"):
+            files[f"psm_{key}"] = d / f"psm.{key}.parquet"
+            write_table(psm[key], files[f"psm_{key}"], f"psm_{key}", make_run("psm", None))
+        files["psm_summary"] = d / "psm.json"
+        write_json(psm["summary"], files["psm_summary"], "psm_summary", make_run("psm", "toy"))
+        other = psm_tables(seed=1)["summary"]
+        for e in other["contrasts"][0]["effects"]:
+            e["estimate"] += 0.2
+            e["ci_low"] += 0.2
+            e["ci_high"] += 0.2
+        files["psm_summary_gpt2"] = d / "psm_gpt2.json"
+        write_json(other, files["psm_summary_gpt2"], "psm_summary", make_run("psm", "gpt2-small"))
+    if installed("dag"):
+        files["dag"] = d / "dag.json"
+        write_json(dag_obj(), files["dag"], "dag", make_run("psm", None))
+    if installed("lens"):
+        files["lens"] = d / "lens.parquet"
+        write_table(lens_table(), files["lens"], "lens", make_run("lens"))
+    if installed("attributions"):
+        files["dla"] = d / "dla.parquet"
+        write_table(dla_table(), files["dla"], "attributions", make_run("dla"))
+    return files
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def exe(name: str = "dolm-plot") -> str:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else name
+
+
+def dolm_plot(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([exe(), *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    import io
+
+    import matplotlib.image as mpimg
+
+    return mpimg.imread(io.BytesIO(data), format="png")
+
+
+def assert_drawn(data: bytes, size: tuple[int, int], what: str) -> None:
+    """A PNG of the expected pixel size with real content (not blank, not a flat colour)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", what
+    img = png_pixels(data)
+    h, w = img.shape[:2]
+    assert (w, h) == size, f"{what}: {w}x{h} pixels, expected {size[0]}x{size[1]}"
+    rgb = img[..., :3]
+    assert float(rgb.var()) > 1e-3, f"{what}: blank image"
+    inked = float((rgb.min(axis=2) < 0.9).mean())
+    assert inked > 0.01, f"{what}: only {inked:.1%} of the pixels are drawn"
+
+
+def direct_sources() -> list:
+    """Sources of schemas not installed yet (lens, attributions, dag): plotted from frames."""
+    from dolm.formats import FileMeta
+    from dolm_tools.plot.registry import Source
+
+    def meta(schema: str, model: str | None) -> FileMeta:
+        chain = [{"tool": "synthetic", "argv": ["test"], "model": MODELS[model] if model
+                  else None}]
+        return FileMeta(path=f"{schema}.synthetic", schema=schema, version=1, provenance=chain)
+
+    out = []
+    if not installed("lens"):
+        out += [Source("lens_toy.parquet", "lens", "table", lens_table(), meta("lens", "toy")),
+                Source("lens_gpt2.parquet", "lens", "table", lens_table(6),
+                       meta("lens", "gpt2-small"))]
+    if not installed("attributions"):
+        out += [Source("dla_toy.parquet", "attributions", "table", dla_table(),
+                       meta("attributions", "toy")),
+                Source("dla_gpt2.parquet", "attributions", "table", dla_table(6, 3),
+                       meta("attributions", "gpt2-small"))]
+    if not installed("dag"):
+        out.append(Source("dag.json", "dag", "json", dag_obj(), meta("dag", None)))
+    return out
+
+
+def all_sources(files: dict[str, Path]) -> list:
+    from dolm_tools.plot.registry import label_sources
+
+    loaded = load_sources([str(p) for p in files.values()])
+    extra = direct_sources()
+    label_sources(loaded + extra)
+    return loaded + extra
+
+
+def spec_key(spec) -> str:
+    return f"{'+'.join(spec.schemas)}:{spec.name}:{spec.mode}"
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory) -> dict[str, Path]:
+    return write_run(tmp_path_factory.mktemp("plot") / "run")
+
+
+@pytest.fixture(scope="module")
+def rendered(run_files) -> dict[str, list]:
+    """Every planned figure of the run (and of the not-yet-installed schemas), as PNG."""
+    out: dict[str, list] = {}
+    for plot in plan(all_sources(run_files)):
+        key = spec_key(plot.spec)
+        if key not in out:  # one image per figure kind keeps the test fast
+            out[key] = [(plot, style.figure_bytes(render(plot), "png"))]
+    return out
+
+
+# ------------------------------------------------------------------ every figure kind
+
+
+@pytest.mark.parametrize("key", sorted(spec_key(s) for s in load_all()))
+def test_every_figure_kind_renders(rendered, key):
+    assert key in rendered, f"figure {key} was not drawn from the synthetic run"
+    for plot, png in rendered[key]:
+        assert_drawn(png, style.pixels(plot.size), plot.stem)
+
+
+def test_titles_name_the_models(rendered):
+    from dolm_tools.plot.draw import render as draw
+
+    plot = rendered["effects:layers:compare"][0][0]
+    fig = draw(plot)
+    title = fig.get_suptitle()
+    assert "Effect by layer" in title and "toy" in title and "gpt2" in title
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    # the toy trace peaks at layer 2, the 6-layer one at layer 4
+    assert any(t.startswith("toy: peak L2") for t in labels), labels
+    assert any(t.startswith("gpt2: peak L4") for t in labels), labels
+    fig = draw(rendered["effects:trace:single"][0][0])
+    assert fig.axes[0].get_xlabel() == "token position" and fig.axes[0].get_ylabel() == "layer"
+    # signed effects: a diverging colour map centred at 0
+    im = fig.axes[0].images[0]
+    assert im.cmap.name == style.DIVERGING and im.norm.vcenter == 0
+
+
+def test_output_is_deterministic(rendered):
+    plot = rendered["effects:layers:single"][0][0]
+    for fmt in ("png", "svg", "pdf"):
+        assert style.figure_bytes(render(plot), fmt) == style.figure_bytes(render(plot), fmt), fmt
+
+
+def test_aggregation_is_the_mean_over_prompts():
+    from dolm_tools.plot.common import mean_sem
+    from dolm_tools.plot.fig_effects import layer_curve, trace_grid
+
+    df = effects_trace(n_prompts=3)
+    d = df[(df["metric"] == "logit_diff") & (df["site"].str.startswith("resid_pre"))]
+    grid, xs, ys = trace_grid(d)
+    want = d[(d["layer"] == 2) & (d["position"] == 4)]["value"].mean()
+    assert grid[ys.index(2), xs.index(4)] == pytest.approx(want)
+    agg, note = layer_curve(d)
+    assert note == " at position 4"
+    assert int(agg.loc[agg["mean"].abs().idxmax(), "layer"]) == 2
+    m = mean_sem(pd.DataFrame({"prompt_id": ["a", "a", "b"], "k": 1, "value": [1.0, 3.0, 4.0]}),
+                 ["k"])
+    assert m["mean"].iloc[0] == pytest.approx(3.0)  # prompts weigh equally: (2 + 4) / 2
+
+
+# ------------------------------------------------------------------ the executable
+
+
+def test_cli_draws_files_in_every_format(run_files, tmp_path):
+    out = tmp_path / "figs"
+    r = dolm_plot(run_files["trace_toy"], run_files["trace_gpt2"], "-o", out, "--only", "layers")
+    assert r.returncode == 0, r.stderr
+    written = r.stdout.split()
+    names = sorted(Path(p).name for p in written)
+    # one figure per metric; models are compared on the metric both files have
+    assert names == ["compare.effects.layers.logit_diff.png", "trace_gpt2.layers.logit_diff.png",
+                     "trace_toy.layers.logit_diff.png", "trace_toy.layers.recovery.png"]
+    for p in written:
+        assert_drawn(Path(p).read_bytes(), style.pixels("single"), p)
+    r = dolm_plot(run_files["trace_toy"], "-o", out, "--only", "layers")
+    assert r.returncode == 3 and "--force" in r.stderr
+    r = dolm_plot(run_files["ablate"], "-o", out, "--only", "heads", "--format", "svg")
+    assert r.returncode == 0, r.stderr
+    svg = Path(r.stdout.split()[0]).read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    r = dolm_plot(run_files["steer"], "-o", out, "--format", "pdf")
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.split()[0]).read_bytes()[:5] == b"%PDF-"
+
+
+@needs("dag")
+def test_dag_subcommand(run_files, tmp_path):
+    target = tmp_path / "dag.png"
+    r = dolm_plot("dag", run_files["dag"], "-o", target)
+    assert r.returncode == 0, r.stderr
+    assert_drawn(target.read_bytes(), style.pixels("single"), "dag")
+    r = dolm_plot("dag", run_files["trace_toy"], "-o", tmp_path / "x.png")
+    assert r.returncode == 3 and "expected a 'dag' file" in r.stderr
+
+
+def test_dag_layout_and_roles():
+    from dolm_tools.plot.fig_dag import graph, layout, node_roles
+
+    obj = dag_obj()
+    pos = layout(graph(obj))
+    assert pos["difficulty"][0] < pos["format"][0] < pos["attention"][0] < pos["completion"][0]
+    roles = node_roles(obj)
+    assert roles == {"format": "treatment", "completion": "outcome", "attention": "mediator"}
+
+
+def test_report_embeds_every_figure_and_the_provenance(run_files, tmp_path):
+    import base64
+    import re
+    import shutil
+
+    run_dir = tmp_path / "run"
+    (run_dir / "sub").mkdir(parents=True)
+    keep = [k for k in ("trace_toy", "trace_gpt2", "outcomes_toy", "prompts", "psm_summary",
+                        "dag", "acts_toy") if k in run_files]
+    for k in keep:
+        shutil.copy(run_files[k], run_dir / ("sub" if k == "dag" else "") / run_files[k].name)
+    (run_dir / "notes.txt").write_text("not a dolm file")
+    report = tmp_path / "report.html"
+    r = dolm_plot("report", run_dir, "-o", report)
+    assert r.returncode == 0, r.stderr
+    text = report.read_text()
+    imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', text)
+    expected = {p.stem for p in plan(load_sources([str(run_files[k]) for k in keep]))}
+    assert {name for name, _ in imgs} == expected
+    assert len(imgs) == len(expected)
+    for name, data in imgs[:3]:
+        png = base64.b64decode(data)
+        assert png[:4] == b"\x89PNG", name
+    assert "http://" not in text and "https://" not in text  # self-contained
+    for k in keep:
+        assert run_files[k].name in text
+    for tool in ("patch", "collect-acts"):
+        assert f"<td>{tool} " in text
+    assert "dolm-patch --model toy --seed 0" in text  # argv
+    assert "gpt2" in text and "aaaaaaaaaaaa" in text  # model spec and weights hash
+    assert "<th>prompt_id</th>" in text  # head of a table
+    r = dolm_plot("report", run_dir, "-o", report)
+    assert r.returncode == 3 and "--force" in r.stderr
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs_exit_3(run_files, tmp_path):
+    import os
+    import shutil
+
+    out = tmp_path / "o"
+    r = dolm_plot(tmp_path / "nope.parquet", "-o", out)
+    assert r.returncode == 3 and "nope.parquet: file not found" in r.stderr, r.stderr
+    plain = tmp_path / "plain.parquet"
+    pd.DataFrame({"a": [1, 2]}).to_parquet(plain)
+    r = dolm_plot(plain, "-o", out)
+    assert r.returncode == 3 and "not a dolm file" in r.stderr and "effects" in r.stderr
+    empty = tmp_path / "empty.parquet"
+    write_table(effects_trace().iloc[:0], empty, "effects", make_run("patch"))
+    r = dolm_plot(empty, "-o", out)
+    assert r.returncode == 3 and "empty" in r.stderr and "empty.parquet" in r.stderr
+    # a schema dolm knows but plot does not draw
+    schemas = tmp_path / "schemas"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "schemas", schemas)
+    (schemas / "widgets.v1.schema.json").write_text(json.dumps({
+        "title": "widgets", "x-dolm": {"kind": "table"}, "type": "object",
+        "required": ["w"], "properties": {"w": {"type": "integer"}}}))
+    env = {**os.environ, "DOLM_SCHEMAS": str(schemas)}
+    widgets = tmp_path / "w.parquet"
+    subprocess.run([sys.executable, "-c", (
+        "import pandas as pd; from dolm.formats import write_table; "
+        f"write_table(pd.DataFrame({{'w': [1]}}), {str(widgets)!r}, 'widgets', None)")],
+        check=True, env=env)
+    r = dolm_plot(widgets, "-o", out, env=env)
+    assert r.returncode == 3, r.stderr
+    assert "'widgets'" in r.stderr and "it knows: " in r.stderr and "effects" in r.stderr
+    r = dolm_plot(run_files["steer"], "-o", out, "--only", "trace")
+    assert r.returncode == 3 and "dose_response" in r.stderr
+    r = dolm_plot("report", tmp_path / "no-run", "-o", tmp_path / "r.html")
+    assert r.returncode == 3 and "not found" in r.stderr
+    assert not out.exists()  # nothing half-written
+
+
+if __name__ == "__main__":  # write a demo run folder for looking at the figures by eye
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/plot-demo")
+    print(json.dumps({k: str(v) for k, v in write_run(out).items()}, indent=1))

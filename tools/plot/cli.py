@@ -1,0 +1,157 @@
+"""``dolm-plot``: figures from dolm files, chosen by each file's schema.
+
+    dolm-plot FILE... -o DIR [--format png|svg|pdf] [--only NAME] [--force]
+    dolm-plot dag FILE... -o OUT
+    dolm-plot report RUN_DIR -o report.html
+    dolm-plot list
+
+Several files of one schema (e.g. the same study on several models) are also drawn side
+by side or overlaid, labelled by the model in each file's provenance; outcomes and the
+prompts they were scored on are joined on prompt_id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from dolm.cli import _CONTEXT, DolmGroup, log, progress, subcommand
+from dolm.errors import InputError
+
+FORMATS = ("png", "svg", "pdf")
+
+
+class PlotGroup(DolmGroup):
+    """``dolm-plot FILE...`` is ``dolm-plot files FILE...``: the default subcommand."""
+
+    default_command = "files"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(name="dolm-plot", cls=PlotGroup, context_settings=_CONTEXT)
+def main() -> None:
+    """Figures from dolm files, chosen by each file's schema.
+
+    \b
+      dolm-plot FILE... -o DIR      every figure for these files (PNG by default)
+      dolm-plot dag FILE... -o OUT  causal diagrams from dag files
+      dolm-plot report RUN_DIR -o report.html
+      dolm-plot list                which figures each schema gets
+    """
+
+
+def _format_option(f: Any) -> Any:
+    return click.option("--format", "fmt", type=click.Choice(FORMATS), default="png",
+                        show_default=True, help="Image format.")(f)
+
+
+@subcommand(main, "files", "plot", outputs=())
+@click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder for the figures (created if missing).")
+@_format_option
+@click.option("--only", multiple=True, metavar="NAME",
+              help="Draw only this figure (repeatable), e.g. --only trace.")
+@click.option("--no-compare", is_flag=True,
+              help="Do not draw multi-file comparison figures.")
+@click.option("--force", is_flag=True, help="Overwrite existing figures.")
+def files(run: Any, files: tuple[str, ...], output: str, fmt: str, only: tuple[str, ...],
+          no_compare: bool, force: bool) -> None:
+    """Draw every figure FILES support into the folder -o DIR.
+
+    Output names are <file>.<figure>[.<metric>].<format>; figures comparing several
+    files are compare.<schema>.<figure>...
+    """
+    from dolm_tools.plot.draw import draw_all, load_sources
+
+    sources = load_sources(files, run=run)
+    written = draw_all(sources, output, fmt, force, only=only, compare_models=not no_compare,
+                       progress=lambda it: progress(it, desc="drawing", unit="fig"))
+    for path in written:
+        click.echo(str(path))
+    log(f"dolm-plot: {len(written)} figure(s) in {output}")
+
+
+@subcommand(main, "dag", "plot", outputs=())
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="An image file (one input; format from its suffix) or a folder.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="Image format (default: the output's suffix, else png).")
+@click.option("--force", is_flag=True, help="Overwrite existing figures.")
+def dag(run: Any, files: tuple[str, ...], output: str, fmt: str | None, force: bool) -> None:
+    """Draw the causal diagrams in dag FILES (treatment, outcome, mediators coloured)."""
+    from pathlib import Path
+
+    from dolm_tools.plot import style
+    from dolm_tools.plot.draw import load_sources, render
+    from dolm_tools.plot.registry import Plot, specs_for
+
+    sources = load_sources(files, run=run)
+    for src in sources:
+        if src.schema != "dag":
+            raise InputError(f"{src.path}: is a {src.schema!r} file, expected a 'dag' file")
+    out = Path(output)
+    suffix = out.suffix.lower().lstrip(".")
+    if suffix in FORMATS:
+        if len(sources) > 1:
+            raise InputError(f"--output {out}: one image file for {len(sources)} dag files; "
+                             "give a folder instead")
+        targets = [out]
+        fmt = fmt or suffix
+    else:
+        fmt = fmt or "png"
+        targets = [out / f"{s.stem}.dag.{fmt}" for s in sources]
+    spec = specs_for("dag", "single")[0]
+    for target in targets:
+        if target.exists() and not force:
+            raise InputError(f"--output {target}: file exists; pass --force to overwrite it")
+    parent = targets[0].parent
+    if not parent.exists():
+        if parent == out and out.parent.exists():
+            out.mkdir()
+        else:
+            raise InputError(f"--output {out}: folder {parent} does not exist")
+    for src, target in zip(sources, targets, strict=True):
+        fig = render(Plot(spec, src, None, target.stem, [src]))
+        style.save(fig, target, fmt, force=True)
+        click.echo(str(target))
+
+
+@subcommand(main, "report", "plot", outputs=("output",))
+@click.argument("run_dir", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="The HTML file to write ('-' for stdout).")
+@click.option("--force", is_flag=True, help="Overwrite an existing report.")
+def report(run: Any, run_dir: str, output: str, force: bool) -> None:
+    """One self-contained HTML page: every figure of RUN_DIR's files, a short table per
+    file and each file's provenance chain."""
+    from dolm_tools.plot.report import write_report
+
+    n_files, n_figs = write_report(run_dir, output, force,
+                                   progress=lambda it: progress(it, desc="drawing", unit="fig"))
+    log(f"dolm-plot: report of {n_files} file(s) with {n_figs} figure(s) -> {output}")
+
+
+@main.command(name="list", context_settings=_CONTEXT)
+def list_figures() -> None:
+    """List the schemas dolm-plot draws and the figures each gets."""
+    from dolm.formats.schema import available_schemas
+    from dolm_tools.plot.registry import load_all
+
+    installed = available_schemas()
+    rows: dict[str, list[str]] = {}
+    for spec in load_all():
+        key = " + ".join(spec.schemas)
+        tag = {"single": "", "compare": " [several files]", "combo": " [joined]"}[spec.mode]
+        rows.setdefault(key, []).append(f"  {spec.name}{tag}: {spec.what}")
+    for key in sorted(rows):
+        missing = [s for s in key.split(" + ") if s not in installed]
+        note = f"  (schema not installed yet: {', '.join(missing)})" if missing else ""
+        click.echo(f"{key}{note}")
+        for line in rows[key]:
+            click.echo(line)

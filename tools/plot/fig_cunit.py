@@ -1,0 +1,1 @@
+"""Figures for cunit files (registered once that schema lands)."""

@@ -1,0 +1,1 @@
+"""Figures for mediation files (registered once that schema lands)."""
