@@ -131,8 +131,8 @@ class LoadedModel:
         d_mlp = (getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
                  or 4 * self.d_model)
         self.d_mlp = int(d_mlp)
-        self.d_vocab = int(self.adapter.unembed.weight.shape[0]) if hasattr(
-            self.adapter.unembed, "weight") else int(cfg.vocab_size)
+        unembed = self.adapter.unembed
+        self.d_vocab = int(getattr(unembed, "out_features", None) or cfg.vocab_size)
         self.n_ctx = int(getattr(cfg, "max_position_embeddings", None)
                          or getattr(cfg, "n_positions", 0) or 0) or None
         self.sites = SiteSpace(self.n_layers, self.n_heads)

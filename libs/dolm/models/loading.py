@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 from dolm.errors import DolmRuntimeError, InputError
@@ -252,11 +253,6 @@ def load(
     ``device_map`` says otherwise. The model is put in eval mode with parameters frozen
     (``requires_grad=False``); activations can still require grad.
     """
-    import torch
-
-    from dolm.models.adapters import spec_for
-    from dolm.models.loaded import LoadedModel
-
     if dtype not in DTYPES:
         raise InputError(f"--dtype: expected one of {', '.join(DTYPES)}, found {dtype!r}")
     if load_in_4bit and load_in_8bit:
@@ -266,9 +262,24 @@ def load(
         resolved_rev = revision  # recorded as given; a local folder has no revisions
 
     import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # loading chatter off; restored below
+    try:
+        return _load(spec, folder, source, resolved_rev, dtype, device, device_map,
+                     load_in_4bit, load_in_8bit, trust_remote_code)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _load(spec, folder, source, resolved_rev, dtype, device, device_map, load_in_4bit,
+          load_in_8bit, trust_remote_code):
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    transformers.logging.set_verbosity_error()
+    from dolm.models.adapters import spec_for
+    from dolm.models.loaded import LoadedModel
+
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:
@@ -306,6 +317,8 @@ def load(
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
             quant = "8bit"
+            # bitsandbytes warns on every int8 matmul that inputs are cast to float16
+            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     if device_map is not None:
         kwargs["device_map"] = device_map
     elif quant is not None or dev != "cpu":
