@@ -273,13 +273,17 @@ def psm_tables(n: int = 80, seed: int = 0) -> dict:
     return {"units": units, "balance": pd.DataFrame(brow), "pairs": pairs, "summary": summary}
 
 
-def write_activations(path: Path, model: str = "toy", n_layers: int = 3, rows: int = 8,
+def write_activations(path: Path, run: Run | None, n_layers: int = 3, rows: int = 8,
                       d: int = 16) -> None:
+    """A small activations file; without the schema installed, a bare HDF5 file."""
     import h5py
-    from dolm.formats import finish_h5, open_h5_for_write
 
-    run = make_run("collect-acts", model)
-    fh = open_h5_for_write(path, "activations", run, extra={"sites": "resid_post.*"})
+    if installed("activations"):
+        from dolm.formats import finish_h5, open_h5_for_write
+
+        fh = open_h5_for_write(path, "activations", run, extra={"sites": "resid_post.*"})
+    else:
+        fh = h5py.File(path, "w")
     text = h5py.string_dtype("utf-8")
     fh.create_dataset("prompt_id", data=np.array([f"p{i // 2}" for i in range(rows)],
                                                  dtype=object), dtype=text)
@@ -292,7 +296,10 @@ def write_activations(path: Path, model: str = "toy", n_layers: int = 3, rows: i
         for fam, scale in (("resid_post", 1.0 + layer), ("mlp_out", 0.5)):
             fh.create_dataset(f"{fam}.{layer}",
                               data=(scale * rng.normal(size=(rows, d))).astype(np.float32))
-    finish_h5(fh, path, "activations", run)
+    if installed("activations"):
+        finish_h5(fh, path, "activations", run)
+    else:
+        fh.close()
 
 
 def dag_obj() -> dict:
@@ -314,66 +321,64 @@ def dag_obj() -> dict:
 # ------------------------------------------------------------------ a run directory
 
 
+def synthetic() -> list[tuple[str, str, str, object, str | None]]:
+    """(file name, schema, tool, data, model) for every figure kind: data is a DataFrame,
+    a dict (JSON) or, for HDF5, the keyword arguments of ``write_activations``."""
+    prompts = bayes_prompts()
+    gpt2 = effects_trace(n_layers=6, peak=4, seed=3)
+    psm = psm_tables()
+    other = psm_tables(seed=1)["summary"]
+    for e in other["contrasts"][0]["effects"]:
+        for k in ("estimate", "ci_low", "ci_high"):
+            e[k] += 0.2
+    return [
+        ("trace_toy.parquet", "effects", "patch", effects_trace(), "toy"),
+        ("trace_gpt2.parquet", "effects", "patch", gpt2[gpt2["metric"] == "logit_diff"],
+         "gpt2-small"),
+        ("ablate.parquet", "effects", "ablate", effects_heads(), "toy"),
+        ("steer.parquet", "effects", "steer", effects_steer(), "toy"),
+        ("prompts.parquet", "prompts", "gen-prompts", prompts, None),
+        ("outcomes_toy.parquet", "outcomes", "collect-acts", outcomes_for(prompts, 0.05), "toy"),
+        ("outcomes_gpt2.parquet", "outcomes", "collect-acts", outcomes_for(prompts, 0.15, 1),
+         "gpt2-small"),
+        ("acts_toy.h5", "activations", "collect-acts", {"n_layers": 3}, "toy"),
+        ("acts_gpt2.h5", "activations", "collect-acts", {"n_layers": 5}, "gpt2-small"),
+        ("patch_summary.parquet", "patch_summary", "patch", patch_summary_table(), "toy"),
+        ("patch_summary_gpt2.parquet", "patch_summary", "patch", patch_summary_table(seed=1),
+         "gpt2-small"),
+        ("psm.units.parquet", "psm_units", "psm", psm["units"], None),
+        ("psm.balance.parquet", "psm_balance", "psm", psm["balance"], None),
+        ("psm.pairs.parquet", "psm_pairs", "psm", psm["pairs"], None),
+        ("psm.json", "psm_summary", "psm", psm["summary"], "toy"),
+        ("psm_gpt2.json", "psm_summary", "psm", other, "gpt2-small"),
+        ("dag.json", "dag", "psm", dag_obj(), None),
+        ("lens_toy.parquet", "lens", "lens", lens_table(), "toy"),
+        ("lens_gpt2.parquet", "lens", "lens", lens_table(6), "gpt2-small"),
+        ("dla_toy.parquet", "attributions", "dla", dla_table(), "toy"),
+        ("dla_gpt2.parquet", "attributions", "dla", dla_table(6, 3), "gpt2-small"),
+    ]
+
+
+def file_key(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
 def write_run(d: Path) -> dict[str, Path]:
-    """A small run folder: effects of two models, ablation and steering, and what has landed
-    of prompts / outcomes / dag / lens / attributions."""
+    """A small run folder: every synthetic file whose schema is installed."""
     d.mkdir(parents=True, exist_ok=True)
     files = {}
-    files["trace_toy"] = d / "trace_toy.parquet"
-    write_table(effects_trace(), files["trace_toy"], "effects", make_run("patch", "toy"))
-    files["trace_gpt2"] = d / "trace_gpt2.parquet"
-    gpt2 = effects_trace(n_layers=6, peak=4, seed=3)
-    write_table(gpt2[gpt2["metric"] == "logit_diff"], files["trace_gpt2"], "effects",
-                make_run("patch", "gpt2-small"))
-    if installed("activations"):
-        files["acts_toy"] = d / "acts_toy.h5"
-        write_activations(files["acts_toy"])
-        files["acts_gpt2"] = d / "acts_gpt2.h5"
-        write_activations(files["acts_gpt2"], "gpt2-small", n_layers=5)
-    files["ablate"] = d / "ablate.parquet"
-    write_table(effects_heads(), files["ablate"], "effects", make_run("ablate"))
-    files["steer"] = d / "steer.parquet"
-    write_table(effects_steer(), files["steer"], "effects", make_run("steer"))
-    prompts = bayes_prompts()
-    if installed("prompts"):
-        files["prompts"] = d / "prompts.parquet"
-        write_table(prompts, files["prompts"], "prompts", make_run("gen-prompts", None))
-    files["outcomes_toy"] = d / "outcomes_toy.parquet"
-    write_table(outcomes_for(prompts, 0.05), files["outcomes_toy"], "outcomes",
-                make_run("collect-acts", "toy"))
-    files["outcomes_gpt2"] = d / "outcomes_gpt2.parquet"
-    write_table(outcomes_for(prompts, 0.15, seed=1), files["outcomes_gpt2"], "outcomes",
-                make_run("collect-acts", "gpt2-small"))
-    if installed("patch_summary"):
-        files["patch_summary"] = d / "patch_summary.parquet"
-        write_table(patch_summary_table(), files["patch_summary"], "patch_summary",
-                    make_run("patch"))
-        files["patch_summary_gpt2"] = d / "patch_summary_gpt2.parquet"
-        write_table(patch_summary_table(seed=1), files["patch_summary_gpt2"], "patch_summary",
-                    make_run("patch", "gpt2-small"))
-    if installed("psm_units", "psm_balance", "psm_pairs", "psm_summary"):
-        psm = psm_tables()
-        for key in ("units", "balance", "pairs"):
-            files[f"psm_{key}"] = d / f"psm.{key}.parquet"
-            write_table(psm[key], files[f"psm_{key}"], f"psm_{key}", make_run("psm", None))
-        files["psm_summary"] = d / "psm.json"
-        write_json(psm["summary"], files["psm_summary"], "psm_summary", make_run("psm", "toy"))
-        other = psm_tables(seed=1)["summary"]
-        for e in other["contrasts"][0]["effects"]:
-            e["estimate"] += 0.2
-            e["ci_low"] += 0.2
-            e["ci_high"] += 0.2
-        files["psm_summary_gpt2"] = d / "psm_gpt2.json"
-        write_json(other, files["psm_summary_gpt2"], "psm_summary", make_run("psm", "gpt2-small"))
-    if installed("dag"):
-        files["dag"] = d / "dag.json"
-        write_json(dag_obj(), files["dag"], "dag", make_run("psm", None))
-    if installed("lens"):
-        files["lens"] = d / "lens.parquet"
-        write_table(lens_table(), files["lens"], "lens", make_run("lens"))
-    if installed("attributions"):
-        files["dla"] = d / "dla.parquet"
-        write_table(dla_table(), files["dla"], "attributions", make_run("dla"))
+    for name, schema, tool, data, model in synthetic():
+        if not installed(schema):
+            continue
+        path = d / name
+        run = make_run(tool, model)
+        if isinstance(data, pd.DataFrame):
+            write_table(data, path, schema, run)
+        elif schema == "activations":
+            write_activations(path, run, **data)
+        else:
+            write_json(data, path, schema, run)
+        files[file_key(name)] = path
     return files
 
 
@@ -410,36 +415,34 @@ def assert_drawn(data: bytes, size: tuple[int, int], what: str) -> None:
     assert inked > 0.01, f"{what}: only {inked:.1%} of the pixels are drawn"
 
 
-def direct_sources() -> list:
-    """Sources of schemas not installed yet (lens, attributions, dag): plotted from frames."""
+def direct_sources(folder: Path) -> list:
+    """Sources for the synthetic files whose schema has not landed yet (e.g. lens), made
+    without the schema so that their figure functions are tested all the same."""
     from dolm.formats import FileMeta
     from dolm_tools.plot.registry import Source
 
-    def meta(schema: str, model: str | None) -> FileMeta:
-        chain = [{"tool": "synthetic", "argv": ["test"], "model": MODELS[model] if model
-                  else None}]
-        return FileMeta(path=f"{schema}.synthetic", schema=schema, version=1, provenance=chain)
-
     out = []
-    if not installed("lens"):
-        out += [Source("lens_toy.parquet", "lens", "table", lens_table(), meta("lens", "toy")),
-                Source("lens_gpt2.parquet", "lens", "table", lens_table(6),
-                       meta("lens", "gpt2-small"))]
-    if not installed("attributions"):
-        out += [Source("dla_toy.parquet", "attributions", "table", dla_table(),
-                       meta("attributions", "toy")),
-                Source("dla_gpt2.parquet", "attributions", "table", dla_table(6, 3),
-                       meta("attributions", "gpt2-small"))]
-    if not installed("dag"):
-        out.append(Source("dag.json", "dag", "json", dag_obj(), meta("dag", None)))
+    for name, schema, tool, data, model in synthetic():
+        if installed(schema):
+            continue
+        chain = [{"tool": tool, "argv": [f"dolm-{tool}"], "model": MODELS[model] if model
+                  else None}]
+        meta = FileMeta(path=name, schema=schema, version=1, provenance=chain)
+        if isinstance(data, pd.DataFrame):
+            out.append(Source(name, schema, "table", data, meta))
+        elif schema == "activations":
+            write_activations(folder / name, None, **data)
+            out.append(Source(str(folder / name), schema, "hdf5", str(folder / name), meta))
+        else:
+            out.append(Source(name, schema, "json", data, meta))
     return out
 
 
-def all_sources(files: dict[str, Path]) -> list:
+def all_sources(files: dict[str, Path], folder: Path) -> list:
     from dolm_tools.plot.registry import label_sources
 
     loaded = load_sources([str(p) for p in files.values()])
-    extra = direct_sources()
+    extra = direct_sources(folder)
     label_sources(loaded + extra)
     return loaded + extra
 
@@ -454,10 +457,10 @@ def run_files(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def rendered(run_files) -> dict[str, list]:
+def rendered(run_files, tmp_path_factory) -> dict[str, list]:
     """Every planned figure of the run (and of the not-yet-installed schemas), as PNG."""
     out: dict[str, list] = {}
-    for plot in plan(all_sources(run_files)):
+    for plot in plan(all_sources(run_files, tmp_path_factory.mktemp("direct"))):
         key = spec_key(plot.spec)
         if key not in out:  # one image per figure kind keeps the test fast
             out[key] = [(plot, style.figure_bytes(render(plot), "png"))]
@@ -567,8 +570,8 @@ def test_report_embeds_every_figure_and_the_provenance(run_files, tmp_path):
 
     run_dir = tmp_path / "run"
     (run_dir / "sub").mkdir(parents=True)
-    keep = [k for k in ("trace_toy", "trace_gpt2", "outcomes_toy", "prompts", "psm_summary",
-                        "dag", "acts_toy") if k in run_files]
+    keep = [k for k in ("trace_toy", "trace_gpt2", "outcomes_toy", "prompts", "psm", "dag",
+                        "acts_toy") if k in run_files]
     for k in keep:
         shutil.copy(run_files[k], run_dir / ("sub" if k == "dag" else "") / run_files[k].name)
     (run_dir / "notes.txt").write_text("not a dolm file")
@@ -586,7 +589,7 @@ def test_report_embeds_every_figure_and_the_provenance(run_files, tmp_path):
     assert "http://" not in text and "https://" not in text  # self-contained
     for k in keep:
         assert run_files[k].name in text
-    for tool in ("patch", "collect-acts"):
+    for tool in ("patch", "collect-acts") if "outcomes_toy" in keep else ("patch",):
         assert f"<td>{tool} " in text
     assert "dolm-patch --model toy --seed 0" in text  # argv
     assert "gpt2" in text and "aaaaaaaaaaaa" in text  # model spec and weights hash
