@@ -17,6 +17,7 @@ from dolm.tasks import (
     posterior_predictive,
     training_text,
 )
+from dolm.tasks import arith as arith_mod
 from dolm.tasks import bayes as bayes_mod
 from dolm.tasks import dilemma as dilemma_mod
 from dolm.tasks import factual as factual_mod
@@ -329,8 +330,10 @@ def test_arith_answers_chain_and_spans():
             assert r["prompt"].endswith("Steps:")
             # partial sums are right
             partial = ops[0]
-            for x in ops[1:]:
-                assert f"{partial}+{x}={partial + x}." in r["chain"]
+            for j, x in enumerate(ops[1:]):
+                assert f"{arith_mod.ORDINALS[j]} {partial}+{x}={partial + x}." in r["chain"]
+                # the question names the step with the same ordinal, before its operand
+                assert f"{arith_mod.ORDINALS[j]} " in r["prompt"][: spans(r)[f"n{j + 1}"][0]]
                 partial += x
             assert r["chain"].endswith(f"A: {r['answer']}")
         else:
@@ -339,8 +342,8 @@ def test_arith_answers_chain_and_spans():
 
 def test_extract_answer():
     assert extract_answer(" 17\nBob has 3") == 17
-    assert extract_answer(" 5+3=8. 8+7=15. A: 15") == 15
-    assert extract_answer(" 5+3=8. A: 8 more A: 9") == 8
+    assert extract_answer(" First 5+3=8. Second 8+7=15. A: 15") == 15
+    assert extract_answer(" First 5+3=8. A: 8 more A: 9") == 8
     assert extract_answer("no number") is None
     assert extract_answer(None) is None
 

@@ -2,13 +2,16 @@
 
 A problem is a start value and ``steps`` additions::
 
-    Ann has 5 pens. She gets 3 more. She gets 7 more. How many pens? A:        (direct)
-    Ann has 5 pens. She gets 3 more. She gets 7 more. How many pens? Steps:    (cot)
+    Ann has 5 pens. First she gets 3 more. Second she gets 7 more. How many pens? A:
+    Ann has 5 pens. First she gets 3 more. Second she gets 7 more. How many pens? Steps:
 
-The direct prompt is answered at once (``target`` " 15"); the CoT prompt is continued
-with the partial sums and then the answer, as in the training text::
+The direct prompt (first) is answered at once (``target`` " 15"); the CoT prompt is
+continued with the partial sums and then the answer, as in the training text::
 
-    ... How many pens? Steps: 5+3=8. 8+7=15. A: 15
+    ... How many pens? Steps: First 5+3=8. Second 8+7=15. A: 15
+
+Each step is named by an ordinal that the question also uses, so a small model finds the
+step's operand by matching the ordinal (one induction-style lookup).
 
 ``target`` is the final answer (with its leading space) in both; ``answer`` is the number;
 ``chain`` is the CoT continuation (null for direct). ``extract_answer(generation)`` reads
@@ -48,12 +51,18 @@ def extract_answer(generation: str | None) -> int | None:
     return int(m.group()) if m else None
 
 
+ORDINALS = ["First", "Second", "Third", "Fourth", "Fifth", "Sixth", "Seventh", "Eighth",
+            "Ninth", "Tenth", "Eleventh", "Twelfth"]
+
+
 def chain_text(numbers: list[int]) -> str:
-    """The chain-of-thought continuation: partial sums, then the answer."""
+    """The chain-of-thought continuation: one partial sum per step, named by the step's
+    ordinal (so the operand is found by matching the ordinal in the question), then the
+    answer."""
     total = numbers[0]
     parts = []
-    for x in numbers[1:]:
-        parts.append(f"{total}+{x}={total + x}.")
+    for j, x in enumerate(numbers[1:]):
+        parts.append(f"{ORDINALS[j]} {total}+{x}={total + x}.")
         total += x
     return " " + " ".join(parts) + f" A: {total}"
 
@@ -62,8 +71,9 @@ def render(numbers: list[int], name: str, pron: str, item: str, cot: bool) -> tu
     text = f"{name} has {numbers[0]} {item}."
     spans = {"n0": [len(name) + 5, len(name) + 5 + len(str(numbers[0]))]}
     for j, x in enumerate(numbers[1:], start=1):
-        start = len(text) + len(f" {pron} gets ")
-        text += f" {pron} gets {x} more."
+        lead = f" {ORDINALS[j - 1]} {pron.lower()} gets "
+        start = len(text) + len(lead)
+        text += f"{lead}{x} more."
         spans[f"n{j}"] = [start, start + len(str(x))]
     spans["numbers"] = [spans["n0"][0], spans[f"n{len(numbers) - 1}"][1]]
     q0 = len(text) + 1
@@ -74,8 +84,8 @@ def render(numbers: list[int], name: str, pron: str, item: str, cot: bool) -> tu
 
 
 def _generate(split, seed, tokenizer, n, steps, cot, min_operand, max_operand):
-    if any(s < 1 for s in steps):
-        raise InputError(f"--steps: expected values >= 1, found {steps}")
+    if any(s < 1 or s > len(ORDINALS) for s in steps):
+        raise InputError(f"--steps: expected values in 1..{len(ORDINALS)}, found {steps}")
     if not 0 <= min_operand <= max_operand:
         raise InputError(f"--max-operand: expected >= --min-operand >= 0, found "
                          f"{min_operand}..{max_operand}")
