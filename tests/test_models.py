@@ -128,6 +128,35 @@ def test_dtype_option(tiny_model_dir, tiny_lm):
     assert _maxdiff(out.logits.float(), ref.logits.to(out.logits.device), m) < 0.1
 
 
+def test_hub_id_from_hf_cache_without_network(monkeypatch, tmp_path, tiny_model_dir):
+    """A hub id found in the HF cache loads with the hub unreachable (offline)."""
+    import os
+
+    from dolm.models import load
+
+    src = tiny_model_dir("gpt2")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-gpt2"
+    snap = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in src.iterdir():
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snap), snap / f.name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lm = load("tiny-org/tiny-gpt2")
+    assert lm.info["source"] == "cache" and lm.info["revision"] == commit
+    digest = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()
+    assert lm.info["weights_sha256"] == digest
+    with pytest.raises(InputError, match="HF cache at revision 'v9'"):
+        load("tiny-org/tiny-gpt2", revision="v9")
+
+
 def test_toy_not_built(monkeypatch, tmp_path):
     from dolm.models import load
 
@@ -353,6 +382,22 @@ def test_write_receives_batch_index_and_can_target_rows(tiny_lm):
     assert seen[0].tolist() == [5, 7, 9] and seen[1].tolist() == [0, 1, 2]
     assert torch.equal(clean[0], dirty[0]) and torch.equal(clean[2], dirty[2])
     assert not torch.equal(clean[1], dirty[1])
+
+
+def test_trace_mapping_api(tiny_lm):
+    lm = tiny_lm("gpt2")
+    sites = ["head.1.2", "resid_post.0", "head.0.*"]
+    enc, out, tr = run(lm, read=sites)
+    names = lm.expand_sites(sites)
+    assert list(tr.values) == names == list(tr.keys())
+    assert "head.1.2" in tr and "head.1.3" not in tr and tr.get("head.1.3") is None
+    assert tr["head.1.2"].shape == (3, enc.input_ids.shape[1], lm.d_head)
+    with pytest.raises(KeyError, match="not requested"):
+        tr["resid_post.2"]
+    with lm.trace(read=sites) as empty:
+        pass
+    with pytest.raises(KeyError, match="not reached"):
+        empty["head.1.2"]
 
 
 def test_write_errors(tiny_lm):

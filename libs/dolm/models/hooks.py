@@ -65,8 +65,10 @@ def _with_input(args, kwargs, new):
 class Trace:
     """Context manager that reads and writes sites during forward passes.
 
-    ``tr[site]`` gives a read value after the forward; ``tr.values`` is the dict.
-    Several forwards inside one trace overwrite the values (last wins).
+    ``tr[site]`` gives a read value after the forward; ``tr.values`` is a dict of all
+    of them. Several forwards inside one trace overwrite the values (last wins).
+    Head reads keep one (batch, seq, heads, d_head) view per layer and slice it on
+    access, so reading ``head.*.*`` costs one store per layer in the forward.
     """
 
     def __init__(self, lm, read=(), write=None, batch_index=None, detach=True):
@@ -84,7 +86,9 @@ class Trace:
         self.detach = detach
         self.batch_index = batch_index
         self._bidx_cache = None
-        self.values: dict[str, torch.Tensor] = {}
+        self._values: dict[str, torch.Tensor] = {}
+        self._head_views: dict[int, torch.Tensor] = {}
+        self._head_names: dict[str, tuple[int, int]] = {}
         self._handles: list = []
         self._resid_pre: dict[int, torch.Tensor] = {}
         self._saved_attn_impl = None
@@ -163,7 +167,7 @@ class Trace:
         return new
 
     def _store(self, name, t):
-        self.values[name] = t.detach() if self.detach else t
+        self._values[name] = t.detach() if self.detach else t
 
     # ---------------------------------------------------------------- hook makers
     def _simple_forward_hook(self, reads, writes):
@@ -245,21 +249,23 @@ class Trace:
 
         return hook
 
-    def _attn_o_pre_hook(self, reads, writes):
+    def _attn_o_pre_hook(self, layer, reads, writes):
         n_heads = self.lm.n_heads
-        read_items = [(s.name, s.head) for s in reads]
+        for s in reads:
+            self._head_names[s.name] = (layer, s.head)
+        has_reads = bool(reads)
         write_items = [(s.name, s.head, fn) for s, fn in writes]
-        apply, store = self._apply, self._store
+        apply, views, detach = self._apply, self._head_views, self.detach
 
         def hook(module, args, kwargs):
             x = _input_of(args, kwargs)
             if write_items:
-                x = x.clone()
-            xv = x.view(*x.shape[:-1], n_heads, x.shape[-1] // n_heads)
+                x = x.clone(memory_format=torch.contiguous_format)
+            xv = x.reshape(*x.shape[:-1], n_heads, x.shape[-1] // n_heads)  # a view
             for name, head, fn in write_items:
                 xv[..., head, :] = apply(name, fn, xv[..., head, :])
-            for name, head in read_items:
-                store(name, xv[..., head, :])
+            if has_reads:
+                views[layer] = xv.detach() if detach else xv
             if write_items:
                 return _with_input(args, kwargs, x)
             return None
@@ -305,7 +311,7 @@ class Trace:
                     )
                 elif kind == "attn_o":
                     h = ad.block_module(key[1], "attn_o").register_forward_pre_hook(
-                        self._attn_o_pre_hook(reads, writes), with_kwargs=True
+                        self._attn_o_pre_hook(key[1], reads, writes), with_kwargs=True
                     )
                 else:  # pragma: no cover
                     raise AssertionError(kind)
@@ -329,24 +335,44 @@ class Trace:
         return False
 
     # ---------------------------------------------------------------- dict access
+    def _lookup(self, site):
+        hit = self._values.get(site)
+        if hit is not None:
+            return hit
+        where = self._head_names.get(site)
+        if where is not None:
+            view = self._head_views.get(where[0])
+            if view is not None:
+                return view[..., where[1], :]
+        return None
+
     def __getitem__(self, site: str) -> torch.Tensor:
-        try:
-            return self.values[site]
-        except KeyError:
-            if site in self.read_names:
-                raise KeyError(
-                    f"site {site!r} was not reached: run the model inside the trace "
-                    "(run_from_layer does not reach sites before its start layer)"
-                ) from None
+        hit = self._lookup(site)
+        if hit is not None:
+            return hit
+        if site in self.read_names:
             raise KeyError(
-                f"site {site!r} was not requested; read={self.read_names}"
-            ) from None
+                f"site {site!r} was not reached: run the model inside the trace "
+                "(run_from_layer does not reach sites before its start layer)"
+            )
+        raise KeyError(f"site {site!r} was not requested; read={self.read_names}")
+
+    @property
+    def values(self) -> dict[str, torch.Tensor]:
+        """Every read value reached so far, in ``read`` order."""
+        out = {}
+        for name in self.read_names:
+            hit = self._lookup(name)
+            if hit is not None:
+                out[name] = hit
+        return out
 
     def __contains__(self, site) -> bool:
-        return site in self.values
+        return self._lookup(site) is not None
 
     def get(self, site, default=None):
-        return self.values.get(site, default)
+        hit = self._lookup(site)
+        return default if hit is None else hit
 
     def keys(self):
         return self.values.keys()

@@ -94,13 +94,27 @@ def _snapshot_revision(folder: str) -> str | None:
     return p.name if p.parent.name == "snapshots" else None
 
 
+def _hf_cache_dir() -> str | None:
+    """The HF hub cache named by the environment *now* (huggingface_hub reads it at
+    import); None -> the library default."""
+    env = os.environ
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(key):
+            return str(Path(env[key]).expanduser())
+    if env.get("HF_HOME"):
+        return str(Path(env["HF_HOME"]).expanduser() / "hub")
+    return None
+
+
 def _resolve_hub(spec: str, revision: str | None, trust_remote_code: bool):
     from huggingface_hub import snapshot_download
 
     tried = [f"local folder {spec!r} (does not exist)"]
     rev_txt = f" at revision {revision!r}" if revision else ""
+    cache_dir = _hf_cache_dir()
     try:
-        folder = snapshot_download(spec, revision=revision, local_files_only=True)
+        folder = snapshot_download(spec, revision=revision, local_files_only=True,
+                                   cache_dir=cache_dir)
         if (Path(folder) / "config.json").is_file():
             return Path(folder), "cache", _snapshot_revision(folder) or revision
         tried.append(f"HF cache{rev_txt} (snapshot without config.json)")
@@ -114,9 +128,10 @@ def _resolve_hub(spec: str, revision: str | None, trust_remote_code: bool):
     if trust_remote_code:
         patterns.append("*.py")
     try:
-        folder = snapshot_download(spec, revision=revision, token=token, allow_patterns=patterns)
+        folder = snapshot_download(spec, revision=revision, token=token, cache_dir=cache_dir,
+                                   allow_patterns=patterns)
         if not _weight_files(Path(folder)):
-            folder = snapshot_download(spec, revision=revision, token=token,
+            folder = snapshot_download(spec, revision=revision, token=token, cache_dir=cache_dir,
                                        allow_patterns=patterns + ["*.bin"])
     except Exception as exc:
         name = type(exc).__name__
