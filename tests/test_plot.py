@@ -302,6 +302,37 @@ def write_activations(path: Path, run: Run | None, n_layers: int = 3, rows: int 
         fh.close()
 
 
+def cunit_metrics_table(f1: float = 0.8, rounds: int = 4) -> pd.DataFrame:
+    rows = [dict(metric=m, value=v, group="structure", regime=None, step=None, n=None)
+            for m, v in (("f1", f1), ("precision", f1 + 0.1), ("tpr", f1 - 0.1),
+                         ("fdr", 1 - f1 - 0.1), ("shd", 3.0), ("n_edges_true", 12.0))]
+    rows += [dict(metric="cf_corr", value=0.9, group="counterfactual", regime=None, step=None,
+                  n=100)]
+    rows += [dict(metric="int_nll", value=1.2 + 0.1 * i, group="likelihood", regime=r,
+                  step=None, n=50) for i, r in enumerate(("all", "do(x0,x2)", "do(x1,x3)"))]
+    rows += [dict(metric="seconds", value=3.0, group="training", regime=None, step=None,
+                  n=None)]
+    for r in range(rounds):
+        for m, v in (("h", 0.2 / (r + 1)), ("train_nll", 2.0 - 0.2 * r), ("val_nll", 2.1 - 0.2 * r),
+                     ("temperature", 0.6 ** r), ("rho", 10.0 ** r), ("edges", 30.0 - 3 * r)):
+            rows.append(dict(metric=m, value=v, group="history", regime=None, step=r, n=None))
+    df = pd.DataFrame(rows)
+    df["step"] = df["step"].astype("Int64")
+    df["n"] = df["n"].astype("Int64")
+    return df
+
+
+def variables_table(n: int = 60) -> pd.DataFrame:
+    rng = np.random.default_rng(4)
+    x0 = rng.normal(size=n)
+    x1 = 0.8 * x0 + 0.3 * rng.normal(size=n)
+    x2 = -0.5 * x1 + 0.5 * rng.normal(size=n)
+    target = np.where(np.arange(n) < 40, "", "x1")
+    x1[40:] = 2.0 + 0.2 * rng.normal(size=n - 40)
+    return pd.DataFrame({"x0": x0, "x1": x1, "x2": x2, "target": target,
+                         "regime": np.where(target == "", "obs", "do(x1)"), "split": "train"})
+
+
 def dag_obj() -> dict:
     return {
         "nodes": ["format", "completion", "difficulty", "length", "attention"],
@@ -319,6 +350,14 @@ def dag_obj() -> dict:
 
 
 # ------------------------------------------------------------------ a run directory
+
+
+def learned_dag() -> dict:
+    obj = dag_obj()
+    obj["edges"] = [e for e in obj["edges"] if e["source"] != "length"]
+    obj["edges"].append({"source": "completion", "target": "attention", "weight": 0.2})
+    obj.pop("latent")
+    return obj
 
 
 def synthetic() -> list[tuple[str, str, str, object, str | None]]:
@@ -352,6 +391,10 @@ def synthetic() -> list[tuple[str, str, str, object, str | None]]:
         ("psm.json", "psm_summary", "psm", psm["summary"], "toy"),
         ("psm_gpt2.json", "psm_summary", "psm", other, "gpt2-small"),
         ("dag.json", "dag", "psm", dag_obj(), None),
+        ("dag_learned.json", "dag", "train-cunit", learned_dag(), None),
+        ("fit_a.parquet", "cunit_metrics", "train-cunit", cunit_metrics_table(), None),
+        ("fit_b.parquet", "cunit_metrics", "train-cunit", cunit_metrics_table(0.6, 3), None),
+        ("variables.parquet", "variables", "train-cunit", variables_table(), None),
         ("lens_toy.parquet", "lens", "lens", lens_table(), "toy"),
         ("lens_gpt2.parquet", "lens", "lens", lens_table(6), "gpt2-small"),
         ("dla_toy.parquet", "attributions", "dla", dla_table(), "toy"),
@@ -545,10 +588,17 @@ def test_cli_draws_files_in_every_format(run_files, tmp_path):
 
 @needs("dag")
 def test_dag_subcommand(run_files, tmp_path):
-    target = tmp_path / "dag.png"
-    r = dolm_plot("dag", run_files["dag"], "-o", target)
-    assert r.returncode == 0, r.stderr
-    assert_drawn(target.read_bytes(), style.pixels("single"), "dag")
+    import os
+
+    images = []
+    for seed in ("1", "2"):  # same picture whatever the hash seed
+        target = tmp_path / f"dag{seed}.png"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        r = dolm_plot("dag", run_files["dag"], "-o", target, env=env)
+        assert r.returncode == 0, r.stderr
+        images.append(target.read_bytes())
+    assert_drawn(images[0], style.pixels("single"), "dag")
+    assert images[0] == images[1]
     r = dolm_plot("dag", run_files["trace_toy"], "-o", tmp_path / "x.png")
     assert r.returncode == 3 and "expected a 'dag' file" in r.stderr
 

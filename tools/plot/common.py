@@ -9,11 +9,11 @@ import numpy as np
 from dolm_tools.plot import style
 
 
-def title(fig: Any, what: str, models: str | Sequence[str]) -> None:
-    """Figure title: what is shown, and on which model(s)."""
+def title(fig: Any, what: str, models: str | Sequence[str], key: str = "model") -> None:
+    """Figure title: what is shown, and on which model(s) (``key="files"`` names files)."""
     if not isinstance(models, str):
         models = ", ".join(dict.fromkeys(models))
-    fig.suptitle(f"{what}\nmodel: {style.short(models, 90)}")
+    fig.suptitle(f"{what}\n{key}: {style.short(models, 90)}")
 
 
 def n_prompts(df: Any) -> int:

@@ -249,7 +249,7 @@ def label_sources(sources: list[Source]) -> None:
         src.stem = base if n == 0 else f"{base}_{n + 1}"
 def unique_labels(srcs: list[Source]) -> list[str]:
     """Model labels for files drawn together, with the file stem added where two coincide."""
-    labels = [s.model_label for s in srcs]
+    labels = [s.model_label if s.model else s.stem for s in srcs]
     return [lab if labels.count(lab) == 1 else f"{lab} ({s.stem})"
             for s, lab in zip(srcs, labels, strict=True)]
 
