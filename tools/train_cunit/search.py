@@ -1,0 +1,133 @@
+"""Discrete polish of a learned DAG under the interventional Gaussian likelihood.
+
+For linear mechanisms the engine's per-node likelihood has a closed form: node j's
+conditional is the least-squares regression of z_j on its parents over the rows where
+j is not intervened on (DCDI's masking). Starting from the graph the continuous
+optimiser found, a greedy search adds, deletes and reverses single edges while the
+penalised score (NLL + ``penalty`` per edge, BIC by default) improves and the graph
+stays acyclic. It repairs the few edges that the augmented Lagrangian fixes in the
+wrong direction early on."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class NodeScorer:
+    """Gaussian NLL of each node given a parent set, from per-node Gram matrices."""
+
+    def __init__(self, Z: np.ndarray, target_mask: np.ndarray):
+        n, d = Z.shape
+        self.d = d
+        Zc = np.concatenate([Z, np.ones((n, 1))], axis=1)  # last column: intercept
+        total = Zc.T @ Zc
+        self.gram = []
+        self.count = []
+        for j in range(d):
+            rows = target_mask[:, j]
+            Zr = Zc[rows]
+            self.gram.append(total - Zr.T @ Zr)  # rows where j is not intervened on
+            self.count.append(int(n - rows.sum()))
+        self.cache: dict[tuple[int, tuple[int, ...]], float] = {}
+
+    def score(self, j: int, parents) -> float:
+        key = (j, tuple(sorted(int(p) for p in parents)))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        G = self.gram[j]
+        idx = list(key[1]) + [self.d]
+        m = self.count[j]
+        if m < 2:
+            return 0.0
+        Gpp = G[np.ix_(idx, idx)]
+        Gpj = G[idx, j]
+        try:
+            beta = np.linalg.solve(Gpp + 1e-9 * np.eye(len(idx)), Gpj)
+        except np.linalg.LinAlgError:
+            beta = np.linalg.lstsq(Gpp, Gpj, rcond=None)[0]
+        rss = max(G[j, j] - Gpj @ beta, 1e-12 * m)
+        nll = 0.5 * m * (math.log(2 * math.pi * rss / m) + 1.0)
+        self.cache[key] = nll
+        return nll
+
+
+def _reach(B: np.ndarray) -> np.ndarray:
+    """reach[i, j]: a directed path of length >= 1 from i to j."""
+    R = B.astype(bool)
+    while True:
+        R2 = R | ((R.astype(np.int64) @ R.astype(np.int64)) > 0)
+        if (R2 == R).all():
+            return R
+        R = R2
+
+
+def greedy_polish(
+    Z: np.ndarray,
+    target_mask: np.ndarray,
+    B: np.ndarray,
+    penalty: float | None = None,
+    max_moves: int = 1000,
+) -> np.ndarray:
+    """Hill-climb from ``B`` (0/1 DAG) on NLL + penalty * |edges|; returns the DAG.
+
+    ``toggle[i, j]`` is the score gain of adding i -> j (if absent) or deleting it (if
+    present), penalty included; a reversal i -> j => j -> i gains
+    ``toggle[i, j] + toggle[j, i]``. Only the columns whose parent set changed are
+    re-scored after a move."""
+    n, d = Z.shape
+    penalty = 0.5 * math.log(n) if penalty is None else penalty
+    scorer = NodeScorer(Z, target_mask)
+    B = (np.asarray(B) != 0).astype(np.int64).copy()
+    parents = [set(np.flatnonzero(B[:, j]).tolist()) for j in range(d)]
+    cur = np.array([scorer.score(j, parents[j]) for j in range(d)])
+    toggle = np.full((d, d), -np.inf)
+
+    def rescore(j):
+        for i in range(d):
+            if i == j:
+                continue
+            if B[i, j]:
+                toggle[i, j] = cur[j] - scorer.score(j, parents[j] - {i}) + penalty
+            else:
+                toggle[i, j] = cur[j] - scorer.score(j, parents[j] | {i}) - penalty
+
+    for j in range(d):
+        rescore(j)
+    for _ in range(max_moves):
+        R = _reach(B)
+        edge = B.astype(bool)
+        # add i -> j: absent both ways, and j does not reach i
+        add_ok = ~edge & ~edge.T & ~R.T
+        np.fill_diagonal(add_ok, False)
+        # reverse i -> j: no other path i ~> j (through a child c != j of i)
+        other = (B.astype(np.int64) @ (R | np.eye(d, dtype=bool)).astype(np.int64)) - edge
+        rev_ok = edge & (other <= 0)
+        gains = np.where(edge | add_ok, toggle, -np.inf)
+        rev_gain = np.where(rev_ok, toggle + toggle.T, -np.inf)
+        k1, k2 = int(np.argmax(gains)), int(np.argmax(rev_gain))
+        g1, g2 = gains.flat[k1], rev_gain.flat[k2]
+        if max(g1, g2) <= 1e-9:
+            break
+        if g2 > g1:
+            i, j = divmod(k2, d)
+            B[i, j], B[j, i] = 0, 1
+            parents[j].discard(i)
+            parents[i].add(j)
+            for node in (i, j):
+                cur[node] = scorer.score(node, parents[node])
+            rescore(i)
+            rescore(j)
+        else:
+            i, j = divmod(k1, d)
+            if B[i, j]:
+                B[i, j] = 0
+                parents[j].discard(i)
+            else:
+                B[i, j] = 1
+                parents[j].add(i)
+            cur[j] = scorer.score(j, parents[j])
+            rescore(j)
+    return B
