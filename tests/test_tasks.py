@@ -275,8 +275,24 @@ def _solve(task, inp):
         return items[-1]
 
 
+def _check_direct_line(task, line):
+    """A solved direct-format line "Instruction: input. Answer: a" is right."""
+    head, ans = line.rsplit(" Answer:", 1)
+    instr, inp = head.split(": ", 1)
+    inp = inp[:-1]  # the final period
+    if task == "count":
+        assert ans == " " + str(inp.split().count(instr.split()[2])), line
+    else:
+        assert ans == " " + _solve(task, inp), line
+
+
 def test_formats_answers_correct_and_single_tokens():
     ex = FAMILIES["formats"].generate(n=150)
+    for r in ex[ex["format"] == "fewshot"].itertuples():
+        lines = r.text.split("\n")
+        assert len(lines) == 3
+        for line in lines:
+            _check_direct_line(r.task_type, line)
     assert set(ex["task_type"]) >= {"count", "max", "add", "parity", "last"}
     assert set(ex["difficulty"]) == {1, 2, 3}
     for _, r in ex.iterrows():

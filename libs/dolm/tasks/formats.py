@@ -8,8 +8,9 @@ Task types (all answers are one short token: a digit, a letter, " even"/" odd"):
 - ``parity``: whether a 2/3/4-digit number is even or odd;
 - ``last``: the last letter of a list (length 3/5/7).
 
-Formats: ``direct`` ("Count the a in: a b a c. Answer:"), ``polite`` ("Could you please
-count the a in: a b a c? Answer:"), ``fewshot`` (``shots`` solved direct examples of the
+Formats: ``direct`` ("Count the a in: a b a c. Answer:"), ``polite`` ("Here is a list:
+a b a c. Could you please count the a in it? Answer:" — input first, request after),
+``fewshot`` (``shots`` solved direct examples of the
 same task and difficulty, then the query in the direct format).
 
 A unit is one task instance. Designs:
@@ -41,30 +42,35 @@ EVAL_FRACTION = 0.25
 _LETTERS = "abcdefghjkmnpqrstuvwxyz"
 
 
-def _instance(task: str, difficulty: int, rng: np.random.Generator) -> tuple[str, str, str]:
-    """(instruction, input, answer) of one random instance."""
+def _instance(task: str, difficulty: int, rng: np.random.Generator) -> tuple[str, str, str, str]:
+    """(instruction, polite request, input, answer) of one random instance."""
     d = difficulty
     if task == "count":
         length = 2 + 2 * d
         letters = rng.choice(list("abcd"), size=length)
         q = str(rng.choice(list("abcd")))
-        return f"count the {q} in", " ".join(letters), " " + str(int((letters == q).sum()))
+        return (f"count the {q} in", f"Here is a list: {{}}. Could you please count the {q} "
+                "in it?", " ".join(letters), " " + str(int((letters == q).sum())))
     if task == "max":
         digits = rng.integers(0, 10, size=1 + 2 * d)
-        return "find the largest in", " ".join(map(str, digits)), " " + str(int(digits.max()))
+        return ("find the largest in", "Here is a list: {}. Could you please find the largest "
+                "in it?", " ".join(map(str, digits)), " " + str(int(digits.max())))
     if task == "add":
         k = 1 + d
         while True:
             digits = rng.integers(0, 10, size=k)
             if digits.sum() <= 9:
                 break
-        return "add", " ".join(map(str, digits)), " " + str(int(digits.sum()))
+        return ("add", "Here are numbers: {}. Could you please add them?",
+                " ".join(map(str, digits)), " " + str(int(digits.sum())))
     if task == "parity":
         num = int(rng.integers(10 ** d, 10 ** (d + 1)))
-        return "say if even or odd", str(num), " even" if num % 2 == 0 else " odd"
+        return ("say if even or odd", "Here is a number: {}. Could you please say if it is "
+                "even or odd?", str(num), " even" if num % 2 == 0 else " odd")
     if task == "last":
         letters = rng.choice(list(_LETTERS), size=1 + 2 * d)
-        return "give the last letter of", " ".join(letters), " " + str(letters[-1])
+        return ("give the last letter of", "Here is a list: {}. Could you please give the last "
+                "letter of it?", " ".join(letters), " " + str(letters[-1]))
     raise ValueError(task)
 
 
@@ -72,16 +78,24 @@ def _direct(instr: str, inp: str) -> str:
     return f"{instr[0].upper()}{instr[1:]}: {inp}. Answer:"
 
 
-def render(fmt: str, instr: str, inp: str, examples: list[tuple[str, str]]) -> tuple[str, dict]:
-    """Prompt text and spans (``input``; ``examples`` for few-shot)."""
+def render(fmt: str, instr: str, inp: str, examples: list[tuple[str, str, str]],
+           polite: str | None = None) -> tuple[str, dict]:
+    """Prompt text and spans (``input``; ``examples`` for few-shot).
+
+    ``polite`` is the polite request with ``{}`` where the input goes (the input comes
+    first, then the request: a different layout from the direct command)."""
     if fmt == "direct":
         p = _direct(instr, inp)
         pre = ""
     elif fmt == "polite":
-        p = f"Could you please {instr}: {inp}? Answer:"
-        pre = ""
+        if polite is None:
+            polite = f"Could you please {instr}: {{}}?"
+        p = polite.format(inp) + " Answer:"
+        start = polite.index("{}")
+        return p, {"input": [start, start + len(inp)]}
     elif fmt == "fewshot":
-        pre = "".join(_direct(instr, ei) + ea + "\n" for ei, ea in examples)
+        # each example with its own instruction (count examples may ask another letter)
+        pre = "".join(_direct(e_instr, ei) + ea + "\n" for e_instr, ei, ea in examples)
         p = pre + _direct(instr, inp)
     else:
         raise ValueError(fmt)
@@ -95,10 +109,10 @@ def render(fmt: str, instr: str, inp: str, examples: list[tuple[str, str]]) -> t
 def _draw(task, difficulty, rng, split):
     """An instance from the split's pool (eval: hash-reserved instances; train: the rest)."""
     for _ in range(10_000):
-        instr, inp, ans = _instance(task, difficulty, rng)
+        instr, polite, inp, ans = _instance(task, difficulty, rng)
         is_eval = reserved(f"formats|{task}|{inp}", EVAL_FRACTION)
         if is_eval == (split == "eval"):
-            return instr, inp, ans
+            return instr, polite, inp, ans
     raise RuntimeError(f"no {split} instance for {task}/{difficulty}")
 
 
@@ -120,15 +134,15 @@ def _generate(split, seed, tokenizer, n, design, confounding, task_types, diffic
     units = []
     for i in range(n):
         task, diff = cells[order[i]]
-        instr, inp, ans = _draw(task, diff, rng, split)
+        instr, polite, inp, ans = _draw(task, diff, rng, split)
         # few-shot examples always come from the training pool (solved examples)
         examples = []
         for _ in range(shots):
-            _, ei, ea = _draw(task, diff, rng, "train")
-            examples.append((ei, ea))
+            e_instr, _, ei, ea = _draw(task, diff, rng, "train")
+            examples.append((e_instr, ei, ea))
         units.append(dict(unit_id=f"formats-{split}-u{i:05d}", task_type=task, difficulty=diff,
-                          instruction=instr, input=inp, answer=ans, examples=examples,
-                          input_length=simple_token_count(inp)))
+                          instruction=instr, polite=polite, input=inp, answer=ans,
+                          examples=examples, input_length=simple_token_count(inp)))
 
     # assignment (observational / train) uses its own stream, so units do not depend on it
     arng = rng_for(seed, "formats", split, "assign", design)
@@ -154,7 +168,8 @@ def _generate(split, seed, tokenizer, n, design, confounding, task_types, diffic
         else:
             fmts = [FORMATS[int(arng.choice(3, p=ps[i]))]]
         for fmt in fmts:
-            prompt, spans = render(fmt, u["instruction"], u["input"], u["examples"])
+            prompt, spans = render(fmt, u["instruction"], u["input"], u["examples"],
+                                   u["polite"])
             row = {
                 "prompt_id": f"{u['unit_id']}-{fmt}",
                 "family": "formats",
