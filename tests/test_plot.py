@@ -333,6 +333,29 @@ def variables_table(n: int = 60) -> pd.DataFrame:
                          "regime": np.where(target == "", "obs", "do(x1)"), "split": "train"})
 
 
+def mediation_tables(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    meds = [f"attn_to.draws.L{layer}.H{h}" for layer in range(2) for h in range(2)]
+    rows, sens, per = [], [], []
+    for i, m in enumerate(meds):
+        acme = 0.3 - 0.15 * i + 0.02 * rng.normal()
+        ade = 0.1 + 0.02 * rng.normal()
+        for effect, est in (("acme_average", acme), ("ade_average", ade), ("total", acme + ade),
+                            ("prop_mediated_average", acme / (acme + ade))):
+            rows.append(dict(method="statistical", mediator=m, effect=effect, estimate=est,
+                             ci_low=est - 0.08, ci_high=est + 0.08, se=0.04, p_value=0.01,
+                             q_value=0.02, significant=abs(acme) > 0.1))
+        for rho in np.round(np.linspace(-0.9, 0.9, 19), 2):
+            sens.append(dict(mediator=m, rho=float(rho), acme=float(acme - 0.5 * rho)))
+        per.append(dict(mediator=m, acme_average=acme, ci_low=acme - 0.08,
+                        ci_high=acme + 0.08, significant=abs(acme) > 0.1,
+                        rho_at_zero=acme / 0.5))
+    summary = {"n_units": 100, "n_mediators": len(meds), "mediators": per,
+               "top": [p["mediator"] for p in per]}
+    return {"effects": pd.DataFrame(rows), "sensitivity": pd.DataFrame(sens),
+            "summary": summary}
+
+
 def dag_obj() -> dict:
     return {
         "nodes": ["format", "completion", "difficulty", "length", "attention"],
@@ -370,6 +393,8 @@ def synthetic() -> list[tuple[str, str, str, object, str | None]]:
     for e in other["contrasts"][0]["effects"]:
         for k in ("estimate", "ci_low", "ci_high"):
             e[k] += 0.2
+    med = mediation_tables()
+    med2 = mediation_tables(1)
     return [
         ("trace_toy.parquet", "effects", "patch", effects_trace(), "toy"),
         ("trace_gpt2.parquet", "effects", "patch", gpt2[gpt2["metric"] == "logit_diff"],
@@ -395,6 +420,11 @@ def synthetic() -> list[tuple[str, str, str, object, str | None]]:
         ("fit_a.parquet", "cunit_metrics", "train-cunit", cunit_metrics_table(), None),
         ("fit_b.parquet", "cunit_metrics", "train-cunit", cunit_metrics_table(0.6, 3), None),
         ("variables.parquet", "variables", "train-cunit", variables_table(), None),
+        ("mediation.parquet", "mediation", "mediate", med["effects"], "toy"),
+        ("mediation.sensitivity.parquet", "mediation_sensitivity", "mediate",
+         med["sensitivity"], "toy"),
+        ("mediation.json", "mediation_summary", "mediate", med["summary"], "toy"),
+        ("mediation_gpt2.json", "mediation_summary", "mediate", med2["summary"], "gpt2-small"),
         ("lens_toy.parquet", "lens", "lens", lens_table(), "toy"),
         ("lens_gpt2.parquet", "lens", "lens", lens_table(6), "gpt2-small"),
         ("dla_toy.parquet", "attributions", "dla", dla_table(), "toy"),

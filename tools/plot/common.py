@@ -147,3 +147,9 @@ def integer_axis(ax: Any, which: str = "x") -> None:
     from matplotlib.ticker import MaxNLocator
 
     (ax.xaxis if which == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+
+
+def how_many(srcs: Sequence[Any]) -> str:
+    """``"3 models"`` when the files come from different models, else ``"3 files"``."""
+    models = {s.model_label for s in srcs if s.model}
+    return f"{len(srcs)} models" if len(models) == len(srcs) else f"{len(srcs)} files"

@@ -105,6 +105,10 @@ def _n_panels(select):
 # ------------------------------------------------------------------ causal trace
 
 
+def position_label(xs: list) -> str:
+    return "token position (from the end)" if xs and max(xs) < 0 else "token position"
+
+
 def trace_grid(d: Any) -> tuple[Any, list, list]:
     agg = C.mean_sem(d, ["layer", "position"])
     grid = C.pivot(agg, "layer", "position")
@@ -125,7 +129,7 @@ def draw_trace(fig: Any, src: Any, metric: str) -> None:
         grid, xs, ys = grids[name]
         im = C.heatmap(ax, grid, xs, ys, cmap, norm, annotate=False)
         ax.set_title(name)
-        ax.set_xlabel("token position")
+        ax.set_xlabel(position_label(xs))
         ax.set_ylabel("layer")
     fig.colorbar(im, ax=axes, label=f"mean {metric} ({C.n_prompts(d)} prompts)", shrink=0.9)
     tools = ", ".join(sorted(set(d["tool"].astype(str))))
@@ -317,7 +321,7 @@ def compare_layers(fig: Any, srcs: list, metric: str) -> None:
     ax.set_xlabel("relative depth (layer / last layer)" if rel else "layer")
     ax.set_ylabel(f"mean {metric} ({panel})")
     ax.legend(loc="best", frameon=False)
-    C.title(fig, f"Effect by layer, {len(srcs)} models: {metric}", labels)
+    C.title(fig, f"Effect by layer, {C.how_many(srcs)}: {metric}", labels)
 
 
 @compare("effects", "trace", "causal traces of several models side by side",
@@ -336,7 +340,7 @@ def compare_trace(fig: Any, srcs: list, metric: str) -> None:
     for ax, label, ((grid, xs, ys), panel) in zip(axes, labels, grids, strict=True):
         im = C.heatmap(ax, grid, xs, ys, cmap, norm, annotate=False)
         ax.set_title(f"{label} ({panel})")
-        ax.set_xlabel("token position")
+        ax.set_xlabel(position_label(xs))
         ax.set_ylabel("layer")
     fig.colorbar(im, ax=axes, label=f"mean {metric}", shrink=0.9)
     C.title(fig, f"Causal traces side by side: {metric}", labels)
@@ -392,4 +396,4 @@ def compare_summary(fig: Any, srcs: list, metric: str) -> None:
     else:
         C.no_data(ax2, "no attn_out / mlp_out sites in these files")
     ax2.set_title("attention vs MLP")
-    C.title(fig, f"Multi-model comparison: {metric}", labels)
+    C.title(fig, f"Comparison of {C.how_many(srcs)}: {metric}", labels)

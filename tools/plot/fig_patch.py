@@ -86,4 +86,4 @@ def compare_peaks(fig: Any, srcs: list, _v: Any) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("layer of the peak cell (per prompt)")
     ax.set_title(f"grid: {srcs[0].data['grid'].astype(str).iloc[0]}")
-    C.title(fig, "Peak layers across models", labels)
+    C.title(fig, f"Peak layers, {C.how_many(srcs)}", labels)

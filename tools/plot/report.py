@@ -249,6 +249,9 @@ def build_html(run_dir: Path, entries: list[Entry], across: list[tuple[Plot, byt
     nav = "".join(
         f'<li><a href="#{anchor(e.path, run_dir)}">{esc(e.path.relative_to(run_dir))}</a> '
         f"— {esc(e.meta.schema)}, {len(e.figures)} figure(s)</li>" for e in entries)
+    if across:
+        nav = (f'<li><a href="#across">Across files</a> — {len(across)} figure(s) comparing '
+               "models or joining tables</li>") + nav
     body = [f"<h1>dolm report: {esc(run_dir.name or run_dir)}</h1>",
             f'<p class="muted">{len(entries)} files, {n_fig} figures; drawn by dolm-plot '
             f"{esc(__version__)} from <code>{esc(run_dir)}</code></p>",
