@@ -1,0 +1,311 @@
+"""dolm-collect-acts, the run: read and check inputs, then score batches into durable files.
+
+Outputs are written through partial files (see :mod:`dolm_tools.collect_acts.store`): the
+outcomes journal ``<output>.partial`` and the activations file ``<acts>.partial``. Both
+are renamed/converted into their final names only once every prompt is done, so a killed
+run never leaves a finished-looking file, and ``--resume`` continues from the last
+committed batch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from dolm.errors import InputError
+from dolm_tools.collect_acts import positions as pos
+from dolm_tools.collect_acts.engine import (
+    Scorer,
+    Settings,
+    find_extractor,
+    plan_items,
+)
+from dolm_tools.collect_acts.store import ActsWriter, Journal
+
+ACT_DTYPES = ("float32", "float16")
+COMPRESSIONS = ("gzip", "lzf", "none")
+MODEL_KEYS = ("spec", "revision", "architecture", "weights_sha256", "dtype")
+BUFFER_BYTES = 64 << 20  # activations held in memory between commits, at most (about)
+
+
+def commit_seconds() -> float:
+    """Seconds between durable commits (env ``DOLM_COMMIT_SECONDS``, default 2)."""
+    try:
+        return max(0.0, float(os.environ.get("DOLM_COMMIT_SECONDS", "2")))
+    except ValueError:
+        return 2.0
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """``"2/4"`` -> (2, 4); None when not sharding."""
+    if value is None:
+        return None
+    try:
+        k_s, n_s = str(value).split("/")
+        k, n = int(k_s), int(n_s)
+    except ValueError:
+        raise InputError(f"--shard: expected K/N (e.g. 2/4), found {value!r}") from None
+    if n < 1 or not 1 <= k <= n:
+        raise InputError(f"--shard: expected K/N with 1 <= K <= N, found {value!r}")
+    return k, n
+
+
+def shard_range(k: int, n: int, total: int) -> tuple[int, int]:
+    """Contiguous block of rows ``[start, stop)`` for shard ``k`` of ``n`` (1-based)."""
+    return (k - 1) * total // n, k * total // n
+
+
+def split_patterns(values: Any) -> list[str]:
+    out: list[str] = []
+    for v in values or ():
+        out += [p.strip() for p in str(v).split(",") if p.strip()]
+    return out
+
+
+def model_fingerprint(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: info.get(k) for k in MODEL_KEYS if k in info}
+
+
+def widths(lm: Any, sites: list[str]) -> dict[str, int]:
+    out = {}
+    for s in sites:
+        kind = s.split(".")[0]
+        if kind == "head":
+            out[s] = int(lm.d_head)
+        elif kind == "logits":
+            out[s] = int(lm.d_vocab)
+        else:
+            out[s] = int(lm.d_model)
+    return out
+
+
+def relpath(target: str, start_file: str) -> str:
+    """``target`` relative to the folder of ``start_file`` (how shards find their acts)."""
+    try:
+        return os.path.relpath(
+            os.path.abspath(target), os.path.dirname(os.path.abspath(start_file))
+        )
+    except ValueError:  # pragma: no cover - another drive on Windows
+        return os.path.abspath(target)
+
+
+def run_collect(
+    run: Any,
+    *,
+    prompts: str,
+    model_opts: Any,
+    output: str,
+    force: bool,
+    acts: str | None,
+    sites: tuple[str, ...],
+    positions: tuple[str, ...],
+    act_dtype: str,
+    compression: str,
+    attention_to: tuple[str, ...],
+    generate: int,
+    resume: bool,
+    shard: str | None,
+) -> None:
+    from dolm.cli import load_model, log, progress
+    from dolm.formats import finish_h5, open_h5_for_write, partial_path, read_table, write_table
+
+    # ---- options that need no file or model
+    site_patterns = split_patterns(sites)
+    if acts and not site_patterns:
+        raise InputError("--acts: needs --sites (e.g. --sites 'resid_post.*')")
+    if site_patterns and not acts:
+        raise InputError("--sites: needs --acts FILE (the activations HDF5 to write)")
+    if positions and not acts:
+        raise InputError("--positions: only used with --acts/--sites")
+    if acts and output != "-" and os.path.abspath(acts) == os.path.abspath(output):
+        raise InputError(f"--acts {acts}: must differ from --output")
+    if resume and output == "-":
+        raise InputError("--resume: needs a file for --output (not '-')")
+    if generate < 0:
+        raise InputError(f"--generate: expected a number of tokens >= 0, found {generate}")
+    spans = split_patterns(attention_to)
+    for s in spans:
+        if s in pos.BUILTIN:
+            raise InputError(f"--attention-to {s}: expected a span name from the prompts' spans")
+    specs = pos.parse_specs(list(positions) or None)
+    shard_kn = parse_shard(shard)
+
+    # ---- inputs
+    df, meta = read_table(prompts, schema="prompts", run=run)
+    prompts_sha = run.inputs[-1].get("sha256") if run.inputs else None
+    n_total = len(df)
+    lo, hi = (0, n_total) if shard_kn is None else shard_range(*shard_kn, n_total)
+    sub = df.iloc[lo:hi].reset_index(drop=True)
+    del df
+
+    lm = load_model(model_opts, run=run)
+    site_names = lm.expand_sites(site_patterns) if site_patterns else []
+    for s in site_names:
+        if s.split(".")[0] == "attn":
+            raise InputError(
+                f"--sites: {s} is an attention pattern, not one vector per position; "
+                "use --attention-to SPAN for attention mass, or attn_out.L for the output"
+            )
+    settings = Settings(
+        sites=site_names,
+        positions=specs,
+        act_dtype=act_dtype,
+        generate=generate,
+        attention_to=spans,
+    )
+    items = plan_items(sub, lm, settings, where=prompts, first_index=lo)
+    del sub
+
+    fingerprint = {
+        "prompts_sha256": prompts_sha,
+        "n_prompts": n_total,
+        "shard": None
+        if shard_kn is None
+        else {"index": shard_kn[0], "count": shard_kn[1], "start": lo, "stop": hi},
+        "model": model_fingerprint(lm.info),
+        "options": settings.fingerprint(),
+    }
+    run.params["fingerprint"] = fingerprint
+
+    # ---- durable state: journal (+ activations partial)
+    tmp_journal = None
+    if output == "-":
+        fd, tmp_journal = tempfile.mkstemp(prefix=".dolm-collect-acts.", suffix=".partial")
+        os.close(fd)
+        journal = Journal(tmp_journal, fingerprint)
+    else:
+        journal = Journal(partial_path(output), fingerprint)
+    resumed = bool(resume) and journal.resume()
+    fh = writer = None
+    try:
+        if acts:
+            extra = dict(fingerprint, outcomes=None if output == "-" else relpath(output, acts))
+            if resumed:
+                try:
+                    fh = open_h5_for_write(
+                        acts, "activations", run, force=force, resume=True, extra=extra
+                    )
+                except InputError as exc:
+                    part = partial_path(acts)
+                    log(f"dolm-collect-acts: cannot reuse {part} ({exc}); starting over")
+                    fh = None
+            if fh is not None:
+                writer = ActsWriter(fh, widths(lm, site_names), act_dtype, compression)
+                if not writer.reopen(journal.acts_rows):
+                    log(
+                        f"dolm-collect-acts: {partial_path(acts)} does not hold the rows "
+                        f"{journal.path} records; starting over"
+                    )
+                    fh.close()
+                    fh = writer = None
+            if fh is None:
+                resumed = False
+                fh = open_h5_for_write(
+                    acts, "activations", run, force=force, resume=False, extra=extra
+                )
+                writer = ActsWriter(fh, widths(lm, site_names), act_dtype, compression)
+                writer.create()
+                writer.commit()
+        if not resumed:
+            journal.start()
+        elif journal.n_done:
+            log(f"dolm-collect-acts: resuming after {journal.n_done} of {len(items)} prompts")
+
+        _loop(lm, settings, items, journal, writer, model_opts.batch_size, progress, log)
+
+        # ---- finish: activations first, then the table; the journal goes last
+        if fh is not None:
+            finish_h5(fh, acts, "activations", run)
+            fh = None
+        table = build_table(journal.rows(), settings, lm)
+        out_extra = dict(fingerprint, acts=None if not acts else relpath(acts, output))
+        if output == "-":
+            out_extra["acts"] = os.path.abspath(acts) if acts else None
+        write_table(table, output, schema="outcomes", run=run, force=force, extra=out_extra)
+        journal.remove()
+    finally:
+        journal.close()
+        if fh is not None:
+            try:
+                fh.close()
+            except Exception:  # noqa: BLE001 - closing a broken file must not hide the error
+                pass
+        if tmp_journal is not None:
+            Path(tmp_journal).unlink(missing_ok=True)
+
+
+def _loop(lm, settings, items, journal, writer, batch_size, progress, log) -> None:
+    from dolm.models import iter_batched
+
+    scorer = Scorer(lm, settings, extractor=find_extractor if settings.generate else None)
+    on_cuda = str(getattr(scorer.device, "type", "cpu")) == "cuda"
+    bar = progress(total=len(items), initial=journal.n_done, desc="collect-acts", unit="prompt")
+
+    every = commit_seconds()
+    last = time.monotonic()
+
+    def backoff(size: int) -> None:
+        log(f"dolm-collect-acts: out of memory; batch size now {size}")
+
+    try:
+        for start, stop, (rows, coords, acts) in iter_batched(
+            len(items),
+            lambda i, j: scorer.score(items[i:j]),
+            batch_size,
+            max_batch_size=32 if on_cuda else 8,
+            start=journal.n_done,
+            on_backoff=backoff,
+        ):
+            if writer is not None:
+                writer.append(coords, acts)
+            journal.append(rows)
+            bar.update(stop - start)
+            due = time.monotonic() - last >= every
+            full = writer is not None and writer.buffered_bytes >= BUFFER_BYTES
+            if due or full or stop == len(items):
+                if writer is not None:
+                    writer.commit()
+                journal.commit(writer.rows if writer is not None else 0)
+                last = time.monotonic()
+    finally:
+        bar.close()
+
+
+def table_schema(settings: Settings, lm: Any) -> Any:
+    import pyarrow as pa
+
+    fields = [
+        ("prompt_id", pa.string()),
+        ("n_tokens", pa.int64()),
+        ("target_n_tokens", pa.int64()),
+        ("target_logprob", pa.float64()),
+        ("target_rank", pa.int64()),
+        ("correct", pa.bool_()),
+        ("choice_probs", pa.list_(pa.float64())),
+        ("choice_probs_raw", pa.list_(pa.float64())),
+        ("choice_pred", pa.int64()),
+    ]
+    if settings.generate:
+        fields += [
+            ("generation", pa.string()),
+            ("answer", pa.string()),
+            ("exact_match", pa.bool_()),
+        ]
+    for span in settings.attention_to:
+        for layer in range(lm.n_layers):
+            for h in range(lm.n_heads):
+                fields.append((f"attn_to.{span}.L{layer}.H{h}", pa.float64()))
+    return pa.schema(fields)
+
+
+def build_table(rows: Any, settings: Settings, lm: Any) -> Any:
+    import pyarrow as pa
+
+    schema = table_schema(settings, lm)
+    return pa.Table.from_pylist(list(rows), schema=schema)
+
+
+__all__ = ["ACT_DTYPES", "COMPRESSIONS", "parse_shard", "run_collect", "shard_range"]

@@ -1,0 +1,217 @@
+"""dolm-collect-acts merge: join the outputs of ``--shard K/N`` runs into one.
+
+Checks before writing anything: every shard is a finished outcomes file made with
+``--shard``; the shards are 1..N of the same N, each exactly once; they come from the
+same prompts file, model and options; each holds all the rows of its block; prompt ids
+are disjoint. Activations are copied dataset by dataset in bounded slices (never a whole
+dataset in memory).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dolm.errors import InputError
+from dolm_tools.collect_acts.store import COORDS, _first_difference
+
+COPY_BYTES = 64 << 20  # at most this much of one dataset in memory while copying
+
+
+def _step(ds: Any) -> int:
+    """Rows per copied slice: bounded in bytes, whole chunks where the dataset is chunked."""
+    import numpy as np
+
+    row_bytes = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
+    rows = max(1, COPY_BYTES // row_bytes)
+    if ds.chunks:
+        rows = max(ds.chunks[0], rows // ds.chunks[0] * ds.chunks[0])
+    return rows
+
+
+def _shard_of(path: str, extra: dict[str, Any]) -> dict[str, Any]:
+    shard = extra.get("shard")
+    if not isinstance(shard, dict):
+        raise InputError(f"{path}: not a shard (made without dolm-collect-acts --shard K/N)")
+    return shard
+
+
+def _common(extra: dict[str, Any]) -> dict[str, Any]:
+    return {k: extra.get(k) for k in ("prompts_sha256", "n_prompts", "model", "options")}
+
+
+def run_merge(
+    run: Any, *, shards: tuple[str, ...], output: str, acts: str | None, force: bool
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from dolm.cli import log
+    from dolm.formats import finish_h5, open_h5_for_write, read_h5, read_table, write_table
+
+    if not shards:
+        raise InputError("merge: expected the shards' outcomes files as arguments")
+    if acts and output != "-" and os.path.abspath(acts) == os.path.abspath(output):
+        raise InputError(f"--acts {acts}: must differ from --output")
+    loaded = []
+    for path in shards:
+        if str(path).endswith(".partial"):
+            raise InputError(f"{path}: an unfinished shard (.partial); finish it with --resume")
+        df, meta = read_table(path, schema="outcomes", run=run)
+        shard = _shard_of(path, meta.extra)
+        loaded.append((path, df, meta.extra, shard))
+
+    # ---- same N, each K once, none missing
+    counts = {s["count"] for _, _, _, s in loaded}
+    if len(counts) != 1:
+        detail = ", ".join(f"{p}: {s['index']}/{s['count']}" for p, _, _, s in loaded)
+        raise InputError(f"merge: shards split the work differently ({detail})")
+    n = counts.pop()
+    seen: dict[int, str] = {}
+    for path, _, _, s in loaded:
+        k = int(s["index"])
+        if k in seen:
+            raise InputError(f"merge: shard {k}/{n} given twice: {seen[k]} and {path}")
+        seen[k] = path
+    missing = [f"{k}/{n}" for k in range(1, n + 1) if k not in seen]
+    if missing:
+        raise InputError(f"merge: shards missing: {', '.join(missing)} (have {len(seen)} of {n})")
+
+    # ---- same prompts, model and options
+    first_path, _, first_extra, _ = loaded[0]
+    for path, _, extra, _ in loaded[1:]:
+        diff = _first_difference(_common(first_extra), _common(extra))
+        if diff is not None:
+            diff = diff.replace(" then,", f" in {first_path},").replace(" now", f" in {path}")
+            raise InputError(f"merge: shards differ in {diff}")
+
+    # ---- complete and disjoint
+    loaded.sort(key=lambda t: int(t[3]["index"]))
+    expect = 0
+    ids: set[str] = set()
+    for path, df, _, s in loaded:
+        start, stop = int(s["start"]), int(s["stop"])
+        if start != expect:
+            raise InputError(
+                f"{path}: shard {s['index']}/{n} starts at prompt {start}, expected {expect}"
+            )
+        if len(df) != stop - start:
+            raise InputError(
+                f"{path}: shard {s['index']}/{n} is incomplete: {len(df)} rows, "
+                f"expected {stop - start}"
+            )
+        dup = ids.intersection(df["prompt_id"])
+        if dup:
+            raise InputError(f"{path}: prompt ids also in another shard (e.g. {sorted(dup)[0]!r})")
+        ids.update(df["prompt_id"])
+        expect = stop
+    if expect != int(first_extra["n_prompts"]):
+        raise InputError(
+            f"merge: shards cover {expect} prompts, expected {first_extra['n_prompts']}"
+        )
+
+    common = _common(first_extra)
+    out_extra = dict(common, shard=None, merged_from=[p for p, _, _, _ in loaded], acts=None)
+
+    # ---- activations
+    shard_acts: list[str] = []
+    has_acts = [e.get("acts") for _, _, e, _ in loaded]
+    if acts:
+        for (path, _, _, s), rel in zip(loaded, has_acts, strict=True):
+            if not rel:
+                raise InputError(
+                    f"--acts: shard {path} has no activations file (made without --acts)"
+                )
+            found = (
+                rel
+                if os.path.isabs(rel)
+                else os.path.join(os.path.dirname(os.path.abspath(path)), rel)
+            )
+            found = os.path.normpath(found)
+            if not os.path.exists(found):
+                raise InputError(
+                    f"{path}: its activations file {found} is missing (shard {s['index']}/{n})"
+                )
+            shard_acts.append(found)
+    elif any(has_acts):
+        log("dolm-collect-acts merge: the shards have activations; pass --acts FILE to merge them")
+
+    # the validated files again, with pyarrow: exact column types (nullable ints stay ints)
+    table = pa.concat_tables(
+        [pq.read_table(p).replace_schema_metadata(None) for p, _, _, _ in loaded]
+    )
+    if acts:
+        handles = []
+        try:
+            for (path, _, extra, _), a in zip(loaded, shard_acts, strict=True):
+                fh, meta = read_h5(a, schema="activations", run=run)
+                handles.append(fh)
+                diff = _first_difference(_common(extra), _common(meta.extra))
+                if diff is not None or meta.extra.get("shard") != extra.get("shard"):
+                    raise InputError(f"{a}: does not belong to {path} ({diff or 'shard differs'})")
+            out_extra["acts"] = (
+                os.path.abspath(acts)
+                if output == "-"
+                else os.path.relpath(
+                    os.path.abspath(acts), os.path.dirname(os.path.abspath(output))
+                )
+            )
+            _copy_acts(
+                handles,
+                acts,
+                run,
+                force,
+                dict(common, shard=None, outcomes=None),
+                open_h5_for_write,
+                finish_h5,
+            )
+        finally:
+            for fh in handles:
+                fh.close()
+    write_table(table, output, schema="outcomes", run=run, force=force, extra=out_extra)
+
+
+def _copy_acts(handles, acts, run, force, extra, open_h5_for_write, finish_h5) -> None:
+    src0 = handles[0]
+    names = [n for n in src0.keys() if n in COORDS] + [n for n in src0.keys() if n not in COORDS]
+    for fh in handles[1:]:
+        if sorted(fh.keys()) != sorted(names):
+            raise InputError(f"{fh.filename}: holds other datasets than {src0.filename}")
+    total = sum(fh["prompt_id"].shape[0] for fh in handles)
+    out = open_h5_for_write(acts, "activations", run, force=force, extra=extra)
+    try:
+        for name in names:
+            ds0 = src0[name]
+            kw: dict[str, Any] = {}
+            if ds0.compression:
+                kw["compression"] = ds0.compression
+                if ds0.compression_opts is not None:
+                    kw["compression_opts"] = ds0.compression_opts
+                kw["shuffle"] = ds0.shuffle
+            dst = out.create_dataset(
+                name,
+                shape=(total, *ds0.shape[1:]),
+                dtype=ds0.dtype,
+                chunks=ds0.chunks,
+                maxshape=(None, *ds0.shape[1:]),
+                **kw,
+            )
+            at = 0
+            for fh in handles:
+                src = fh[name]
+                if src.dtype != ds0.dtype or src.shape[1:] != ds0.shape[1:]:
+                    raise InputError(
+                        f"{fh.filename}: dataset {name} is {src.dtype} {src.shape[1:]}, "
+                        f"expected {ds0.dtype} {ds0.shape[1:]}"
+                    )
+                step = _step(src)
+                for lo in range(0, src.shape[0], step):
+                    block = src[lo : lo + step]
+                    dst[at + lo : at + lo + len(block)] = block
+                at += src.shape[0]
+    except BaseException:
+        out.close()
+        raise
+    finish_h5(out, acts, "activations", run)
+
+
+__all__ = ["run_merge"]
