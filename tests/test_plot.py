@@ -344,14 +344,25 @@ def mediation_tables(seed: int = 0) -> dict:
                             ("prop_mediated_average", acme / (acme + ade))):
             rows.append(dict(method="statistical", mediator=m, effect=effect, estimate=est,
                              ci_low=est - 0.08, ci_high=est + 0.08, se=0.04, p_value=0.01,
-                             q_value=0.02, significant=abs(acme) > 0.1))
+                             q_value=0.02, significant=abs(acme) > 0.1, n_units=100,
+                             ci_method="quasi-bayesian"))
+        # the same mediators measured by patching a model (no average rows)
+        for effect, est in (("acme_control", acme * 0.8), ("ade_control", ade), ("total",
+                                                                                  acme + ade)):
+            rows.append(dict(method="interventional", mediator=m, effect=effect, estimate=est,
+                             ci_low=est - 0.05, ci_high=est + 0.05, se=0.03, p_value=0.02,
+                             q_value=0.03, significant=True, n_units=40,
+                             ci_method="bootstrap"))
         for rho in np.round(np.linspace(-0.9, 0.9, 19), 2):
             sens.append(dict(mediator=m, rho=float(rho), acme=float(acme - 0.5 * rho)))
         per.append(dict(mediator=m, acme_average=acme, ci_low=acme - 0.08,
-                        ci_high=acme + 0.08, significant=abs(acme) > 0.1,
-                        rho_at_zero=acme / 0.5))
-    summary = {"n_units": 100, "n_mediators": len(meds), "mediators": per,
-               "top": [p["mediator"] for p in per]}
+                        ci_high=acme + 0.08, p_value=0.01, q_value=0.02,
+                        significant=abs(acme) > 0.1, rho_at_zero=acme / 0.5))
+    summary = {"tool": "mediate", "method": "statistical", "input": "units.parquet",
+               "treatment": "cot", "outcome": "correct", "covariates": ["difficulty"],
+               "n_units": 100, "control_value": "False", "treat_value": "True", "options": {},
+               "inference": "quasi-Bayesian", "n_mediators": len(meds), "mediators": per,
+               "skipped": [], "top": [p["mediator"] for p in per]}
     return {"effects": pd.DataFrame(rows), "sensitivity": pd.DataFrame(sens),
             "summary": summary}
 
@@ -420,7 +431,7 @@ def synthetic() -> list[tuple[str, str, str, object, str | None]]:
         ("fit_a.parquet", "cunit_metrics", "train-cunit", cunit_metrics_table(), None),
         ("fit_b.parquet", "cunit_metrics", "train-cunit", cunit_metrics_table(0.6, 3), None),
         ("variables.parquet", "variables", "train-cunit", variables_table(), None),
-        ("mediation.parquet", "mediation", "mediate", med["effects"], "toy"),
+        ("mediation.effects.parquet", "mediation", "mediate", med["effects"], "toy"),
         ("mediation.sensitivity.parquet", "mediation_sensitivity", "mediate",
          med["sensitivity"], "toy"),
         ("mediation.json", "mediation_summary", "mediate", med["summary"], "toy"),

@@ -1,11 +1,9 @@
 """Figures for dolm-mediate files: the effect decomposition (ACME, ADE, total with CIs per
 mediator) and the rho sensitivity curve.
 
-Written against the planned tables (schema names to be confirmed when dolm-mediate
-lands): effects ``method, mediator, effect (acme_average, ade_average, total, ...),
-estimate, ci_low, ci_high, p_value, q_value, significant``; sensitivity ``mediator, rho,
-acme``; summary JSON ``mediators: [{mediator, acme_average, ci_low, ci_high, significant,
-rho_at_zero}]``.
+Schemas ``mediation`` (one figure per method: statistical, interventional; averages where
+given, else the effects at the control value), ``mediation_sensitivity`` and
+``mediation_summary``.
 """
 
 from __future__ import annotations
@@ -24,21 +22,38 @@ MAX_MEDIATORS = 12
 PARTS = (("acme", "ACME (indirect)", 0), ("ade", "ADE (direct)", 1), ("total", "total", 7))
 
 
-def _part(effect: str, which: str) -> bool:
-    effect = str(effect)
-    return effect == "total" if which == "total" else effect == f"{which}_average"
+def part_rows(df: Any, which: str) -> Any:
+    """Rows of one part (acme, ade, total): the average where given, else at control."""
+    eff = df["effect"].astype(str)
+    if which == "total":
+        return df[eff == "total"]
+    for suffix in ("average", "control", "treated"):
+        d = df[eff == f"{which}_{suffix}"]
+        if len(d):
+            return d
+    return df.iloc[:0]
+
+
+def methods(src: Any) -> list[str]:
+    if "method" not in src.data.columns:
+        return [None]
+    return list(dict.fromkeys(src.data["method"].astype(str)))
+
+
+def _of_method(df: Any, method: str | None) -> Any:
+    return df if method is None else df[df["method"].astype(str) == method]
 
 
 def top_mediators(df: Any, n: int = MAX_MEDIATORS) -> list[str]:
-    acme = df[df["effect"].astype(str) == "acme_average"]
+    acme = part_rows(df, "acme")
     if acme.empty:
         return list(dict.fromkeys(df["mediator"].astype(str)))[:n]
     order = acme.assign(_a=acme["estimate"].abs()).sort_values("_a", ascending=False)
     return list(dict.fromkeys(order["mediator"].astype(str)))[:n]
 
 
-def _size(src: Any, _v: Any) -> tuple[float, float]:
-    n = len(top_mediators(src.data))
+def _size(src: Any, method: str | None) -> tuple[float, float]:
+    n = len(top_mediators(_of_method(src.data, method)))
     return (8.0, max(4.0, 0.55 * n + 2.2))
 
 
@@ -51,23 +66,26 @@ def _intervals(ax: Any, y: Any, est: Any, lo: Any, hi: Any, col: str, label: str
 
 
 @figure(EFFECTS, "decomposition", "mediation decomposition: ACME, ADE and total effect per "
-        "mediator (95% CI; hollow ACME = not significant after FDR)", size=_size,
-        when=lambda s: C.has(s.data, "mediator", "effect", "estimate"))
-def draw_decomposition(fig: Any, src: Any, _v: Any) -> None:
-    df = src.data
+        "mediator (95% CI; hollow ACME = not significant after FDR), per method", size=_size,
+        when=lambda s: C.has(s.data, "mediator", "effect", "estimate"), variants=methods)
+def draw_decomposition(fig: Any, src: Any, method: str | None) -> None:
+    df = _of_method(src.data, method)
     meds = top_mediators(df)
     ax = fig.subplots()
     y0 = np.arange(len(meds))
     offsets = {"acme": -0.22, "ade": 0.0, "total": 0.22}
     for which, label, ci in PARTS:
-        d = df[df["effect"].map(lambda e, w=which: _part(e, w))].set_index("mediator")
+        d = part_rows(df, which).drop_duplicates("mediator").set_index("mediator")
+        at = str(d["effect"].iloc[0]).split("_")[-1] if len(d) and which != "total" else ""
+        if at in ("control", "treated"):
+            label = f"{label}, at {at}"
         rows = [m for m in meds if m in d.index]
         if not rows:
             continue
         sub = d.loc[rows]
         y = np.array([meds.index(m) for m in rows]) + offsets[which]
-        filled = sub["significant"].astype(bool).tolist() if which == "acme" and \
-            "significant" in sub.columns else None
+        filled = sub["significant"].fillna(False).astype(bool).tolist() if which == "acme" \
+            and "significant" in sub.columns else None
         _intervals(ax, y, sub["estimate"], sub["ci_low"], sub["ci_high"], style.colour(ci),
                    label, filled)
     ax.axvline(0, color="0.4", lw=0.8)
@@ -80,7 +98,9 @@ def draw_decomposition(fig: Any, src: Any, _v: Any) -> None:
                                 df["mediator"].nunique() > len(meds) else ""))
     ax.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12),
               ncol=3)
-    C.title(fig, "Mediation: indirect (ACME), direct (ADE) and total effects", src.model_label)
+    how = f" ({method})" if method else ""
+    C.title(fig, f"Mediation{how}: indirect (ACME), direct (ADE) and total effects",
+            src.model_label)
 
 
 def zero_crossing(rho: Any, acme: Any) -> float | None:
@@ -167,7 +187,9 @@ def _acme_forest(ax: Any, labelled: list[tuple[str, dict]]) -> None:
 def draw_acme(fig: Any, src: Any, _v: Any) -> None:
     ax = fig.subplots()
     _acme_forest(ax, [("", src.data)])
-    C.title(fig, f"Mediation: ACME of {len(src.data.get('mediators', []))} mediator(s)",
+    s = src.data
+    what = f" of {s['treatment']} on {s['outcome']}" if s.get("treatment") else ""
+    C.title(fig, f"Mediation{what}: ACME of {len(s.get('mediators', []))} mediator(s)",
             src.model_label)
 
 
