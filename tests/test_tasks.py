@@ -321,8 +321,8 @@ def test_formats_train_disjoint_and_weighted():
                  for r in tr.itertuples()}
     assert not ev_inputs & tr_inputs
     share = tr["format"].value_counts(normalize=True)
-    assert share["direct"] == pytest.approx(0.5, abs=0.04)
-    assert share["polite"] == pytest.approx(0.15, abs=0.04)
+    assert share["direct"] == pytest.approx(0.6, abs=0.04)
+    assert share["polite"] == pytest.approx(0.1, abs=0.03)
 
 
 # ----------------------------------------------------------------- arith

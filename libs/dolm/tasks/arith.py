@@ -19,6 +19,11 @@ the answer from a greedy generation. ``spans``: ``numbers`` (from the first numb
 last one in the question) and ``n0``, ``n1``, ... for each number; ``question``.
 Both versions of a problem share ``group_id`` (the problem).
 
+The starting number is two-digit by default (10-49) and the numbers added are 1-9: each
+chain-of-thought step is then a small addition, while the direct answer needs the whole
+sum at once (with small starts a small model learns the direct sum as well, and CoT loses
+its edge).
+
 Eval problems are reserved by a seed-independent hash of their numbers; train never
 uses them. Numbers are written in digits (the toy tokenizer splits them digit by digit).
 """
@@ -83,12 +88,16 @@ def render(numbers: list[int], name: str, pron: str, item: str, cot: bool) -> tu
     return text, spans
 
 
-def _generate(split, seed, tokenizer, n, steps, cot, min_operand, max_operand):
+def _generate(split, seed, tokenizer, n, steps, cot, min_operand, max_operand, start_min,
+              start_max):
     if any(s < 1 or s > len(ORDINALS) for s in steps):
         raise InputError(f"--steps: expected values in 1..{len(ORDINALS)}, found {steps}")
     if not 0 <= min_operand <= max_operand:
         raise InputError(f"--max-operand: expected >= --min-operand >= 0, found "
                          f"{min_operand}..{max_operand}")
+    if not 0 <= start_min <= start_max:
+        raise InputError(f"--start-max: expected >= --start-min >= 0, found "
+                         f"{start_min}..{start_max}")
     n = (200 if split == "eval" else 5000) if n is None else n
     if n < 0:
         raise InputError(f"--n: expected >= 0, found {n}")
@@ -98,7 +107,8 @@ def _generate(split, seed, tokenizer, n, steps, cot, min_operand, max_operand):
     for i in range(n):
         k = steps[i % len(steps)]
         for _ in range(10_000):
-            numbers = [int(x) for x in rng.integers(min_operand, max_operand + 1, size=k + 1)]
+            numbers = [int(rng.integers(start_min, start_max + 1))] + [
+                int(x) for x in rng.integers(min_operand, max_operand + 1, size=k)]
             key = "arith|" + ",".join(map(str, numbers))
             if reserved(key, EVAL_FRACTION) == (split == "eval"):
                 break
@@ -143,8 +153,10 @@ FAMILY = Family(
         Option("steps", "int_list", [1, 2, 3], "additions per problem (cycled over problems)"),
         Option("cot", "choice", "both", "chain-of-thought rows: both, yes (only CoT), "
                "no (only direct)", choices=("both", "yes", "no")),
-        Option("min_operand", "int", 1, "smallest number in a problem"),
-        Option("max_operand", "int", 9, "largest number in a problem"),
+        Option("min_operand", "int", 1, "smallest number added at a step"),
+        Option("max_operand", "int", 9, "largest number added at a step"),
+        Option("start_min", "int", 10, "smallest starting number"),
+        Option("start_max", "int", 49, "largest starting number"),
     ],
     fn=_generate,
     columns={

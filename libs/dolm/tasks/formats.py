@@ -211,7 +211,7 @@ FAMILY = Family(
         Option("task_types", "str_list", list(TASK_TYPES), "task types", choices=TASK_TYPES),
         Option("difficulties", "int_list", [1, 2, 3], "difficulty levels (1-3)"),
         Option("shots", "int", 2, "solved examples in the few-shot format"),
-        Option("format_weights", "float_list", [0.5, 0.15, 0.35],
+        Option("format_weights", "float_list", [0.6, 0.1, 0.3],
                "train split: share of direct,polite,fewshot rows"),
     ],
     fn=_generate,
