@@ -179,19 +179,13 @@ def fit_cmd(run, data, output, force, target_column, variables, exclude, true_da
     """Fit a causal-unit network to a variable table (Parquet/CSV)."""
     import numpy as np
     import pandas as pd
-    import torch
     from dolm.cli import parse_float_list
     from dolm.formats import read_json, write_json, write_table
 
-    from . import checkpoint
     from .data import dag_to_matrix, from_frame, matrix_to_dag
     from .graphs import structure_metrics
-    from .metrics import counterfactual_metrics, interventional_nll, metric_rows
     from .scm import SCM
-    from .train import TrainConfig, fit
 
-    if threads:
-        torch.set_num_threads(threads)
     t_start, t_end = _two_floats(parse_float_list(temps, "--temperature"), "--temperature")
     df, meta = _read_variables(data, run)
     vd = from_frame(df, data, meta.extra, target_column,
@@ -207,6 +201,15 @@ def fit_cmd(run, data, output, force, target_column, variables, exclude, true_da
         except InputError:
             B_true = None  # variables renamed or subset: no ground truth to compare with
 
+    # input checked: now the heavy imports
+    import torch
+
+    from . import checkpoint
+    from .metrics import counterfactual_metrics, interventional_nll, metric_rows
+    from .train import TrainConfig, fit
+
+    if threads:
+        torch.set_num_threads(threads)
     cfg = TrainConfig(mechanism=mechanism, hidden=hidden, lambda_sparse=lambda_sparse,
                       acyclicity=acyclicity, lr=lr, max_rounds=rounds,
                       inner_steps=steps_per_round, batch_size=batch_size, temp_start=t_start,

@@ -78,6 +78,21 @@ def _separated(B: np.ndarray, T: list[int]) -> np.ndarray:
     return sep & ~(R_cut & ~full)
 
 
+def _separating_dag(d: int, T: list[int], g: torch.Generator) -> torch.Tensor:
+    others = [i for i in torch.randperm(d, generator=g).tolist() if i not in T]
+    half = (len(others) + 1) // 2
+    order = others[:half] + list(T) + others[half:]
+    dag = torch.zeros(d, d, dtype=torch.float64)
+    for a, b in zip(order, order[1:], strict=False):
+        dag[a, b] = 1.0
+    for side in (others[:half], others[half:]):
+        for x in range(len(side)):
+            for y in range(x + 2, len(side)):
+                if torch.rand((), generator=g) < 0.5:
+                    dag[side[x], side[y]] = 1.0
+    return dag
+
+
 def check_gradients(
     d: int = 6,
     target_sets: list[list[int]] | None = None,
@@ -93,11 +108,6 @@ def check_gradients(
         net = CausalNetwork(d, mech, hidden=8, init_scale=0.5, generator=g).double()
         with torch.no_grad():
             net.unit.logits.copy_(torch.randn(d, d, generator=g, dtype=torch.float64) * 2)
-        # a random DAG for the hard rollout: forbid edges against a random order
-        order = torch.randperm(d, generator=g)
-        pos = torch.empty(d, dtype=torch.long)
-        pos[order] = torch.arange(d)
-        dag = (pos[:, None] < pos[None, :]).double()
         for T in target_sets:
             label = ",".join(map(str, T))
             mask = torch.zeros((n, d), dtype=torch.bool)
@@ -141,7 +151,10 @@ def check_gradients(
                          "nonzero_grads_elsewhere": sum(int((x != 0).sum()) for x in gfull),
                          "ok": blocked == 0.0 and diff <= 1e-12})
 
-            # 3. hard DAG rollout: noise of i cannot reach j past T
+            # 3. hard DAG rollout: noise of i cannot reach j past T. The DAG: a chain
+            # through (upstream nodes, T, downstream nodes) plus random edges within
+            # each side, so that T separates the two sides
+            dag = _separating_dag(d, T, g)
             saved = net.unit.allowed.clone()
             net.unit.allowed.copy_(dag)
             with torch.no_grad():
