@@ -7,7 +7,9 @@ file is reported as such.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 
 import click
 from dolm.cli import _CONTEXT, DolmCommand
@@ -23,7 +25,10 @@ def main(files: tuple[str, ...], schema: str | None, quiet: bool) -> None:
 
     bad = 0
     for path in files:
-        name, problems = validate_file(path, schema=schema)
+        if path == "-":
+            name, problems = _validate_stdin(schema)
+        else:
+            name, problems = validate_file(path, schema=schema)
         if problems:
             bad += 1
             click.echo(f"{path}: INVALID", err=True)
@@ -32,3 +37,20 @@ def main(files: tuple[str, ...], schema: str | None, quiet: bool) -> None:
         elif not quiet:
             click.echo(f"{path}: ok ({name})")
     sys.exit(3 if bad else 0)
+
+
+def _validate_stdin(schema: str | None) -> tuple[str | None, list[str]]:
+    """Validate a file read whole from stdin (Parquet's footer is at its end)."""
+    from dolm.formats import validate_file
+
+    data = sys.stdin.buffer.read()
+    if not data:
+        return schema, ["-: standard input is empty"]
+    fd, tmp = tempfile.mkstemp(prefix="dolm-validate-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        name, problems = validate_file(tmp, schema=schema)
+        return name, [p.replace(tmp, "-") for p in problems]
+    finally:
+        os.unlink(tmp)
