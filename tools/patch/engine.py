@@ -1,0 +1,400 @@
+"""The patching engine: exact patching by layer stepping, and attribution patching.
+
+Exact patching (fast by design)
+-------------------------------
+Every patch variant (a *cell*: one instance, a set of sites, a range of positions) is
+one row of a batch. A cell whose first patched site is at layer ``l`` starts from the
+base run's cached ``resid_pre.l`` (layers below are unchanged by the patch), so a grid
+costs the layer-passes it needs and no more. Cells are sorted by start layer and cut
+into batches; inside a batch a cell *joins* at its start layer (its row is appended to
+the running hidden states), so rows of every start layer share one batch. After the
+last block only the position the metric reads goes through the final norm and the
+unembedding.
+
+``resid_pre.l`` and ``resid_post.l`` (= ``resid_pre.(l+1)``) patches are written
+directly into the running hidden states at the entry of a layer; the sites inside a
+block (``resid_mid``, ``attn_out``, ``mlp_out``, ``head.L.H``) are written by one
+``lm.trace(write=...)`` per batch whose functions patch only their rows.
+
+Blocks are run with the per-block arguments the model itself computes
+(``lm.layer_context``) for one unpadded row of the batch's length: rows are right-padded
+and attention is causal, so pad positions never reach a real position and one context
+broadcasts over any number of rows.
+
+Attribution patching
+--------------------
+``(a_source - a_base) . d metric / d a_base`` for every site and position, from one
+forward of the source run, one forward of the base run and one backward.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from dolm.models.hooks import _first
+
+IN_BLOCK = ("resid_mid", "attn_out", "mlp_out", "head")
+
+
+def entry_layer(kind: str, layer: int) -> int | None:
+    """Layer at whose entry a residual-stream site is written (None: inside a block)."""
+    if kind == "resid_pre":
+        return layer
+    if kind == "resid_post":
+        return layer + 1
+    return None
+
+
+@dataclass
+class Cell:
+    """One patch variant: instance ``inst``, sites, base positions ``[lo, hi)`` (or an
+    explicit tuple ``positions``)."""
+
+    inst: int
+    sites: tuple[str, ...]
+    lo: int
+    hi: int
+    start: int = 0
+    positions: tuple[int, ...] | None = None  # explicit positions (overrides lo/hi)
+
+
+@dataclass
+class Runs:
+    """Cached states of the base and source runs of a group of instances.
+
+    ``base_entry[l]``: ``resid_pre.l`` of the base runs (``l = n_layers``: last block
+    output), (n_base, T, d). ``src[key]``: source states; key is ``entry.l`` or an
+    in-block site name. Per instance: ``inst_base``/``inst_src`` rows, ``shift`` (source
+    position = base position + shift), ``t_base`` (base length), ``ids`` (token ids the
+    metric reads, (n_inst, K)).
+    """
+
+    base_entry: dict[int, torch.Tensor]
+    src: dict[str, torch.Tensor]
+    inst_base: torch.Tensor
+    inst_src: torch.Tensor
+    shift: torch.Tensor
+    t_base: torch.Tensor
+    ids: torch.Tensor
+    contexts: dict[int, object] = field(default_factory=dict)
+
+
+def cell_start(lm, sites) -> int:
+    """First layer a cell's run has to compute."""
+    start = lm.n_layers
+    for name in sites:
+        s = lm.parse_site(name)
+        e = entry_layer(s.kind, s.layer)
+        start = min(start, e if e is not None else s.layer)
+    return start
+
+
+def src_key(lm, name: str) -> str:
+    s = lm.parse_site(name)
+    e = entry_layer(s.kind, s.layer)
+    return f"entry.{e}" if e is not None else name
+
+
+def cache_sites(lm, keys) -> list[str]:
+    """Site names to read in a run for these source keys / base entry layers."""
+    out = []
+    n = lm.n_layers
+    for k in keys:
+        if isinstance(k, int) or k.startswith("entry."):
+            lyr = k if isinstance(k, int) else int(k.split(".")[1])
+            out.append(f"resid_pre.{lyr}" if lyr < n else f"resid_post.{n - 1}")
+        else:
+            out.append(k)
+    return list(dict.fromkeys(out))
+
+
+def site_for_key(lm, key) -> str:
+    return cache_sites(lm, [key])[0]
+
+
+def read_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, V) logits -> (B, K + 2): logits at ``ids``, logsumexp, max logit (float64)."""
+    lf = logits.float()
+    got = lf.gather(1, ids.to(lf.device))
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
+    mx = lf.max(dim=-1, keepdim=True).values
+    return torch.cat([got, lse, mx], dim=1).double().cpu()
+
+
+def _context(lm, runs: Runs, t: int):
+    ctx = runs.contexts.get(t)
+    if ctx is None:
+        ctx = lm.layer_context(torch.ones(1, t, dtype=torch.long, device=lm.device))
+        runs.contexts[t] = ctx
+    return ctx
+
+
+def _gather_src(lm, runs: Runs, key: str, inst: torch.Tensor, t: int) -> torch.Tensor:
+    """Source states of ``key`` for instances ``inst`` in base coordinates: (k, t, d)."""
+    src = runs.src[key]
+    dev = src.device
+    inst_d = inst.to(dev)
+    rows = runs.inst_src.to(dev)[inst_d]
+    pos = torch.arange(t, device=dev)[None, :] + runs.shift.to(dev)[inst_d][:, None]
+    pos = pos.clamp(0, src.shape[1] - 1)
+    return src[rows[:, None], pos]
+
+
+def _writer(rows: torch.Tensor, src: torch.Tensor, mask: torch.Tensor):
+    m = mask[..., None]
+
+    def fn(act, batch_index):
+        r = rows.to(act.device)
+        out = act.clone()
+        out[r] = torch.where(m.to(act.device), src.to(device=act.device, dtype=act.dtype),
+                             act[r])
+        return out
+
+    return fn
+
+
+@torch.no_grad()
+def run_chunk(lm, runs: Runs, cells: list[Cell]) -> torch.Tensor:
+    """Run one batch of cells (sorted by start layer); return ``read_logits`` rows."""
+    n = lm.n_layers
+    b = len(cells)
+    inst = torch.tensor([c.inst for c in cells], dtype=torch.long)
+    starts = [c.start for c in cells]
+    t = int(runs.t_base[inst].max())
+    ar = torch.arange(t)
+    # group patches: entry layer -> rows; in-block site -> rows
+    entry_rows: dict[int, list[int]] = defaultdict(list)
+    block_rows: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(cells):
+        for name in c.sites:
+            key = src_key(lm, name)
+            if key.startswith("entry."):
+                entry_rows[int(key.split(".")[1])].append(i)
+            else:
+                block_rows[name].append(i)
+    lo = torch.tensor([c.lo for c in cells])
+    hi = torch.tensor([c.hi for c in cells])
+
+    def patch_for(key: str, rows: list[int]):
+        r = torch.tensor(rows, dtype=torch.long)
+        src = _gather_src(lm, runs, key, inst[r], t)
+        mask = (ar[None, :] >= lo[r][:, None]) & (ar[None, :] < hi[r][:, None])
+        for q, row in enumerate(rows):
+            if cells[row].positions is not None:
+                mask[q] = False
+                mask[q, list(cells[row].positions)] = True
+        return r, src, mask
+
+    writes = {}
+    for name, rows in block_rows.items():
+        writes[name] = _writer(*patch_for(name, rows))
+    entries = {lyr: patch_for(f"entry.{lyr}", rows) for lyr, rows in entry_rows.items()}
+    ctx = _context(lm, runs, t)
+    layers = lm.adapter.layers
+    dev = lm.device
+    base_rows = runs.inst_base[inst]
+    tr = lm.trace(write=writes) if writes else None
+    if tr is not None:
+        tr.__enter__()
+    try:
+        h = None
+        j = 0
+        for lyr in range(min(starts), n + 1):
+            k = j
+            while k < b and starts[k] == lyr:
+                k += 1
+            if k > j:
+                new = runs.base_entry[lyr][base_rows[j:k].to(runs.base_entry[lyr].device), :t]
+                new = new.to(dev)
+                h = new if h is None else torch.cat([h.to(new.device), new], dim=0)
+                j = k
+            if lyr in entries:
+                r, src, mask = entries[lyr]
+                r = r.to(h.device)
+                h[r] = torch.where(mask[..., None].to(h.device),
+                                   src.to(device=h.device, dtype=h.dtype), h[r])
+            if lyr < n:
+                rest, kwargs = ctx.args[lyr]
+                h = _first(layers[lyr](h, *rest, **kwargs))
+    finally:
+        if tr is not None:
+            tr.__exit__(None, None, None)
+    pos = (runs.t_base[inst] - 1).to(h.device)
+    sel = h[torch.arange(b, device=h.device), pos]
+    logits = lm.adapter.unembed(lm.adapter.final_norm(sel))
+    return read_logits(logits, runs.ids[inst])
+
+
+def run_cells(lm, runs: Runs, cells: list[Cell], batch_size, progress=None) -> torch.Tensor:
+    """All cells, batched (``batch_size`` rows; ``auto`` backs off on out-of-memory)."""
+    from dolm.models.batching import iter_batched
+
+    for c in cells:
+        c.start = cell_start(lm, c.sites)
+    order = sorted(range(len(cells)), key=lambda i: (cells[i].start, i))
+    out = torch.empty(len(cells), runs.ids.shape[1] + 2, dtype=torch.float64)
+
+    def fn(a: int, z: int):
+        return run_chunk(lm, runs, [cells[i] for i in order[a:z]])
+
+    for a, z, res in iter_batched(len(order), fn, batch_size, max_batch_size=64):
+        out[torch.tensor(order[a:z])] = res
+        if progress is not None:
+            progress(z - a)
+    return out
+
+
+# --------------------------------------------------------------------- cache runs
+
+
+def forward_runs(lm, input_ids: torch.Tensor, lengths: list[int], sites: list[str],
+                 embed_noise=None, batch_size="auto", ids: torch.Tensor | None = None):
+    """Full forwards of padded ``input_ids`` reading ``sites``.
+
+    ``embed_noise(a, z)``: optional (z - a, T, d) tensor added to the ``embed`` output of
+    rows a..z. Returns (dict site -> (N, T, d) on the model's device, read rows (N, K+2)
+    at each row's last position when ``ids`` is given).
+    """
+    from dolm.models.batching import iter_batched
+
+    n, t = input_ids.shape
+    mask = torch.zeros(n, t, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        mask[i, :length] = 1
+    store: dict[str, list[torch.Tensor]] = defaultdict(list)
+    reads: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def fn(a: int, z: int):
+        write = None
+        if embed_noise is not None:
+            noise = embed_noise(a, z)
+
+            def add(act, bi, noise=noise):
+                return act + noise.to(device=act.device, dtype=act.dtype)
+
+            write = {"embed": add}
+        with lm.trace(read=sites, write=write) as tr:
+            out = lm.model(input_ids=input_ids[a:z].to(lm.device),
+                           attention_mask=mask[a:z].to(lm.device), use_cache=False)
+        vals = {s: tr[s].clone() for s in sites}
+        rd = None
+        if ids is not None:
+            last = torch.tensor([x - 1 for x in lengths[a:z]])
+            logits = out.logits[torch.arange(z - a), last.to(out.logits.device)]
+            rd = read_logits(logits, ids[a:z])
+        return vals, rd
+
+    for _, _, (vals, rd) in iter_batched(n, fn, batch_size, max_batch_size=64):
+        for s, v in vals.items():
+            store[s].append(v)
+        if rd is not None:
+            reads.append(rd)
+    cat = {s: torch.cat(v, dim=0) for s, v in store.items()}
+    return cat, (torch.cat(reads, dim=0) if reads else None)
+
+
+# --------------------------------------------------------------------- attribution
+
+
+def attribution_grads(lm, input_ids, lengths, sites, ids, metric: str, embed_noise=None,
+                      batch_size="auto"):
+    """Base-run activations and metric gradients at ``sites``.
+
+    Returns (acts, grads, reads): dicts site -> (N, T, d) and the read rows.
+    The metric summed over rows is differentiated once (rows are independent).
+    """
+    from dolm.models.batching import iter_batched
+
+    n, t = input_ids.shape
+    mask = torch.zeros(n, t, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        mask[i, :length] = 1
+    acts: dict[str, list] = defaultdict(list)
+    grads: dict[str, list] = defaultdict(list)
+    reads = []
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+
+    def fn(a: int, z: int):
+        zs: dict[str, torch.Tensor] = {}
+        seen: dict[str, torch.Tensor] = {}
+
+        def adder(name):
+            def add(act, bi):
+                zero = torch.zeros_like(act, requires_grad=True)
+                zs[name] = zero
+                seen[name] = act.detach()
+                return act + zero
+
+            return add
+
+        write = {s: adder(s) for s in sites}
+        if embed_noise is not None:
+            noise = embed_noise(a, z)
+
+            def add_noise(act, bi, noise=noise):
+                return act + noise.to(device=act.device, dtype=act.dtype)
+
+            write["embed"] = add_noise
+        with torch.enable_grad(), lm.trace(write=write):
+            out = lm.model(input_ids=input_ids[a:z].to(lm.device),
+                           attention_mask=mask[a:z].to(lm.device), use_cache=False)
+            last = torch.tensor([x - 1 for x in lengths[a:z]], device=out.logits.device)
+            logits = out.logits[torch.arange(z - a, device=last.device), last].float()
+            rid = ids[a:z].to(logits.device)
+            if metric == "logit_diff":
+                m = logits.gather(1, rid[:, :1]) - logits.gather(1, rid[:, 1:2])
+            else:
+                m = torch.softmax(logits, dim=-1).gather(1, rid[:, :1])
+            names = list(zs)
+            gs = torch.autograd.grad(m.sum(), [zs[k] for k in names], allow_unused=True)
+        res_a = {k: seen[k] for k in names}
+        res_g = {k: (g if g is not None else torch.zeros_like(seen[k])) for k, g in
+                 zip(names, gs, strict=True)}
+        return res_a, res_g, read_logits(logits.detach(), ids[a:z])
+
+    try:
+        for _, _, (ra, rg, rd) in iter_batched(n, fn, batch_size, max_batch_size=64):
+            for k in ra:
+                acts[k].append(ra[k])
+                grads[k].append(rg[k])
+            reads.append(rd)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    return ({k: torch.cat(v) for k, v in acts.items()},
+            {k: torch.cat(v) for k, v in grads.items()}, torch.cat(reads))
+
+
+def attribution_cells(lm, cells: list[Cell], base_acts, grads, src_acts, inst_base, inst_src,
+                      shift) -> torch.Tensor:
+    """First-order metric change of each cell: sum over its sites and positions of
+    ``(a_src - a_base) . grad``. Returns (n_cells,) float64."""
+    contrib: dict[str, torch.Tensor] = {}
+    for name in base_acts:
+        a = base_acts[name].float()
+        g = grads[name].float()
+        s = src_acts[name].float()
+        n_inst = inst_base.shape[0]
+        t = a.shape[1]
+        pos = torch.arange(t)[None, :] + shift[:, None]
+        pos = pos.clamp(0, s.shape[1] - 1)
+        s_al = s[inst_src[:, None], pos]  # (n_inst, t, d)
+        a_i = a[inst_base]
+        g_i = g[inst_base]
+        contrib[name] = ((s_al - a_i) * g_i).sum(-1).double()  # (n_inst, t)
+        del n_inst
+    out = torch.zeros(len(cells), dtype=torch.float64)
+    for i, c in enumerate(cells):
+        tot = 0.0
+        for name in c.sites:
+            if c.positions is not None:
+                tot += float(contrib[name][c.inst, list(c.positions)].sum())
+            else:
+                tot += float(contrib[name][c.inst, c.lo:c.hi].sum())
+        out[i] = tot
+    return out
