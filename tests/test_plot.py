@@ -98,6 +98,12 @@ def effects_steer(n_prompts: int = 3) -> pd.DataFrame:
                                  site=f"resid_post.{layer}", layer=layer, position=None,
                                  head=None, window=None, kind="add", alpha=a, component=None,
                                  metric="prob_target", value=float(v)))
+        # whole-prompt interventions (no layer, component or strength)
+        for name, v in (("swap subject", -0.4), ("swap relation", 0.1)):
+            rows.append(dict(prompt_id=f"p{p}", tool="patch", intervention=name, site=None,
+                             layer=None, position=None, head=None, window=None, kind="swap",
+                             alpha=None, component=None, metric="prob_target",
+                             value=float(v + 0.05 * rng.normal())))
     return _effects_frame(rows)
 
 
@@ -153,6 +159,7 @@ def outcomes_for(prompts: pd.DataFrame, noise: float, seed: int = 0) -> pd.DataF
 
 
 def lens_table(n_layers: int = 4, n_prompts: int = 2) -> pd.DataFrame:
+    """Rows as dolm-lens writes them: prompt x lens x layer x position x rank."""
     rows = []
     toks = [" the", " X", " Y", " bag"]
     for p in range(n_prompts):
@@ -162,17 +169,44 @@ def lens_table(n_layers: int = 4, n_prompts: int = 2) -> pd.DataFrame:
                     x = layer / (n_layers - 1)
                     if lens == "tuned":
                         x = min(1.0, x + 0.25)
+                    choice = [float(-3 + 2.5 * x), float(-1.5 - 0.5 * x)]
                     for rank in range(3):
-                        rows.append(dict(prompt_id=f"p{p}", layer=layer, position=pos,
-                                         lens=lens, rank=rank, token=toks[(layer + rank) % 4],
-                                         prob=float(max(0.05, 0.9 * x - 0.2 * rank)),
-                                         target_logprob=float(-3 + 2.8 * x),
-                                         choice_logprobs=[float(-3 + 2.5 * x),
-                                                          float(-1.5 - 0.5 * x)],
-                                         entropy=float(3 - 2 * x),
-                                         kl_to_final=float((1 - x) * (2 if lens == "logit"
-                                                                      else 1))))
-    return pd.DataFrame(rows)
+                        prob = float(max(0.05, 0.9 * x - 0.2 * rank))
+                        rows.append(dict(
+                            prompt_id=f"p{p}", lens=lens, site=f"resid_post.{layer}",
+                            layer=layer, position=pos, rank=rank,
+                            token=toks[(layer + rank) % 4], token_id=(layer + rank) % 4,
+                            prob=prob, logprob=float(np.log(prob)), entropy=float(3 - 2 * x),
+                            kl_to_final=float((1 - x) * (2 if lens == "logit" else 1)),
+                            target_logprob=float(-3 + 2.8 * x), target_rank=int(3 - 3 * x),
+                            choice_logprobs=choice, intended=0,
+                            crossing_layer=(n_layers // 2 if lens == "logit" else 1)
+                            if p == 0 else None))
+    df = pd.DataFrame(rows)
+    for col in ("intended", "crossing_layer", "target_rank"):
+        df[col] = df[col].astype("Int64")
+    return df
+
+
+def write_translators(path: Path, run: Run | None, n_layers: int = 4, d: int = 4) -> dict:
+    """Translators as dolm-lens train writes them (numpy, no torch); returns dolm.extra."""
+    from safetensors.numpy import save_file
+
+    extra = {"site": "resid_post", "d_model": d, "n_layers": n_layers,
+             "layers": list(range(n_layers - 1)), "model_spec": "toy",
+             "heldout_kl": {"layer": list(range(n_layers)),
+                            "logit": [1.5 / (i + 1) for i in range(n_layers - 1)] + [0.0],
+                            "tuned": [0.5 / (i + 1) for i in range(n_layers - 1)] + [0.0],
+                            "n_tokens": 64}}
+    if run is not None:
+        tensors = {}
+        for layer in range(n_layers - 1):
+            tensors[f"translator.{layer}.weight"] = np.zeros((d, d), dtype=np.float32)
+            tensors[f"translator.{layer}.bias"] = np.zeros(d, dtype=np.float32)
+        meta = {"dolm.schema": json.dumps({"name": "translators", "version": 1}),
+                "dolm.provenance": json.dumps(run.chain()), "dolm.extra": json.dumps(extra)}
+        save_file(tensors, str(path), metadata=meta)
+    return extra
 
 
 def dla_table(n_layers: int = 4, n_heads: int = 2, n_prompts: int = 2) -> pd.DataFrame:
@@ -438,6 +472,7 @@ def synthetic() -> list[tuple[str, str, str, object, str | None]]:
         ("mediation_gpt2.json", "mediation_summary", "mediate", med2["summary"], "gpt2-small"),
         ("lens_toy.parquet", "lens", "lens", lens_table(), "toy"),
         ("lens_gpt2.parquet", "lens", "lens", lens_table(6), "gpt2-small"),
+        ("translators.safetensors", "translators", "lens", {"n_layers": 4}, "toy"),
         ("dla_toy.parquet", "attributions", "dla", dla_table(), "toy"),
         ("dla_gpt2.parquet", "attributions", "dla", dla_table(6, 3), "gpt2-small"),
     ]
@@ -460,6 +495,8 @@ def write_run(d: Path) -> dict[str, Path]:
             write_table(data, path, schema, run)
         elif schema == "activations":
             write_activations(path, run, **data)
+        elif schema == "translators":
+            write_translators(path, run, **data)
         else:
             write_json(data, path, schema, run)
         files[file_key(name)] = path
@@ -517,6 +554,10 @@ def direct_sources(folder: Path) -> list:
         elif schema == "activations":
             write_activations(folder / name, None, **data)
             out.append(Source(str(folder / name), schema, "hdf5", str(folder / name), meta))
+        elif schema == "translators":
+            out.append(Source(name, schema, "safetensors", write_translators(folder / name,
+                                                                              None, **data),
+                              meta))
         else:
             out.append(Source(name, schema, "json", data, meta))
     return out
@@ -622,7 +663,7 @@ def test_cli_draws_files_in_every_format(run_files, tmp_path):
     assert r.returncode == 0, r.stderr
     svg = Path(r.stdout.split()[0]).read_text()
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
-    r = dolm_plot(run_files["steer"], "-o", out, "--format", "pdf")
+    r = dolm_plot(run_files["steer"], "-o", out, "--format", "pdf", "--only", "dose_response")
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.split()[0]).read_bytes()[:5] == b"%PDF-"
 

@@ -219,14 +219,10 @@ def _bar_label(row: Any) -> str:
 MAX_BARS = 25
 
 
-@figure("effects", "ablation", "ablation bars: mean effect per component set (± SEM)",
-        size="tall", when=lambda s: len(ablation_rows(s.data)) > 0,
-        variants=_metrics_of(ablation_rows))
-def draw_ablation(fig: Any, src: Any, metric: str) -> None:
-    d = ablation_rows(src.data).query("metric == @metric").copy()
-    d["_label"] = [_bar_label(r) for r in d.to_dict("records")]
+def bars(fig: Any, d: Any, metric: str, ylabel: str) -> None:
+    """Horizontal bars of the mean per ``_label`` (± SEM), the largest |mean| first."""
     if "kind" in d.columns and d["kind"].nunique(dropna=True) > 1:
-        d["_label"] = d["_label"] + " (" + d["kind"].astype(str) + ")"
+        d = d.assign(_label=d["_label"] + " (" + d["kind"].astype(str) + ")")
     agg = C.mean_sem(d, ["_label"])
     agg = agg.reindex(agg["mean"].abs().sort_values(ascending=False).index).head(MAX_BARS)
     agg = agg.iloc[::-1]
@@ -237,11 +233,37 @@ def draw_ablation(fig: Any, src: Any, metric: str) -> None:
     ax.set_yticks(y)
     ax.set_yticklabels([style.short(s, 38) for s in agg["_label"]])
     ax.axvline(0, color="0.4", lw=0.8)
-    shown = f"top {len(agg)} of {d['_label'].nunique()}" if d["_label"].nunique() > len(agg) \
-        else f"{len(agg)}"
+    n_all = d["_label"].nunique()
+    shown = f"top {len(agg)} of {n_all}" if n_all > len(agg) else f"{len(agg)}"
     ax.set_xlabel(f"mean {metric} (± SEM, {C.n_prompts(d)} prompts)")
-    ax.set_ylabel(f"component set ablated ({shown}, by |effect|)")
+    ax.set_ylabel(f"{ylabel} ({shown}, by |effect|)")
+
+
+@figure("effects", "ablation", "ablation bars: mean effect per component set (± SEM)",
+        size="tall", when=lambda s: len(ablation_rows(s.data)) > 0,
+        variants=_metrics_of(ablation_rows))
+def draw_ablation(fig: Any, src: Any, metric: str) -> None:
+    d = ablation_rows(src.data).query("metric == @metric").copy()
+    d["_label"] = [_bar_label(r) for r in d.to_dict("records")]
+    bars(fig, d, metric, "component set ablated")
     C.title(fig, f"Ablation: {metric} per component set", src.model_label)
+
+
+def other_rows(df: Any) -> Any:
+    """Rows no other effects figure draws (no layer, component or steering strength)."""
+    return df[_isna(df, "layer") & _isna(df, "component") & _isna(df, "alpha")
+              & ~df["tool"].astype(str).eq("ablate")]
+
+
+@figure("effects", "interventions", "mean effect per intervention, for rows without layer, "
+        "component or strength", size="tall", when=lambda s: len(other_rows(s.data)) > 0,
+        variants=_metrics_of(other_rows))
+def draw_interventions(fig: Any, src: Any, metric: str) -> None:
+    d = other_rows(src.data).query("metric == @metric").copy()
+    d["_label"] = d["intervention"].astype(str)
+    bars(fig, d, metric, "intervention")
+    tools = ", ".join(sorted(set(d["tool"].astype(str))))
+    C.title(fig, f"Interventions ({tools}): {metric}", src.model_label)
 
 
 # ------------------------------------------------------------------ steering
@@ -321,7 +343,7 @@ def compare_layers(fig: Any, srcs: list, metric: str) -> None:
     ax.set_xlabel("relative depth (layer / last layer)" if rel else "layer")
     ax.set_ylabel(f"mean {metric} ({panel})")
     ax.legend(loc="best", frameon=False)
-    C.title(fig, f"Effect by layer, {C.how_many(srcs)}: {metric}", labels)
+    C.title(fig, f"Effect by layer, {C.how_many(srcs)}: {metric}{prompt_note(srcs)}", labels)
 
 
 @compare("effects", "trace", "causal traces of several models side by side",
@@ -343,7 +365,13 @@ def compare_trace(fig: Any, srcs: list, metric: str) -> None:
         ax.set_xlabel(position_label(xs))
         ax.set_ylabel("layer")
     fig.colorbar(im, ax=axes, label=f"mean {metric}", shrink=0.9)
-    C.title(fig, f"Causal traces side by side: {metric}", labels)
+    C.title(fig, f"Causal traces side by side: {metric}{prompt_note(srcs)}", labels)
+
+
+def prompt_note(srcs: list) -> str:
+    """' (prompt sets differ)' when the files were not run on the same prompts."""
+    sets = [frozenset(s.data["prompt_id"].astype(str)) for s in srcs]
+    return "" if len(set(sets)) == 1 else " (prompt sets differ)"
 
 
 def attn_mlp_share(df: Any) -> float | None:
@@ -396,4 +424,4 @@ def compare_summary(fig: Any, srcs: list, metric: str) -> None:
     else:
         C.no_data(ax2, "no attn_out / mlp_out sites in these files")
     ax2.set_title("attention vs MLP")
-    C.title(fig, f"Comparison of {C.how_many(srcs)}: {metric}", labels)
+    C.title(fig, f"Comparison of {C.how_many(srcs)}: {metric}{prompt_note(srcs)}", labels)

@@ -32,7 +32,7 @@ class Source:
 
     path: str
     schema: str
-    kind: str  # table | json | hdf5
+    kind: str  # table | json | hdf5 | safetensors (data: its dolm.extra metadata)
     data: Any
     meta: Any  # dolm.formats.FileMeta
     stem: str = ""  # file-name stem for outputs, unique among the files of one plot run
@@ -256,7 +256,8 @@ def unique_labels(srcs: list[Source]) -> list[str]:
 
 def _file_stem(path: str) -> str:
     name = Path(path).name
-    for suffix in (".parquet", ".pq", ".json", ".h5", ".hdf5", ".csv", ".tsv", ".jsonl"):
+    for suffix in (".parquet", ".pq", ".json", ".h5", ".hdf5", ".safetensors", ".csv", ".tsv",
+                   ".jsonl"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(path).stem
@@ -300,5 +301,16 @@ def load_source(path: str, run: Any = None) -> Source:
         fh, meta = read_h5(path, run=run)
         fh.close()
         return Source(path, meta.schema, "hdf5", path, meta)
+    if kind == "safetensors":  # the metadata only: plot never loads the tensors
+        from dolm.formats import describe_safetensors
+        from dolm.formats.schema import check_json, load_schema
+
+        problems = check_json(describe_safetensors(path), load_schema(meta.schema, meta.version),
+                              path)
+        if problems:
+            raise InputError("\n  ".join(problems[:8]))
+        if run is not None:
+            run.add_input(path, meta)
+        return Source(path, meta.schema, "safetensors", meta.extra, meta)
     obj, meta = read_json(path, run=run)
     return Source(path, meta.schema, "json", obj, meta)

@@ -29,7 +29,8 @@ from dolm_tools.plot.registry import (
     plan,
 )
 
-SKIP_SUFFIXES = (".png", ".svg", ".pdf", ".html", ".partial", ".tmp", ".log", ".txt", ".md")
+SKIP_SUFFIXES = (".png", ".svg", ".pdf", ".html", ".partial", ".tmp", ".log", ".txt", ".md",
+                 ".journal")
 HEAD_ROWS = 8
 MAX_COLS = 12
 
@@ -228,7 +229,7 @@ def file_section(e: Entry, run_dir: Path) -> str:
     src = e.source
     if src is not None and src.kind == "table":
         parts.append(table_head(src.data))
-    elif src is not None and src.kind == "json":
+    elif src is not None and src.kind in ("json", "safetensors"):
         parts.append(json_summary(src.data))
     elif src is not None and src.kind == "hdf5":
         parts.append(h5_summary(src.data))
