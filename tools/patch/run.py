@@ -223,8 +223,7 @@ class Patcher:
 
     # ------------------------------------------------------------------ run
     def run(self):
-        import torch
-
+        """All prompts, in groups of about ``group_cells`` cells: (effects rows, summaries)."""
         o, lm = self.o, self.lm
         if o.mode == "noise":
             w = lm.adapter.embed.weight
@@ -250,7 +249,6 @@ class Patcher:
             i = j
         if bar is not None:
             bar.close()
-        del torch
         return rows, summaries
 
     def _run_group(self, group: list[int], templates: list[Template], tick):
