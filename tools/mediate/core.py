@@ -139,13 +139,14 @@ def prepare(df: pd.DataFrame, treatment: str, outcome: str, mediators: list[str]
     t, t_values, t_labels = _treatment(work[treatment], treatment, control_value, treat_value)
     work["_t"] = t
     keep_t = ~np.isnan(t) | work[treatment].isna().to_numpy()
-    if not keep_t.all():  # categorical levels other than the two compared
+    other_levels = int((~keep_t).sum())
+    if other_levels:  # categorical levels other than the two compared
         work = work.loc[keep_t]
 
     used = ["_t", outcome, *covariates, *mediators]
     nan_cols = {c: np.flatnonzero(work[c].isna().to_numpy()) for c in used}
     nan_cols = {c: r for c, r in nan_cols.items() if len(r)}
-    dropped: dict[str, Any] = {"rows": 0}
+    dropped: dict[str, Any] = {"rows": 0, "other_treatment_levels": other_levels}
     if nan_cols:
         label = {"_t": treatment}
         if not dropna:
@@ -154,7 +155,7 @@ def prepare(df: pd.DataFrame, treatment: str, outcome: str, mediators: list[str]
             raise InputError(f"{path}: missing values: " + "; ".join(parts)
                              + "; pass --dropna to drop these rows (the number is reported)")
         bad = work[used].isna().any(axis=1).to_numpy()
-        dropped = {"rows": int(bad.sum()),
+        dropped = {"rows": int(bad.sum()), "other_treatment_levels": other_levels,
                    "by_column": {label.get(c, c): int(len(r)) for c, r in nan_cols.items()}}
         work = work.loc[~bad]
     if len(work) < 10:
