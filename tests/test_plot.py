@@ -210,23 +210,36 @@ def write_translators(path: Path, run: Run | None, n_layers: int = 4, d: int = 4
 
 
 def dla_table(n_layers: int = 4, n_heads: int = 2, n_prompts: int = 2) -> pd.DataFrame:
+    """Rows as dolm-dla writes them: one per prompt x component (logit_diff, two choices)."""
     rows = []
     for p in range(n_prompts):
-        rows.append(dict(prompt_id=f"p{p}", component="embed", layer=None, head=None,
-                         kind="embed", value=0.3))
+        comps = [("embed", "embed", None, None, 0.3, True),
+                 ("pos_embed", "pos_embed", None, None, 0.05, True)]
         for layer in range(n_layers):
-            rows.append(dict(prompt_id=f"p{p}", component=f"attn.{layer}", layer=layer,
-                             head=None, kind="attn", value=0.5 * layer - 0.4))
-            rows.append(dict(prompt_id=f"p{p}", component=f"mlp.{layer}", layer=layer,
-                             head=None, kind="mlp", value=0.8 - 0.3 * layer))
+            comps.append((f"attn.{layer}", "attn", layer, None, 0.5 * layer - 0.4, True))
             for h in range(n_heads):
-                rows.append(dict(prompt_id=f"p{p}", component=f"head.{layer}.{h}", layer=layer,
-                                 head=h, kind="head", value=(0.5 * layer - 0.4) * (h + 1) / 3))
-        rows.append(dict(prompt_id=f"p{p}", component="bias", layer=None, head=None,
-                         kind="bias", value=-0.1))
+                comps.append((f"head.{layer}.{h}", "head", layer, h,
+                              (0.5 * layer - 0.4) / n_heads, False))
+            comps.append((f"mlp.{layer}", "mlp", layer, None, 0.8 - 0.3 * layer, True))
+        comps += [("bias.final_norm", "bias", None, None, -0.1, True),
+                  ("bias.unembed", "bias", None, None, 0.02, True)]
+        total = sum(c[4] for c in comps if c[5])
+        for comp, kind, layer, head, value, in_total in comps:
+            a1 = 0.5 * layer - 0.4 if layer is not None else None
+            m1 = 0.8 - 0.3 * layer if layer is not None else None
+            rows.append(dict(
+                prompt_id=f"p{p}", position=7, metric="logit_diff", target=" A", foil=" B",
+                target_id=5, foil_id=6, component=comp, kind=kind, layer=layer, head=head,
+                value=value + 0.01 * p, in_total=in_total, metric_value=total + 0.01 * p * 11,
+                norm_scale=0.9, attn_to_1=a1, attn_to_2=None if a1 is None else -a1 / 2,
+                mlp_to_1=m1, mlp_to_2=None if m1 is None else m1 / 3,
+                total_to_1=None if a1 is None else a1 + m1,
+                total_to_2=None if a1 is None else -a1 / 2 + m1 / 3,
+                attn_mlp_ratio=None if a1 is None else abs(a1) / (abs(a1) + abs(m1)),
+                decision_diff=None if a1 is None else (a1 + m1) - (-a1 / 2 + m1 / 3)))
     df = pd.DataFrame(rows)
-    df["layer"] = df["layer"].astype("Int64")
-    df["head"] = df["head"].astype("Int64")
+    for col in ("layer", "head", "foil_id"):
+        df[col] = df[col].astype("Int64")
     return df
 
 
