@@ -78,7 +78,7 @@ def _sibling(output: str, suffix: str) -> str | None:
 @click.option("--refute/--no-refute", default=True, show_default=True,
               help="Run DoWhy's placebo, random-common-cause and data-subset refuters.")
 @click.option("--refute-sims", type=click.IntRange(min=2), default=50, show_default=True,
-              help="Simulations per refuter.")
+              help="Simulations per refuter (each re-runs the propensity fit and matching).")
 @click.option("--dropna", is_flag=True,
               help="Drop rows with missing treatment/outcome/covariates (reported).")
 @output_option(help="Summary JSON ('-' for stdout).")
