@@ -144,7 +144,10 @@ def main_runs(tiny_gpt2_dir, tmp_path_factory):
         "--attention-to", "subject", "--generate", "5", "--batch-size", "3",
     ]  # fmt: skip
     _run(*common, "-o", d / "b3.parquet", "--acts", d / "b3.h5")
-    _run(*common[:-1], "1", "-o", d / "b1.parquet", "--acts", d / "b1.h5")
+    # batch size 1 on the first two copies only (same prompt ids as b3's first rows)
+    df.iloc[: 2 * len(PROMPTS)].to_parquet(d / "head.parquet")
+    args1 = ["--batch-size", "1", "-o", d / "b1.parquet", "--acts", d / "b1.h5"]
+    _run(d / "head.parquet", *common[1:-2], *args1)
     return d, df, Reference(tiny_gpt2_dir), common
 
 
@@ -250,9 +253,7 @@ def test_generation_matches_greedy_loop(main_runs):
             assert bool(row.exact_match) == (first == target.strip())
 
 
-def test_batch_size_does_not_change_results(main_runs):
-    d, _, _, _ = main_runs
-    a, b = pd.read_parquet(d / "b3.parquet"), pd.read_parquet(d / "b1.parquet")
+def _assert_close_tables(a, b):
     assert list(a.columns) == list(b.columns)
     for col in a.columns:
         if col in ("choice_probs", "choice_probs_raw"):
@@ -264,13 +265,28 @@ def test_batch_size_does_not_change_results(main_runs):
             np.testing.assert_allclose(a[col], b[col], atol=1e-4)
         else:
             assert a[col].tolist() == b[col].tolist(), col
+
+
+def test_batch_size_and_padding_do_not_change_results(main_runs):
+    d, _, _, _ = main_runs
+    a, b = pd.read_parquet(d / "b3.parquet"), pd.read_parquet(d / "b1.parquet")
+    n = len(b)
+    _assert_close_tables(a.iloc[:n].reset_index(drop=True), b)
     with h5py.File(d / "b3.h5", "r") as fa, h5py.File(d / "b1.h5", "r") as fb:
         assert sorted(fa) == sorted(fb)
+        rows = int((fa["prompt_index"][:] < n).sum())
+        assert fb["prompt_index"].shape == (rows,)
         for k in fa:
             if fa[k].dtype.kind == "f":
-                np.testing.assert_allclose(fa[k][:], fb[k][:], atol=1e-4)
+                np.testing.assert_allclose(fa[k][:rows], fb[k][:], atol=1e-4)
             else:
-                assert (fa[k][:] == fb[k][:]).all(), k
+                assert (fa[k][:rows] == fb[k][:]).all(), k
+    # every copy of a prompt sat in another batch, next to other lengths: same numbers
+    k = len(PROMPTS)
+    first = a.iloc[:k].drop(columns="prompt_id").reset_index(drop=True)
+    for r in range(1, REPEAT):
+        copy = a.iloc[r * k : (r + 1) * k].drop(columns="prompt_id").reset_index(drop=True)
+        _assert_close_tables(first, copy)
 
 
 def test_outputs_validate_and_carry_provenance(main_runs):

@@ -303,11 +303,29 @@ class Scorer:
         return rows, coords, acts
 
     def _outcomes(self, items, logits, need, col_of) -> list[dict[str, Any]]:
+        """Scores for a batch with a handful of batched tensor ops, then numpy per row."""
         torch = self.torch
+        dev = logits.device
+        counts = [len(x) for x in need]
+        flat_b = np.repeat(np.arange(len(items)), counts)
+        flat_p = np.concatenate(need)
+        cols = flat_p if col_of is None else np.array([col_of[int(p)] for p in flat_p])
+        lg = logits[torch.from_numpy(flat_b).to(dev), torch.from_numpy(cols).to(dev)].float()
+        logp = torch.log_softmax(lg, dim=-1)  # (rows, V): one row per scored position
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        tgt = np.concatenate(
+            [it.target_ids if it.n_target else np.zeros(1, np.int64) for it in items]
+        )
+        t = torch.from_numpy(tgt).to(dev)
+        picked = logp.gather(1, t[:, None])[:, 0].cpu().numpy()
+        hit = (lg.argmax(dim=-1) == t).cpu().numpy()
+        fi = torch.from_numpy(first).to(dev)
+        last = lg.index_select(0, fi)  # (B, V) next-token logits after the prompt
+        rank = (last > last.gather(1, t.index_select(0, fi)[:, None])).sum(dim=-1).cpu().numpy()
+        with_choices = [b for b, it in enumerate(items) if it.choice_ids is not None]
+        first_logp = logp.index_select(0, fi[with_choices]).cpu().numpy() if with_choices else None
         rows = []
         for b, it in enumerate(items):
-            cols = need[b] if col_of is None else [col_of[int(p)] for p in need[b]]
-            lg = logits[b, torch.as_tensor(cols, device=logits.device)].float()  # (T, V)
             row: dict[str, Any] = {
                 "prompt_id": it.prompt_id,
                 "n_tokens": it.n,
@@ -319,35 +337,43 @@ class Scorer:
                 "choice_probs_raw": None,
                 "choice_pred": None,
             }
-            last = lg[0]
             if it.n_target:
-                tgt = torch.as_tensor(it.target_ids, device=lg.device)
-                logp = torch.log_softmax(lg, dim=-1)
-                picked = logp[torch.arange(len(tgt), device=lg.device), tgt]
-                row["target_logprob"] = float(picked.sum())
-                row["target_rank"] = int((last > last[tgt[0]]).sum())
-                row["correct"] = bool((lg.argmax(dim=-1) == tgt).all())
+                sl = slice(first[b], first[b] + counts[b])
+                row["target_logprob"] = float(picked[sl].astype(np.float64).sum())
+                row["target_rank"] = int(rank[b])
+                row["correct"] = bool(hit[sl].all())
             if it.choice_ids is not None:
-                cid = torch.as_tensor(it.choice_ids, device=lg.device)
-                raw = torch.softmax(last, dim=-1)[cid]
-                renorm = torch.softmax(last[cid], dim=-1)
+                lp = first_logp[with_choices.index(b)][it.choice_ids].astype(np.float64)
+                raw = np.exp(lp)
+                renorm = np.exp(lp - lp.max())
+                renorm /= renorm.sum()
                 row["choice_probs"] = [float(x) for x in renorm]
                 row["choice_probs_raw"] = [float(x) for x in raw]
-                row["choice_pred"] = int(renorm.argmax())
+                row["choice_pred"] = int(np.argmax(lp))
             rows.append(row)
         return rows
 
     def _attention(self, items, rows, values) -> None:
+        """Attention mass from each prompt's last token to each --attention-to span."""
         torch = self.torch
+        B = len(items)
+        q = np.array([it.n - 1 for it in items])
+        masks = {}
+        for span in self.settings.attention_to:
+            m = np.zeros((B, max(len(it.ids) + it.n_target for it in items)), np.float32)
+            for b, it in enumerate(items):
+                m[b, it.attn_pos[span]] = 1.0
+            masks[span] = m
         for layer, site in enumerate(self.attn_sites):
             pat = values[site]  # (B, H, q, k)
-            for b, it in enumerate(items):
-                q = it.n - 1
-                for span, p in it.attn_pos.items():
-                    idx = torch.as_tensor(p, device=pat.device)
-                    mass = pat[b, :, q, idx].float().sum(dim=-1)
-                    for h, m in enumerate(mass.tolist()):
-                        rows[b][f"attn_to.{span}.L{layer}.H{h}"] = float(m)
+            dev = pat.device
+            from_last = pat[torch.arange(B, device=dev), :, torch.from_numpy(q).to(dev)]
+            from_last = from_last.float()  # (B, H, k)
+            for span, m in masks.items():
+                mass = (from_last * torch.from_numpy(m).to(dev)[:, None, :]).sum(-1).cpu()
+                for b, per_head in enumerate(mass.tolist()):
+                    for h, value in enumerate(per_head):
+                        rows[b][f"attn_to.{span}.L{layer}.H{h}"] = float(value)
 
     def _acts(self, items, ids, values) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         torch = self.torch
