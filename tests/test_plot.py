@@ -694,8 +694,6 @@ def test_dag_subcommand(run_files, tmp_path):
         images.append(target.read_bytes())
     assert_drawn(images[0], style.pixels("single"), "dag")
     assert images[0] == images[1]
-    r = dolm_plot("dag", run_files["trace_toy"], "-o", tmp_path / "x.png")
-    assert r.returncode == 3 and "expected a 'dag' file" in r.stderr
 
 
 def test_dag_layout_and_roles():
@@ -715,7 +713,7 @@ def test_report_embeds_every_figure_and_the_provenance(run_files, tmp_path):
 
     run_dir = tmp_path / "run"
     (run_dir / "sub").mkdir(parents=True)
-    keep = [k for k in ("trace_toy", "trace_gpt2", "outcomes_toy", "prompts", "psm", "dag",
+    keep = [k for k in ("trace_gpt2", "steer", "outcomes_toy", "prompts", "psm", "dag",
                         "acts_toy") if k in run_files]
     for k in keep:
         shutil.copy(run_files[k], run_dir / ("sub" if k == "dag" else "") / run_files[k].name)
@@ -736,7 +734,7 @@ def test_report_embeds_every_figure_and_the_provenance(run_files, tmp_path):
         assert run_files[k].name in text
     for tool in ("patch", "collect-acts") if "outcomes_toy" in keep else ("patch",):
         assert f"<td>{tool} " in text
-    assert "dolm-patch --model toy --seed 0" in text  # argv
+    assert "dolm-patch --model gpt2-small --seed 0" in text  # argv
     assert "gpt2" in text and "aaaaaaaaaaaa" in text  # model spec and weights hash
     assert "<th>prompt_id</th>" in text  # head of a table
     r = dolm_plot("report", run_dir, "-o", report)
@@ -746,40 +744,47 @@ def test_report_embeds_every_figure_and_the_provenance(run_files, tmp_path):
 # ------------------------------------------------------------------ bad input
 
 
-def test_bad_inputs_exit_3(run_files, tmp_path):
-    import os
-    import shutil
+def plot_in_process(capsys, *args) -> tuple[int, str]:
+    """Run dolm-plot's command in this process (its exit code and stderr): cheap checks."""
+    from dolm_tools.plot.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main.main(args=[str(a) for a in args], prog_name="dolm-plot")
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_bad_inputs_exit_3(run_files, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     out = tmp_path / "o"
+    # through the real executable: a missing file, a schema plot does not draw
     r = dolm_plot(tmp_path / "nope.parquet", "-o", out)
     assert r.returncode == 3 and "nope.parquet: file not found" in r.stderr, r.stderr
-    plain = tmp_path / "plain.parquet"
-    pd.DataFrame({"a": [1, 2]}).to_parquet(plain)
-    r = dolm_plot(plain, "-o", out)
-    assert r.returncode == 3 and "not a dolm file" in r.stderr and "effects" in r.stderr
-    empty = tmp_path / "empty.parquet"
-    write_table(effects_trace().iloc[:0], empty, "effects", make_run("patch"))
-    r = dolm_plot(empty, "-o", out)
-    assert r.returncode == 3 and "empty" in r.stderr and "empty.parquet" in r.stderr
-    # a schema dolm knows but plot does not draw
-    schemas = tmp_path / "schemas"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "schemas", schemas)
-    (schemas / "widgets.v1.schema.json").write_text(json.dumps({
-        "title": "widgets", "x-dolm": {"kind": "table"}, "type": "object",
-        "required": ["w"], "properties": {"w": {"type": "integer"}}}))
-    env = {**os.environ, "DOLM_SCHEMAS": str(schemas)}
     widgets = tmp_path / "w.parquet"
-    subprocess.run([sys.executable, "-c", (
-        "import pandas as pd; from dolm.formats import write_table; "
-        f"write_table(pd.DataFrame({{'w': [1]}}), {str(widgets)!r}, 'widgets', None)")],
-        check=True, env=env)
-    r = dolm_plot(widgets, "-o", out, env=env)
+    table = pa.table({"w": [1]}).replace_schema_metadata(
+        {"dolm.schema": json.dumps({"name": "widgets", "version": 1})})
+    pq.write_table(table, widgets)
+    r = dolm_plot(widgets, "-o", out)
     assert r.returncode == 3, r.stderr
     assert "'widgets'" in r.stderr and "it knows: " in r.stderr and "effects" in r.stderr
-    r = dolm_plot(run_files["steer"], "-o", out, "--only", "trace")
-    assert r.returncode == 3 and "dose_response" in r.stderr
-    r = dolm_plot("report", tmp_path / "no-run", "-o", tmp_path / "r.html")
-    assert r.returncode == 3 and "not found" in r.stderr
+    # the rest in this process (same command, same exit codes)
+    plain = tmp_path / "plain.parquet"
+    pd.DataFrame({"a": [1, 2]}).to_parquet(plain)
+    code, err = plot_in_process(capsys, plain, "-o", out)
+    assert code == 3 and "not a dolm file" in err and "effects" in err
+    empty = tmp_path / "empty.parquet"
+    write_table(effects_trace().iloc[:0], empty, "effects", make_run("patch"))
+    code, err = plot_in_process(capsys, empty, "-o", out)
+    assert code == 3 and "empty" in err and "empty.parquet" in err
+    code, err = plot_in_process(capsys, run_files["steer"], "-o", out, "--only", "trace")
+    assert code == 3 and "dose_response" in err
+    code, err = plot_in_process(capsys, "report", tmp_path / "no-run", "-o", tmp_path / "r.html")
+    assert code == 3 and "not found" in err
+    code, err = plot_in_process(capsys, "dag", run_files["trace_toy"], "-o", tmp_path / "x.png")
+    assert code == 3 and "expected a 'dag' file" in err
+    code, err = plot_in_process(capsys, run_files["steer"], "-o", out, "--format", "gif")
+    assert code == 3 and "gif" in err
     assert not out.exists()  # nothing half-written
 
 
