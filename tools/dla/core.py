@@ -1,0 +1,444 @@
+"""Direct logit attribution at the final position.
+
+The residual stream at the last prompt token, ``x = resid_post.<n_layers-1>``, is a sum of
+components: the token embedding (``embed``), the position embedding (``pos_embed``, models
+with learned absolute positions: ``resid_pre.0 - embed``; otherwise ``embed`` is all of
+``resid_pre.0``), and each layer's attention output ``attn.L`` (``attn_out.L``) and MLP
+output ``mlp.L`` (``mlp_out.L``). ``attn.L`` splits further into heads, ``head.L.H`` (the
+head's slice of the output projection's input, through the projection), plus the
+projection's bias ``attn_bias.L``.
+
+The final norm is linearised with its scale ``s`` cached from the actual run::
+
+    LayerNorm (GPT-2, GPT-NeoX):  N(x) = g * (x - mean(x)) / s + b,  s = sqrt(var(x) + eps)
+    RMSNorm (Llama, Qwen2, ...):  N(x) = g * x / s,                   s = sqrt(mean(x^2) + eps)
+
+so that each component ``c`` contributes ``(P(c) / s) . (g * u)`` to the metric, where P
+centres for LayerNorm and ``u`` is the unembedding direction: ``W_U[target]`` (metric
+``logit``) or ``W_U[target] - W_U[foil]`` (metric ``logit_diff``). The bias terms are
+``b . u`` (``bias.final_norm``) and the unembedding bias (``bias.unembed``, when the model
+has one). The components with ``in_total`` (embed, pos_embed, attn.L, mlp.L, bias.*) sum
+to the model's own logit (difference), given as ``metric_value``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from dolm.errors import DolmRuntimeError, InputError
+
+SCHEMA = "attributions"
+
+
+# ------------------------------------------------------------------ final norm
+
+
+@dataclass
+class NormLinear:
+    """The final norm as ``g * P(x) / s + b`` (P centres when ``centre``)."""
+
+    gamma: torch.Tensor  # (d,) float64
+    beta: torch.Tensor  # (d,) float64
+    eps: float
+    centre: bool
+    name: str
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, d) float64 -> (B,) the norm's scale s."""
+        if self.centre:
+            v = x.var(dim=-1, unbiased=False)
+        else:
+            v = x.pow(2).mean(dim=-1)
+        return torch.sqrt(v + self.eps)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(dim=-1, keepdim=True) if self.centre else x
+
+
+def final_norm_linear(lm: Any) -> NormLinear:
+    """Read the final norm's parameters (LayerNorm or RMSNorm variants)."""
+    m = lm.adapter.final_norm
+    d = lm.d_model
+    cls = type(m).__name__
+    weight = getattr(m, "weight", None)
+    bias = getattr(m, "bias", None)
+    eps = getattr(m, "eps", None)
+    if eps is None:
+        eps = getattr(m, "variance_epsilon", None)
+    if eps is None:
+        raise DolmRuntimeError(f"final norm {cls}: no eps/variance_epsilon attribute; "
+                               "dolm-dla cannot linearise it")
+    ones = torch.ones(d, dtype=torch.float64)
+    g = ones if weight is None else weight.detach().to("cpu", torch.float64).reshape(-1)
+    centre = lm.adapter.norm != "rmsnorm"
+    if not centre and "gemma" in cls.lower():
+        g = 1.0 + g  # Gemma's RMSNorm scales by (1 + weight)
+    b = torch.zeros(d, dtype=torch.float64) if bias is None or not centre else \
+        bias.detach().to("cpu", torch.float64).reshape(-1)
+    if g.shape != (d,) or b.shape != (d,):
+        raise DolmRuntimeError(f"final norm {cls}: parameters of shape {tuple(g.shape)}, "
+                               f"expected ({d},)")
+    return NormLinear(gamma=g, beta=b, eps=float(eps), centre=centre, name=cls)
+
+
+def unembed_matrix(lm: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W_U as (vocab, d) on its device, bias or None)."""
+    m = lm.adapter.unembed
+    w = getattr(m, "weight", None)
+    if w is None or w.dim() != 2 or w.shape[1] != lm.d_model or not w.dtype.is_floating_point:
+        raise DolmRuntimeError(
+            f"unembedding {type(m).__name__}: expected a (vocab, {lm.d_model}) floating-point "
+            "weight; direct logit attribution needs an unquantised unembedding")
+    b = getattr(m, "bias", None)
+    return w.detach(), (None if b is None else b.detach())
+
+
+# ------------------------------------------------------------------ tokens
+
+
+@dataclass
+class Request:
+    """Per prompt: target id, foil id (or None), the two choice ids (or None)."""
+
+    target: list[int]
+    foil: list[int | None]
+    choices: list[tuple[int, int] | None]
+    target_str: list[str]
+    foil_str: list[str | None]
+    metric: str
+
+
+def _null(v: Any) -> bool:
+    if v is None or type(v).__name__ == "NAType":
+        return True
+    return isinstance(v, float) and v != v
+
+
+def resolve(lm: Any, df: Any, path: str, *, metric: str, target: str | None,
+            foil: str | None, first_token: bool) -> Request:
+    """Token ids for each prompt; named InputErrors for what cannot be attributed."""
+    cache: dict = {}
+
+    def one(s: str, where: str) -> int:
+        key = (s, first_token)
+        if key not in cache:
+            try:
+                cache[key] = int(lm.choice_token_ids([s], first_token=True)[0]) if first_token \
+                    else int(lm.token_id(s))
+            except InputError as exc:
+                hint = "" if first_token else " (or pass --first-token to use its first token)"
+                raise InputError(f"{where}: {exc}{hint}") from None
+        return cache[key]
+
+    t_ids, f_ids, c_ids, t_str, f_str = [], [], [], [], []
+    missing_t, missing_f = [], []
+    has_choices = "choices" in df.columns
+    for row in df.itertuples(index=False):
+        pid = str(row.prompt_id)
+        t = target if target is not None else getattr(row, "target", None)
+        if _null(t):
+            missing_t.append(pid)
+            t_ids.append(-1)
+            t_str.append("")
+        else:
+            where = f"--target {t!r}" if target is not None else \
+                f"{path}: prompt {pid}, column 'target'"
+            t_ids.append(one(str(t), where))
+            t_str.append(str(t))
+        ch = getattr(row, "choices", None) if has_choices else None
+        pair = None
+        if not _null(ch) and ch is not None and len(ch) == 2:
+            a = one(str(ch[0]), f"{path}: prompt {pid}, column 'choices'")
+            b = one(str(ch[1]), f"{path}: prompt {pid}, column 'choices'")
+            if a == b:
+                raise InputError(f"{path}: prompt {pid}, column 'choices': {ch[0]!r} and "
+                                 f"{ch[1]!r} are the same token")
+            pair = (a, b)
+        c_ids.append(pair)
+        f = foil if foil is not None else getattr(row, "foil", None)
+        fid = None
+        if not _null(f):
+            where = f"--foil {f!r}" if foil is not None else \
+                f"{path}: prompt {pid}, column 'foil'"
+            fid = one(str(f), where)
+        elif pair is not None and t_ids[-1] in pair:
+            # two choices and the target among them: the foil is the other one
+            fid = pair[1] if t_ids[-1] == pair[0] else pair[0]
+            f = str(ch[1] if fid == pair[1] else ch[0])
+        if fid is None:
+            missing_f.append(pid)
+        f_ids.append(fid)
+        f_str.append(None if fid is None else str(f))
+    if missing_t:
+        raise InputError(
+            f"{path}: {len(missing_t)} prompt(s) without a target (column 'target' is null: "
+            f"{', '.join(missing_t[:5])}{' ...' if len(missing_t) > 5 else ''}); "
+            "pass --target TOKEN")
+    if metric == "auto":
+        metric = "logit_diff" if not missing_f else "logit"
+    if metric == "logit_diff":
+        if missing_f:
+            raise InputError(
+                f"{path}: --metric logit_diff needs a foil, but {len(missing_f)} prompt(s) have "
+                f"none (column 'foil' is null and no two choices name it: "
+                f"{', '.join(missing_f[:5])}{' ...' if len(missing_f) > 5 else ''}); "
+                "pass --foil TOKEN or --metric logit")
+        for pid, t, f in zip(df["prompt_id"].astype(str), t_ids, f_ids, strict=True):
+            if t == f:
+                raise InputError(f"{path}: prompt {pid}: target and foil are the same token")
+    else:
+        f_ids, f_str = [None] * len(t_ids), [None] * len(t_ids)
+    return Request(target=t_ids, foil=f_ids, choices=c_ids, target_str=t_str, foil_str=f_str,
+                   metric=metric)
+
+
+# ------------------------------------------------------------------ attribution
+
+
+def _component_names(lm: Any, heads: bool) -> list[tuple[str, str, int | None, int | None, bool]]:
+    """(component, kind, layer, head, in_total) in table order."""
+    out = [("embed", "embed", None, None, True)]
+    if lm.adapter.pos_embed is not None:
+        out.append(("pos_embed", "pos_embed", None, None, True))
+    for layer in range(lm.n_layers):
+        out.append((f"attn.{layer}", "attn", layer, None, True))
+        if heads:
+            for h in range(lm.n_heads):
+                out.append((f"head.{layer}.{h}", "head", layer, h, False))
+            out.append((f"attn_bias.{layer}", "attn_bias", layer, None, False))
+        out.append((f"mlp.{layer}", "mlp", layer, None, True))
+    out.append(("bias.final_norm", "bias", None, None, True))
+    if getattr(lm.adapter.unembed, "bias", None) is not None:
+        out.append(("bias.unembed", "bias", None, None, True))
+    return out
+
+
+def _head_outputs(lm: Any, layer: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's contribution through the output projection, and the projection's bias.
+
+    ``z`` (B, n_heads * d_head) is the projection's input at the final position. Computed by
+    calling the projection on inputs with all heads but one zeroed (works for any linear
+    module type), minus its output on zeros (the bias).
+    """
+    o_proj = lm.adapter.block_module(layer, "attn_o")
+    n_h = lm.n_heads
+    bsz, width = z.shape
+    dh = width // n_h
+    masked = torch.zeros(bsz, n_h, n_h, dh, dtype=z.dtype, device=z.device)
+    zv = z.reshape(bsz, n_h, dh)
+    idx = torch.arange(n_h, device=z.device)
+    masked[:, idx, idx, :] = zv
+    with torch.no_grad():
+        per_head = o_proj(masked.reshape(bsz, n_h, width))
+        bias = o_proj(torch.zeros(1, 1, width, dtype=z.dtype, device=z.device))[0, 0]
+    return per_head - bias, bias
+
+
+def dla_batch(lm: Any, enc: Any, req: Request, rows: list[int], heads: bool,
+              norm: NormLinear, w_u: torch.Tensor, b_u: torch.Tensor | None) -> dict:
+    """Attributions for one batch: (B, n_components) values, metric values, scales."""
+    n = lm.n_layers
+    has_pos = lm.adapter.pos_embed is not None
+    reads = ["resid_pre.0", f"resid_post.{n - 1}", "final_norm", "attn_out.*", "mlp_out.*"]
+    if has_pos:
+        reads.append("embed")
+    if heads:
+        reads.append("head.*.*")
+    with torch.no_grad(), lm.trace(read=reads) as tr:
+        out = lm.forward(enc)
+    last = enc.last_index
+    bidx = torch.arange(len(enc), device=last.device)
+
+    def at(site: str) -> torch.Tensor:
+        t = tr[site]
+        return t[bidx.to(t.device), last.to(t.device)]
+
+    def f64(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float64)
+
+    comps: list[torch.Tensor] = []
+    pre0 = f64(at("resid_pre.0"))
+    if has_pos:
+        emb = f64(at("embed"))
+        comps += [emb, pre0 - emb]
+    else:
+        comps.append(pre0)
+    attn_total = torch.zeros_like(pre0)
+    mlp_total = torch.zeros_like(pre0)
+    attn_parts, mlp_parts = [], []
+    for layer in range(n):
+        a = f64(at(f"attn_out.{layer}"))
+        m = f64(at(f"mlp_out.{layer}"))
+        attn_total += a
+        mlp_total += m
+        attn_parts.append(a)
+        mlp_parts.append(m)
+        comps.append(a)
+        if heads:
+            z = torch.cat([at(f"head.{layer}.{h}") for h in range(lm.n_heads)], dim=-1)
+            per_head, bias = _head_outputs(lm, layer, z)
+            ph = f64(per_head)
+            comps += [ph[:, h] for h in range(lm.n_heads)]
+            comps.append(f64(bias).expand_as(a))
+        comps.append(m)
+    x = f64(at(f"resid_post.{n - 1}"))
+    recon = comps[0] + (comps[1] if has_pos else 0) + attn_total + mlp_total
+    err = float(((recon - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).max())
+    tol = 1e-3 if lm.dtype == torch.float32 else 5e-2
+    if err > tol:
+        raise DolmRuntimeError(
+            f"the residual stream at the final position is not the sum of embeddings, "
+            f"attention and MLP outputs for this model ({lm.adapter.name}; relative error "
+            f"{err:.2e}); dolm-dla cannot decompose it")
+    s = norm.scale(x)  # (B,)
+    y_hat = norm.gamma * norm.project(x) / s[:, None] + norm.beta
+    y = f64(at("final_norm"))
+    nerr = float(((y_hat - y).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)).max())
+    if nerr > tol:
+        raise DolmRuntimeError(
+            f"final norm {norm.name}: its linearisation does not reproduce its output "
+            f"(relative error {nerr:.2e}); dolm-dla does not know this norm")
+
+    wdev = w_u.device
+    t_ids = torch.tensor([req.target[i] for i in rows], device=wdev)
+    u = w_u[t_ids].to("cpu", torch.float64)
+    logits = out.logits[bidx.to(out.logits.device), last.to(out.logits.device)]
+    logits = logits.detach().to("cpu", torch.float64)
+    actual = logits[torch.arange(len(rows)), t_ids.cpu()]
+    ub = None if b_u is None else b_u[t_ids].to("cpu", torch.float64)
+    if req.metric == "logit_diff":
+        f_ids = torch.tensor([req.foil[i] for i in rows], device=wdev)
+        u = u - w_u[f_ids].to("cpu", torch.float64)
+        actual = actual - logits[torch.arange(len(rows)), f_ids.cpu()]
+        if ub is not None:
+            ub = ub - b_u[f_ids].to("cpu", torch.float64)
+    gu = norm.gamma * u  # (B, d)
+
+    def attribute(c: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        return (norm.project(c) * direction).sum(-1) / s
+
+    values = [attribute(c, gu) for c in comps]
+    values.append((norm.beta * u).sum(-1))
+    if ub is not None:
+        values.append(ub)
+    vals = torch.stack(values, dim=1)  # (B, n_components)
+
+    # the original study's columns: per layer, toward option 1 and option 2 (two choices)
+    study = None
+    pairs = [req.choices[i] for i in rows]
+    if any(p is not None for p in pairs):
+        c1 = torch.tensor([p[0] if p else 0 for p in pairs], device=wdev)
+        c2 = torch.tensor([p[1] if p else 0 for p in pairs], device=wdev)
+        g1 = norm.gamma * w_u[c1].to("cpu", torch.float64)
+        g2 = norm.gamma * w_u[c2].to("cpu", torch.float64)
+        study = {
+            "attn_to_1": torch.stack([attribute(a, g1) for a in attn_parts], 1),
+            "attn_to_2": torch.stack([attribute(a, g2) for a in attn_parts], 1),
+            "mlp_to_1": torch.stack([attribute(m, g1) for m in mlp_parts], 1),
+            "mlp_to_2": torch.stack([attribute(m, g2) for m in mlp_parts], 1),
+            "has": torch.tensor([p is not None for p in pairs]),
+        }
+    return dict(values=vals.numpy(), actual=actual.numpy(), scale=s.numpy(),
+                position=last.cpu().numpy(), study=study, rows=rows)
+
+
+def to_frame(lm: Any, df: Any, req: Request, results: list[dict], heads: bool) -> Any:
+    import pandas as pd
+
+    names = _component_names(lm, heads)
+    k = len(names)
+    comp = [c for c, *_ in names]
+    kind = [x[1] for x in names]
+    layer = pd.array([x[2] for x in names], dtype="Int64")
+    head = pd.array([x[3] for x in names], dtype="Int64")
+    in_total = np.array([x[4] for x in names])
+    ids = df["prompt_id"].astype(str).to_numpy()
+    frames = []
+    study_cols = ["attn_to_1", "attn_to_2", "mlp_to_1", "mlp_to_2", "total_to_1", "total_to_2",
+                  "attn_mlp_ratio", "decision_diff"]
+    layer_np = np.array([-1 if x[2] is None else x[2] for x in names])
+    for res in results:
+        rows = res["rows"]
+        b = len(rows)
+        vals = res["values"]
+        if vals.shape[1] != k:  # pragma: no cover - guarded by construction
+            raise DolmRuntimeError(f"internal: {vals.shape[1]} values for {k} components")
+        frame = pd.DataFrame({
+            "prompt_id": np.repeat(ids[rows], k),
+            "position": np.repeat(res["position"].astype(np.int64), k),
+            "metric": req.metric,
+            "target": np.repeat(np.array([req.target_str[i] for i in rows], dtype=object), k),
+            "foil": np.repeat(np.array([req.foil_str[i] for i in rows], dtype=object), k),
+            "target_id": np.repeat(np.array([req.target[i] for i in rows], dtype=np.int64), k),
+            "foil_id": pd.array(np.repeat(np.array([req.foil[i] for i in rows], dtype=object), k),
+                                dtype="Int64"),
+            "component": np.tile(np.array(comp, dtype=object), b),
+            "kind": np.tile(np.array(kind, dtype=object), b),
+            "layer": pd.array(np.tile(np.asarray(layer, dtype=object), b), dtype="Int64"),
+            "head": pd.array(np.tile(np.asarray(head, dtype=object), b), dtype="Int64"),
+            "value": vals.reshape(-1),
+            "in_total": np.tile(in_total, b),
+            "metric_value": np.repeat(res["actual"], k),
+            "norm_scale": np.repeat(res["scale"], k),
+        })
+        st = res["study"]
+        cols = {c: np.full((b, k), np.nan) for c in study_cols}
+        if st is not None:
+            has = st["has"].numpy()
+            a1, a2 = st["attn_to_1"].numpy(), st["attn_to_2"].numpy()
+            m1, m2 = st["mlp_to_1"].numpy(), st["mlp_to_2"].numpy()
+            for j, lay in enumerate(layer_np):
+                if lay < 0:
+                    continue
+                sel = has
+                cols["attn_to_1"][sel, j] = a1[sel, lay]
+                cols["attn_to_2"][sel, j] = a2[sel, lay]
+                cols["mlp_to_1"][sel, j] = m1[sel, lay]
+                cols["mlp_to_2"][sel, j] = m2[sel, lay]
+            cols["total_to_1"] = cols["attn_to_1"] + cols["mlp_to_1"]
+            cols["total_to_2"] = cols["attn_to_2"] + cols["mlp_to_2"]
+            den = np.abs(cols["attn_to_1"]) + np.abs(cols["mlp_to_1"])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cols["attn_mlp_ratio"] = np.where(den > 0, np.abs(cols["attn_to_1"]) / den,
+                                                  np.nan)
+            cols["decision_diff"] = cols["total_to_1"] - cols["total_to_2"]
+        for c in study_cols:
+            frame[c] = cols[c].reshape(-1)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def run_dla(run: Any, *, df: Any, prompts: str, model_opts: Any, output: str, force: bool,
+            metric: str, target: str | None, foil: str | None, heads: bool,
+            first_token: bool) -> None:
+    from dolm.cli import load_model, log, progress
+    from dolm.formats import write_table
+    from dolm.models import iter_batched
+
+    lm = load_model(model_opts, run=run)
+    req = resolve(lm, df, prompts, metric=metric, target=target, foil=foil,
+                  first_token=first_token)
+    norm = final_norm_linear(lm)
+    w_u, b_u = unembed_matrix(lm)
+    texts = df["prompt"].astype(str).tolist()
+    names = df["prompt_id"].astype(str).tolist()
+    results: list[dict] = []
+
+    def fn(start: int, stop: int) -> dict:
+        enc = lm.encode(texts[start:stop], names=names[start:stop])
+        return dla_batch(lm, enc, req, list(range(start, stop)), heads, norm, w_u, b_u)
+
+    bar = progress(total=len(df), desc="dla", unit="prompt")
+    for start, stop, res in iter_batched(len(df), fn, model_opts.batch_size):
+        results.append(res)
+        bar.update(stop - start)
+    bar.close()
+    table = to_frame(lm, df, req, results, heads)
+    extra = {"metric": req.metric, "heads": heads, "norm": norm.name,
+             "final_position": "last prompt token", "components": "see dolm_tools.dla.core"}
+    write_table(table, output, schema=SCHEMA, run=run, force=force, extra=extra)
+    if output != "-":
+        log(f"dolm-dla: {len(table)} rows ({len(df)} prompts, metric {req.metric}) -> {output}")
