@@ -714,7 +714,7 @@ def test_report_embeds_every_figure_and_the_provenance(run_files, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "sub").mkdir(parents=True)
     keep = [k for k in ("trace_gpt2", "steer", "outcomes_toy", "prompts", "psm", "dag",
-                        "acts_toy") if k in run_files]
+                        "acts_toy", "translators") if k in run_files]
     for k in keep:
         shutil.copy(run_files[k], run_dir / ("sub" if k == "dag" else "") / run_files[k].name)
     (run_dir / "notes.txt").write_text("not a dolm file")
@@ -737,6 +737,8 @@ def test_report_embeds_every_figure_and_the_provenance(run_files, tmp_path):
     assert "dolm-patch --model gpt2-small --seed 0" in text  # argv
     assert "gpt2" in text and "aaaaaaaaaaaa" in text  # model spec and weights hash
     assert "<th>prompt_id</th>" in text  # head of a table
+    if "translators" in keep:  # the held-out KL per layer, logit vs tuned, as a table
+        assert "<th>layer</th><th>logit</th><th>tuned</th>" in text
     r = dolm_plot("report", run_dir, "-o", report)
     assert r.returncode == 3 and "--force" in r.stderr
 

@@ -169,13 +169,36 @@ def key_numbers(obj: Any, prefix: str = "", depth: int = 0, out: list | None = N
     return out
 
 
+def column_tables(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, dict]]:
+    """Dicts whose list values have one length (e.g. per-layer KL: layer, logit, tuned)."""
+    out: list[tuple[str, dict]] = []
+    if not isinstance(obj, dict) or depth > 2:
+        return out
+    lists = {k: v for k, v in obj.items() if isinstance(v, list) and v
+             and all(isinstance(x, (int, float, str, type(None))) for x in v)}
+    if len(lists) >= 2 and len({len(v) for v in lists.values()}) == 1 and \
+            len(next(iter(lists.values()))) <= 64:
+        out.append((prefix, lists))
+    for k, v in obj.items():
+        if isinstance(v, dict) and not (k == "dolm" and depth == 0):
+            out += column_tables(v, f"{prefix}.{k}" if prefix else str(k), depth + 1)
+    return out
+
+
 def json_summary(obj: Any, limit: int = 24) -> str:
     pairs = key_numbers(obj)
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(_cell(v, 120))}</td></tr>"
                    for k, v in pairs[:limit])
     more = f'<p class="muted">… {len(pairs) - limit} more entries</p>' if len(pairs) > limit \
         else ""
-    return f"<table>{rows}</table>{more}" if rows else '<p class="muted">no scalar entries</p>'
+    html_ = f"<table>{rows}</table>{more}" if rows else '<p class="muted">no scalar entries</p>'
+    for name, cols in column_tables(obj):
+        head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+        body = "".join("<tr>" + "".join(f"<td>{esc(_cell(cols[c][i]))}</td>" for c in cols)
+                       + "</tr>" for i in range(len(next(iter(cols.values())))))
+        html_ += (f'<p class="muted">{esc(name or "values")}</p>'
+                  f"<table><tr>{head}</tr>{body}</table>")
+    return html_
 
 
 def h5_summary(path: str) -> str:
