@@ -151,7 +151,7 @@ def simulate(run, graph, dag_path, d, edges_per_node, mechanism, n_obs, n_per_ta
               show_default=True)
 @click.option("--rounds", type=click.IntRange(1), default=12, show_default=True,
               help="Augmented-Lagrangian rounds (temperature anneals over them).")
-@click.option("--steps-per-round", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--steps-per-round", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--batch-size", type=click.IntRange(0), default=0, show_default=True,
               help="Rows per step (0 = all rows).")
 @click.option("--temperature", "temps", default="1.0,0.25", show_default=True,
@@ -169,8 +169,9 @@ def simulate(run, graph, dag_path, d, edges_per_node, mechanism, n_obs, n_per_ta
               "observational.")
 @click.option("--no-gradient-blocking", is_flag=True,
               help="Ablation: straight-through do() (gradients pass into intervened nodes).")
-@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
-              help="torch threads (0 = torch's default).")
+@click.option("--threads", type=click.IntRange(0), default=1, show_default=True,
+              help="torch threads (0 = torch's default; the tensors are small: 1 is "
+                   "fastest on a shared machine).")
 @seed_option
 def fit_cmd(run, data, output, force, target_column, variables, exclude, true_dag, mechanism,
             hidden, lambda_sparse, acyclicity, lr, rounds, steps_per_round, batch_size, temps,

@@ -13,8 +13,10 @@ per-column location and scale to map raw units in and out).
 * ``CausalUnit`` -- adjacency ``A = sigmoid(logits / temperature)`` (diagonal fixed at 0)
   masking each node's parents; per-node mechanisms ``linear`` (``z_j = sum_i A_ij W_ij
   z_i + b_j``) or ``mlp`` (one hidden layer per node over ``A[:, j] * z``). A do() on
-  node j multiplies its incoming edges by 0 (a hard cut) before the mechanism and
-  replaces its output through ``DoIntervention``.
+  node j replaces its output through ``DoIntervention``: the mechanism's output (the
+  only place its incoming edges act) is discarded forward and gets exactly zero
+  gradient backward, which cuts the incoming edges. ``hard=True`` thresholds the
+  adjacency at 0.5 (used for do() queries, sampling and counterfactuals).
 * ``CausalNetwork`` -- the unit unrolled over graph depth (a weight-tied network of
   units) plus a Gaussian noise model per node: interventional NLL (the terms of
   intervened nodes masked, as DCDI does), ancestral sampling under do(), and
@@ -149,20 +151,21 @@ class CausalUnit(nn.Module):
     # -- forward ---------------------------------------------------------------------
     def forward(self, z, do_mask=None, do_values=None, noise=None, hard=False, block=True):
         """One step of the structural equations: every node's mechanism applied to its
-        (masked) parents in ``z``; intervened nodes get their do() value instead."""
+        (masked) parents in ``z``; intervened nodes get their do() value instead.
+
+        The cut of an intervened node's incoming edges is the replacement itself: its
+        mechanism's output is discarded in the forward pass and, through
+        ``DoIntervention``, gets exactly zero gradient, so neither its parents' values nor
+        the logits / weights of its incoming edges receive anything through it. Inputs
+        that are intervened on are replaced too (``z`` may hold stale values in a
+        rollout); pass ``do_values=z`` (teacher forcing) to skip that no-op."""
         A = self.mask(hard)
-        if do_mask is not None:
-            z = do(z, do_values, do_mask, block)  # intervened inputs are the do() values
-            keep = (~do_mask).to(z.dtype).expand_as(z)  # hard cut of incoming edges
+        if do_mask is not None and do_values is not z:
+            z = do(z, do_values, do_mask, block)
         if self.mechanism == "linear":
-            pre = z @ (A * self.weight)
-            if do_mask is not None:
-                pre = pre * keep
-            pred = pre + self.bias
+            pred = z @ (A * self.weight) + self.bias
         else:
             h = torch.einsum("bi,ijk->bjk", z, A.unsqueeze(-1) * self.w1)
-            if do_mask is not None:
-                h = h * keep.unsqueeze(-1)
             h = torch.nn.functional.leaky_relu(h + self.b1, 0.1)
             pred = (h * self.w2).sum(-1) + self.b2
         if noise is not None:

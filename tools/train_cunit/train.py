@@ -23,10 +23,10 @@ class TrainConfig:
     acyclicity: str = "notears"  # notears: tr(exp(E o E)) - d ; dagma: -logdet(sI - E o E)
     lr: float = 3e-2
     batch_size: int = 0  # 0 = full batch
-    inner_steps: int = 200  # optimiser steps per augmented-Lagrangian round
+    inner_steps: int = 100  # optimiser steps per augmented-Lagrangian round
     warmup_steps: int = 0  # steps before the acyclicity penalty starts
     max_rounds: int = 12
-    rho_start: float = 1.0
+    rho_start: float = 10.0
     rho_factor: float = 10.0
     rho_max: float = 1e8
     h_tol: float = 1e-8

@@ -1,0 +1,315 @@
+"""Benchmark of dolm-train-cunit against DAGMA (linear), side by side on the same data.
+
+    python benchmarks/cunit.py                      # everything, 3 seeds (tens of minutes)
+    python benchmarks/cunit.py --only canonical,er  # some sections
+    python benchmarks/cunit.py --quick              # 1 seed, small sizes (a smoke run)
+
+Sections (results as Markdown tables in benchmarks/results/cunit.md, raw rows as JSON
+beside it):
+
+* canonical -- chain, fork, collider, confounder, complex (6 nodes); raw and per-column
+  standardised data. cunit gets the interventional table (observational rows + one
+  perfect-intervention regime per node, known targets); DAGMA gets an observational
+  sample of the same size and, for reference, the same interventional table pooled.
+* er -- ER2 graphs (2d expected edges), d = 10 and 20, linear-Gaussian (weights +-[0.5, 2],
+  unit noise: NOTEARS/DAGMA's setting), raw and standardised.
+* speed -- forward pass of a causal unit vs a plain per-node MLP / linear map with the
+  same parameters, and the wall time of a d = 50 fit on 2 threads.
+* ablation -- ER2 d = 10 standardised: no interventions (targets ignored), no gradient
+  blocking (with and without the counterfactual loss, where blocking can matter),
+  no polish, MLP mechanisms with gates, a vanilla per-node MLP (no gates).
+
+DAGMA: ``DagmaLinear(loss_type="l2").fit(X, lambda1=0.02)`` (the package defaults:
+w_threshold 0.3, T = 5, s = [1.0, .9, .8, .7, .6]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))  # works without an install too
+
+from train_cunit.graphs import canonical, structure_metrics  # noqa: E402
+from train_cunit.scm import graph_from_spec, make_scm, simulate_regimes  # noqa: E402
+
+CANONICAL = ["chain", "fork", "collider", "confounder", "complex"]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def make_data(graph: str, d: int, seed: int, n_obs: int, n_int: int):
+    """The interventional table (cunit), an observational sample of the same size
+    (DAGMA), both raw; standardised copies are made by the caller."""
+    rng = np.random.default_rng(seed)
+    if graph in CANONICAL:
+        nodes, B = canonical(graph)
+    else:
+        nodes, B = graph_from_spec(graph, d, 2.0, rng)
+    scm = make_scm(nodes, B, "linear", rng)
+    X, tg, _, _ = simulate_regimes(scm, rng, n_obs=n_obs, n_per_target=n_int)
+    X_obs = scm.sample(len(X), rng)
+    return B, X, tg, X_obs
+
+
+def standardise(X):
+    return (X - X.mean(0)) / X.std(0)
+
+
+def run_cunit(X, tg, seed, threads=1, **cfg):
+    import torch
+    from train_cunit.train import TrainConfig, fit
+
+    torch.set_num_threads(threads)
+    c0 = time.process_time()
+    res = fit(X, tg, TrainConfig(seed=seed, **cfg))
+    return res.adjacency, res.seconds, time.process_time() - c0
+
+
+def run_dagma(X, seed):
+    import contextlib
+
+    from dagma import utils
+    from dagma.linear import DagmaLinear
+
+    utils.set_random_seed(seed)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # its tqdm bar
+        W = DagmaLinear(loss_type="l2").fit(X, lambda1=0.02)
+    return (W != 0).astype(int), time.perf_counter() - t0, time.process_time() - c0
+
+
+_JSON: Path | None = None  # rows are appended here as they come (a long run can be cut)
+
+
+def record(rows, section, **kw):
+    rows.append({"section": section, **kw})
+    if _JSON is not None:
+        _JSON.write_text(json.dumps(rows, indent=1, default=float))
+    m = kw.get("metrics", {})
+    print(f"[{section}] " + " ".join(f"{k}={v}" for k, v in kw.items() if k != "metrics")
+          + (f" f1={m['f1']:.3f} shd={m['shd']:.0f}" if m else ""), flush=True)
+
+
+# ------------------------------------------------------------------ sections
+
+
+def section_structure(rows, graphs, seeds, n_obs, n_int, section):
+    for graph, d in graphs:
+        for seed in seeds:
+            B, X, tg, X_obs = make_data(graph, d, seed, n_obs, n_int)
+            for scaling in ("raw", "standardised"):
+                Xi = X if scaling == "raw" else standardise(X)
+                Xo = X_obs if scaling == "raw" else standardise(X_obs)
+                A, wall, cpu = run_cunit(Xi, tg, seed)
+                record(rows, section, graph=graph, d=len(B), seed=seed, scaling=scaling,
+                       method="cunit (interventional)", wall_s=wall, cpu_s=cpu,
+                       metrics=structure_metrics(B, A))
+                A, wall, cpu = run_dagma(Xo, seed)
+                record(rows, section, graph=graph, d=len(B), seed=seed, scaling=scaling,
+                       method="DAGMA (observational)", wall_s=wall, cpu_s=cpu,
+                       metrics=structure_metrics(B, A))
+                A, wall, cpu = run_dagma(Xi, seed)
+                record(rows, section, graph=graph, d=len(B), seed=seed, scaling=scaling,
+                       method="DAGMA (same table, pooled)", wall_s=wall, cpu_s=cpu,
+                       metrics=structure_metrics(B, A))
+
+
+def section_speed(rows, quick):
+    import torch
+    from train_cunit.engine import CausalUnit
+
+    torch.set_num_threads(1)
+    for mech, d, h, batch in [("mlp", 20, 16, 4096), ("mlp", 50, 16, 1024),
+                              ("linear", 20, 0, 4096), ("linear", 50, 0, 4096)]:
+        unit = CausalUnit(d, mech, hidden=max(h, 1)).eval()
+        z = torch.randn(batch, d)
+        vals = torch.randn(batch, d)
+        mask = torch.zeros(batch, d, dtype=torch.bool)
+        mask[:, [1, d // 2]] = True  # two simultaneous interventions
+
+        if mech == "mlp":
+            def plain(z, unit=unit):
+                hh = torch.einsum("bi,ijk->bjk", z, unit.w1) + unit.b1
+                hh = torch.nn.functional.leaky_relu(hh, 0.1)
+                return (hh * unit.w2).sum(-1) + unit.b2
+        else:
+            def plain(z, unit=unit):
+                return z @ unit.weight + unit.bias
+        fns = {"plain": lambda z=z, plain=plain: plain(z),
+               "unit": lambda z=z, unit=unit: unit(z),
+               "unit+do": lambda z=z, unit=unit, m=mask, v=vals: unit(z, m, v)}
+        times = {k: [] for k in fns}
+        with torch.no_grad():
+            for _ in range(20 if quick else 80):
+                for k, f in fns.items():  # interleaved, min over repeats (a shared machine)
+                    t = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t)
+        best = {k: min(v) for k, v in times.items()}
+        for k in ("unit", "unit+do"):
+            record(rows, "forward", mechanism=mech, d=d, hidden=h, batch=batch, variant=k,
+                   ms=best[k] * 1e3, plain_ms=best["plain"] * 1e3,
+                   ratio=best[k] / best["plain"])
+
+
+def section_d50(rows, seeds, quick):
+    d = 20 if quick else 50
+    for seed in seeds[:1]:
+        B, X, tg, _ = make_data("er", d, seed, 1000, 200)
+        A, wall, cpu = run_cunit(standardise(X), tg, seed, threads=2)
+        record(rows, "d50", graph="er", d=d, seed=seed, scaling="standardised",
+               method="cunit (interventional)", wall_s=wall, cpu_s=cpu,
+               metrics=structure_metrics(B, A))
+
+
+ABLATIONS = [
+    ("full (linear, gates, do() blocking, polish)", {}),
+    ("no interventions (targets ignored)", {"use_targets": False}),
+    ("no gradient blocking", {"block_gradients": False}),
+    ("+ counterfactual loss (blocking)", {"cf_weight": 0.1, "cf_steps": 3}),
+    ("+ counterfactual loss, no gradient blocking",
+     {"cf_weight": 0.1, "cf_steps": 3, "block_gradients": False}),
+    ("+ random interventions p=0.1", {"p_random_intervention": 0.1}),
+    ("no polish (continuous optimiser only)", {"polish": False}),
+    ("MLP mechanisms, gates", {"mechanism": "mlp"}),
+    ("vanilla MLP (no gates: first-layer norms)", {"mechanism": "mlp", "gates": False}),
+]
+
+
+def section_ablation(rows, seeds, d, n_obs, n_int):
+    for seed in seeds:
+        B, X, tg, _ = make_data("er", d, seed, n_obs, n_int)
+        Xs = standardise(X)
+        for name, cfg in ABLATIONS:
+            A, wall, cpu = run_cunit(Xs, tg, seed, **cfg)
+            record(rows, "ablation", graph="er", d=d, seed=seed, scaling="standardised",
+                   method=name, wall_s=wall, cpu_s=cpu, metrics=structure_metrics(B, A))
+
+
+# ------------------------------------------------------------------ report
+
+
+def _ms(values, fmt="{:.3f}"):
+    values = [v for v in values if v == v]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return (fmt + " ± " + fmt).format(statistics.mean(values), statistics.stdev(values))
+
+
+def structure_table(rows, section, keys=("graph", "d", "scaling", "method")):
+    groups: dict = {}
+    for r in rows:
+        if r["section"] == section:
+            groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = ["| " + " | ".join(keys) + " | seeds | F1 | SHD | TPR | FDR | wall s |",
+           "|" + "---|" * (len(keys) + 6)]
+    for key, rs in groups.items():
+        m = [r["metrics"] for r in rs]
+        out.append("| " + " | ".join(str(k) for k in key) + f" | {len(rs)} | "
+                   + _ms([x["f1"] for x in m]) + " | " + _ms([x["shd"] for x in m], "{:.1f}")
+                   + " | " + _ms([x["tpr"] for x in m]) + " | " + _ms([x["fdr"] for x in m])
+                   + " | " + _ms([r["wall_s"] for r in rs], "{:.1f}") + " |")
+    return "\n".join(out)
+
+
+def forward_table(rows):
+    out = ["| mechanism | d | hidden | batch | variant | plain ms | unit ms | ratio |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["section"] == "forward":
+            out.append(f"| {r['mechanism']} | {r['d']} | {r['hidden']} | {r['batch']} | "
+                       f"{r['variant']} | {r['plain_ms']:.3f} | {r['ms']:.3f} | "
+                       f"{r['ratio']:.2f}x |")
+    return "\n".join(out)
+
+
+def report(rows, path: Path, argv: list[str]):
+    import platform
+
+    import torch
+
+    lines = [
+        "## dolm-train-cunit vs DAGMA",
+        "",
+        f"`python benchmarks/cunit.py {' '.join(argv)}` on {platform.machine()}, "
+        f"{os.cpu_count()} cores (shared), torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}. Mean ± sd over seeds. cunit: 1 thread unless said.",
+        "",
+    ]
+    if any(r["section"] == "canonical" for r in rows):
+        lines += ["### Canonical graphs", "", structure_table(rows, "canonical"), ""]
+    if any(r["section"] == "er" for r in rows):
+        lines += ["### ER2, linear-Gaussian", "", structure_table(rows, "er"), ""]
+    if any(r["section"] == "forward" for r in rows):
+        lines += ["### Forward pass vs a plain network with the same parameters", "",
+                  forward_table(rows), ""]
+    if any(r["section"] == "d50" for r in rows):
+        lines += ["### Training time, ER2 d = 50 (standardised, 2 threads)", "",
+                  structure_table(rows, "d50"), ""]
+    if any(r["section"] == "ablation" for r in rows):
+        lines += ["### Ablation (ER2, standardised)", "",
+                  structure_table(rows, "ablation", keys=("d", "method")), ""]
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="canonical,er,speed,ablation")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "cunit.md"))
+    ap.add_argument("--append-json", action="store_true",
+                    help="Keep rows of other sections from an earlier run's JSON.")
+    ap.add_argument("--from-json", default=None,
+                    help="Comma-separated JSON files of earlier runs (e.g. sections run in "
+                         "parallel): only write the report from them.")
+    args = ap.parse_args(argv)
+    global _JSON
+    if args.from_json:
+        rows = []
+        for f in args.from_json.split(","):
+            rows += json.loads(Path(f).read_text())
+        report(rows, Path(args.out), sys.argv[1:] if argv is None else argv)
+        return
+    seeds = list(range(1 if args.quick else args.seeds))
+    only = set(args.only.split(","))
+    out = Path(args.out)
+    json_path = out.with_suffix(".json")
+    _JSON = json_path
+    rows: list[dict] = []
+    if args.append_json and json_path.exists():
+        old = json.loads(json_path.read_text())
+        redo = {"canonical": {"canonical"}, "er": {"er"}, "speed": {"forward", "d50"},
+                "ablation": {"ablation"}}
+        drop = set().union(*(redo[s] for s in only if s in redo))
+        rows = [r for r in old if r["section"] not in drop]
+    n_obs, n_int = (500, 100) if args.quick else (1000, 200)
+    if "canonical" in only:
+        graphs = [(g, 0) for g in (CANONICAL[:2] if args.quick else CANONICAL)]
+        section_structure(rows, graphs, seeds, n_obs, n_int, "canonical")
+    if "er" in only:
+        graphs = [("er", 10)] if args.quick else [("er", 10), ("er", 20)]
+        section_structure(rows, graphs, seeds, n_obs, n_int, "er")
+    if "speed" in only:
+        section_speed(rows, args.quick)
+        section_d50(rows, seeds, args.quick)
+    if "ablation" in only:
+        section_ablation(rows, seeds, 10, n_obs, n_int)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(rows, indent=1, default=float))
+    report(rows, out, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()
