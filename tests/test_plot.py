@@ -188,6 +188,37 @@ def lens_table(n_layers: int = 4, n_prompts: int = 2) -> pd.DataFrame:
     return df
 
 
+def probes_table(n_layers: int = 4, peak: int = 2) -> pd.DataFrame:
+    rows = []
+    for layer in range(n_layers):
+        acc = 0.6 + 0.3 * np.exp(-((layer - peak) ** 2))
+        for metric, v in (("accuracy", acc), ("auc", acc + 0.05), ("train_accuracy", acc + 0.05)):
+            rows.append(dict(site=f"resid_post.{layer}", layer=layer, method="probe_logistic",
+                             label="cot", metric=metric, value=float(v), n_train=80, n_test=20,
+                             best=layer == peak))
+    df = pd.DataFrame(rows)
+    df["layer"] = df["layer"].astype("Int64")
+    return df
+
+
+def write_directions(path: Path, run: Run | None, n_layers: int = 4, d: int = 4) -> dict:
+    """Directions as dolm-steer fit writes them (numpy, no torch); returns dolm.extra."""
+    from safetensors.numpy import save_file
+
+    sites = [f"resid_post.{layer}" for layer in range(n_layers)]
+    extra = {"method": "probe", "sites": sites, "label": "cot", "position": "last",
+             "best_site": sites[2], "norms": {s: 1.0 + i for i, s in enumerate(sites)},
+             "proj_mean": {s: 0.0 for s in sites}, "proj_std": {s: 1.0 for s in sites},
+             "scores": {s: {"accuracy": 0.6 + 0.1 * i, "auc": 0.65 + 0.1 * i}
+                        for i, s in enumerate(sites)}}
+    if run is not None:
+        tensors = {f"direction.{s}": np.ones(d, dtype=np.float32) / 2 for s in sites}
+        meta = {"dolm.schema": json.dumps({"name": "directions", "version": 1}),
+                "dolm.provenance": json.dumps(run.chain()), "dolm.extra": json.dumps(extra)}
+        save_file(tensors, str(path), metadata=meta)
+    return extra
+
+
 def write_translators(path: Path, run: Run | None, n_layers: int = 4, d: int = 4) -> dict:
     """Translators as dolm-lens train writes them (numpy, no torch); returns dolm.extra."""
     from safetensors.numpy import save_file
@@ -486,6 +517,9 @@ def synthetic() -> list[tuple[str, str, str, object, str | None]]:
         ("lens_toy.parquet", "lens", "lens", lens_table(), "toy"),
         ("lens_gpt2.parquet", "lens", "lens", lens_table(6), "gpt2-small"),
         ("translators.safetensors", "translators", "lens", {"n_layers": 4}, "toy"),
+        ("probes_toy.parquet", "probes", "steer", probes_table(), "toy"),
+        ("probes_gpt2.parquet", "probes", "steer", probes_table(6, 4), "gpt2-small"),
+        ("directions.safetensors", "directions", "steer", {"n_layers": 4}, "toy"),
         ("dla_toy.parquet", "attributions", "dla", dla_table(), "toy"),
         ("dla_gpt2.parquet", "attributions", "dla", dla_table(6, 3), "gpt2-small"),
     ]
@@ -510,6 +544,8 @@ def write_run(d: Path) -> dict[str, Path]:
             write_activations(path, run, **data)
         elif schema == "translators":
             write_translators(path, run, **data)
+        elif schema == "directions":
+            write_directions(path, run, **data)
         else:
             write_json(data, path, schema, run)
         files[file_key(name)] = path
@@ -567,9 +603,9 @@ def direct_sources(folder: Path) -> list:
         elif schema == "activations":
             write_activations(folder / name, None, **data)
             out.append(Source(str(folder / name), schema, "hdf5", str(folder / name), meta))
-        elif schema == "translators":
-            out.append(Source(name, schema, "safetensors", write_translators(folder / name,
-                                                                              None, **data),
+        elif schema in ("translators", "directions"):
+            writer = write_translators if schema == "translators" else write_directions
+            out.append(Source(name, schema, "safetensors", writer(folder / name, None, **data),
                               meta))
         else:
             out.append(Source(name, schema, "json", data, meta))

@@ -132,6 +132,7 @@ def load_all() -> list[FigureSpec]:
         fig_patch,
         fig_prompts,
         fig_psm,
+        fig_steer,
     )
 
     return FIGURES
