@@ -224,17 +224,19 @@ def test_cli_train_then_read(tiny_model_dir, tmp_path):
     model = tiny_model_dir("gpt2")
     text = tmp_path / "train.txt"
     text.write_text("\n".join(words_corpus(200, 2)) + "\n")
+    prompts = write_prompts(tmp_path / "p.parquet", prompts_frame())
     tpath = tmp_path / "tr.safetensors"
-    r = _run("train", text, "--model", model, "-o", tpath, "--steps", 40,
+    # a text file (one sequence per line) and a prompts table (its prompt column), pooled
+    r = _run("train", text, prompts, "--model", model, "-o", tpath, "--steps", 40,
              "--tokens-per-step", 512, "--seed", 3)
     assert r.returncode == 0, r.stderr
-    assert "held-out KL" in r.stderr
+    assert "held-out KL" in r.stderr and "from 184 sequences" in r.stderr  # 200 + 4, 20 held out
     assert validate_file(str(tpath)) == ("translators", [])
     meta = read_meta(str(tpath))
     assert meta.extra["layers"] == [0, 1] and meta.extra["heldout_kl"]["tuned"][0] < \
         meta.extra["heldout_kl"]["logit"][0]
     assert meta.extra["train"]["optimizer"] == "sgd-nesterov"
-    prompts = write_prompts(tmp_path / "p.parquet", prompts_frame())
+    assert [i["path"] for i in meta.provenance[-1]["inputs"]][:2] == [str(text), prompts]
     out = tmp_path / "lens.parquet"
     r = _run(prompts, "--model", model, "-o", out, "--translators", tpath, "--positions", "all",
              "--top-k", 2)

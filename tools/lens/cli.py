@@ -4,7 +4,7 @@ Usage::
 
     dolm-lens PROMPTS --model M -o lens.parquet [--positions last|all|I,J] [--top-k 5]
         [--translators T.safetensors [--lens logit|tuned|both] [--allow-model-mismatch]]
-    dolm-lens train DATA --model M -o T.safetensors [--text-column prompt] [--steps 250]
+    dolm-lens train DATA... --model M -o T.safetensors [--text-column prompt] [--steps 250]
         [--tokens-per-step 4096] [--lr-scale 1.0] [--momentum 0.9] [--weight-decay 1e-3]
 """
 
@@ -32,7 +32,7 @@ def main() -> None:
 
     \b
     dolm-lens PROMPTS -o OUT [options]      (same as: dolm-lens run ...)
-    dolm-lens train DATA -o TRANSLATORS [options]
+    dolm-lens train DATA... -o TRANSLATORS [options]
     """
 
 
@@ -83,7 +83,7 @@ def run_cmd(run, prompts, model_opts, output, force, positions, top_k, translato
 
 
 @subcommand(main, "train", "lens")
-@click.argument("data", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("data", nargs=-1, required=True, type=click.Path(dir_okay=False, allow_dash=True))
 @model_options
 @output_option(help="Translators file (safetensors).")
 @seed_option
@@ -108,7 +108,8 @@ def run_cmd(run, prompts, model_opts, output, force, positions, top_k, translato
 def train_cmd(run, data, model_opts, output, force, seed, text_column, steps, tokens_per_step,
               lr_scale, momentum, weight_decay, max_tokens, max_length, holdout):
     """Train tuned-lens translators (h + W h + b per layer, zero-initialised) to minimise
-    KL(final || lens).
+    KL(final || lens) on the texts of DATA (prompts tables or other tables: --text-column;
+    text files: one sequence per line; several files are pooled).
 
     \b
     SGD with Nesterov momentum 0.9, lr = lr_scale * (1 - momentum) = 0.1, weight decay
@@ -122,9 +123,9 @@ def train_cmd(run, data, model_opts, output, force, seed, text_column, steps, to
     cfg = TrainConfig(steps=steps, tokens_per_step=tokens_per_step, lr_scale=lr_scale,
                       momentum=momentum, weight_decay=weight_decay, max_tokens=max_tokens,
                       max_length=max_length, holdout=holdout, seed=seed,
-                      extra={"data": data, "text_column": text_column})
+                      extra={"data": list(data), "text_column": text_column})
     check_train(cfg)
-    texts = read_texts(data, text_column, run)
+    texts = [t for path in data for t in read_texts(path, text_column, run)]
     from dolm_tools.lens.core import run_train
 
     run_train(run, texts=texts, model_opts=model_opts, output=output, force=force, cfg=cfg)
