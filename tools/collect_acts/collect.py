@@ -179,6 +179,8 @@ def run_collect(
     else:
         journal = Journal(partial_path(output), fingerprint)
     resumed = bool(resume) and journal.resume()
+    if resume and not resumed:
+        log(f"dolm-collect-acts: --resume: no partial run at {journal.path}; starting from the top")
     fh = writer = None
     try:
         if acts:
@@ -226,6 +228,10 @@ def run_collect(
             out_extra["acts"] = os.path.abspath(acts) if acts else None
         write_table(table, output, schema="outcomes", run=run, force=force, extra=out_extra)
         journal.remove()
+        done = f"dolm-collect-acts: {table.num_rows} prompts -> {output}"
+        if acts:
+            done += f"; {writer.rows} rows x {len(site_names)} sites -> {acts}"
+        log(done)
     finally:
         journal.close()
         if fh is not None:

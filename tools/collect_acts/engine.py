@@ -173,15 +173,18 @@ def plan_items(
                     raise InputError("the tokenizer gives no character offsets; spans unusable")
             act_pos: list[np.ndarray] = []
             act_label: list[str] = []
-            if settings.sites:
-                for spec in settings.positions:
-                    p = pos.resolve(spec, n, off, sp, pid)
-                    act_pos.append(p)
-                    act_label += [spec] * len(p)
-            attn_pos = {
-                span: pos.resolve(span, n, off, sp, pid, option="--attention-to")
-                for span in settings.attention_to
-            }
+            try:
+                if settings.sites:
+                    for spec in settings.positions:
+                        p = pos.resolve(spec, n, off, sp, pid)
+                        act_pos.append(p)
+                        act_label += [spec] * len(p)
+                attn_pos = {
+                    span: pos.resolve(span, n, off, sp, pid, option="--attention-to")
+                    for span in settings.attention_to
+                }
+            except InputError as exc:
+                raise InputError(f"{where}: {exc}") from None
             fam = families[i]
             items.append(
                 Item(
