@@ -2,15 +2,15 @@
 
 ``dolm-mediate statistical``: Imai-Keele-Tingley mediation on a unit table, for one or many
 candidate mediators at once (with Benjamini-Hochberg control across them).
-An ``interventional`` subcommand (patching mediator sites on a model, on paired prompts)
-registers on the same group and writes the same ``mediation`` table with
+``dolm-mediate interventional``: patching mediator sites on a model, on paired prompts;
+it writes the same ``mediation`` table with
 ``method = interventional``, so both estimates sit side by side.
 """
 
 from __future__ import annotations
 
 import click
-from dolm.cli import log, output_option, seed_option, subcommand, tool_group
+from dolm.cli import log, model_options, output_option, seed_option, subcommand, tool_group
 from dolm.errors import InputError
 
 
@@ -133,3 +133,152 @@ def _report(summ: dict) -> None:
 
 def _f(v) -> str:
     return "nan" if v is None else f"{v:.4g}"
+
+
+@subcommand(main, "interventional", "mediate", outputs=("output", "effects", "summary"))
+@click.argument("prompts", type=click.Path(dir_okay=False, allow_dash=True))
+@model_options
+@click.option("--sites", "-s", "sites", multiple=True, required=True,
+              help="Mediator sites: names or patterns, comma-separated or repeated "
+              "(e.g. 'head.*.*', 'attn_out.3', 'resid_post.5'). Each is analysed on its own.")
+@click.option("--treatment", "-t", default=None,
+              help="Treatment column of PROMPTS (e.g. cot, format); pairs share --pair-by. "
+              "Without it each row's prompt (control) is paired with its cf_prompt (treated).")
+@click.option("--pair-by", default=None,
+              help="Column that pairs a control with a treated prompt [default: group_id, "
+              "else unit_id].")
+@click.option("--control-value", default=None, help="Treatment value of the control prompt.")
+@click.option("--treat-value", default=None, help="Treatment value of the treated prompt.")
+@click.option("--position", default="last", show_default=True,
+              help="Mediator position, aligned across each pair: last (the position that "
+              "reads the first target token), -k (k-th from the end), or a span name from "
+              "the spans column (all its tokens; the counts must match in the pair).")
+@click.option("--text-column", default=None,
+              help="Score the target after this column's text with the target cut from its "
+              "end (e.g. 'text': a teacher-forced chain of thought) instead of after the "
+              "prompt.")
+@click.option("--anchor", type=click.Choice(["context", "prompt"]), default="context",
+              show_default=True,
+              help="Where last/-k count from with --text-column: the end of the scored "
+              "context, or the end of the prompt column.")
+@click.option("--metric", type=click.Choice(["target_logprob", "target_correct"]),
+              default="target_logprob", show_default=True,
+              help="Outcome of a run in the mediation table: teacher-forced target log-prob "
+              "(summed over its tokens) or 1 if every target token is the argmax. The effects "
+              "table has both.")
+@click.option("--sims", type=click.IntRange(min=100), default=1000, show_default=True,
+              help="Bootstrap resamples of the pairs.")
+@click.option("--fdr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=0.05, show_default=True, help="Benjamini-Hochberg level across sites.")
+@click.option("--statistical", "statistical_tables", multiple=True,
+              type=click.Path(dir_okay=False),
+              help="mediation table(s) of dolm-mediate statistical on the same units: their "
+              "rows are added to the output (attn_to.<span>.L<l>.H<h> mediators matched to "
+              "head.<l>.<h>) and compared in the summary. Repeatable.")
+@output_option(help="Mediation table (Parquet; '-' for stdout).")
+@click.option("--effects", type=click.Path(dir_okay=False), default=None,
+              help="Per-pair effects table [default: <output>.effects.parquet].")
+@click.option("--summary", type=click.Path(dir_okay=False), default=None,
+              help="Summary JSON [default: <output>.summary.json].")
+@seed_option
+def interventional(run, prompts, model_opts, sites, treatment, pair_by, control_value,
+                   treat_value, position, text_column, anchor, metric, sims, fdr,
+                   statistical_tables, output, effects, summary, force, seed):
+    """Mediation measured on a model by patching mediator SITES between paired PROMPTS.
+
+    Per pair: control run C, treated run T, C with the mediator's treated value (C+m1) and
+    T with its control value (T+m0). NIE = acme_control = C+m1 - C, NDE = ade_control =
+    T+m0 - C, acme_treated = T - T+m0, ade_treated = T - C+m1, total = T - C; means over
+    pairs with bootstrap CIs (-o, method=interventional), per-pair runs (--effects).
+    """
+    import pandas as pd
+    from dolm.cli import load_model, progress
+    from dolm.formats import check_output, read_table, write_json, write_table
+    from dolm_tools.mediate import core
+    from dolm_tools.mediate import interventional as iv
+
+    paths = {}
+    for key, given, suffix in (("effects", effects, "effects.parquet"),
+                               ("summary", summary, "summary.json")):
+        p = given or _sibling(output, suffix)
+        if p and not given:
+            check_output(p, force, option=f"--{key}")
+        paths[key] = p
+    df, _ = read_table(prompts, schema="prompts", run=run)
+    stat_frames = []
+    for path in statistical_tables:
+        sdf, smeta = read_table(path, schema="mediation", run=run)
+        stat_frames.append(iv.statistical_rows(sdf))
+    pairs, desc = iv.make_pairs(df, treatment=treatment, pair_by=pair_by,
+                                control_value=control_value, treat_value=treat_value,
+                                text_column=text_column, path=prompts)
+    if not pairs:
+        raise InputError(f"{prompts}: no prompt pairs")
+    lm = load_model(model_opts, run=run)
+    site_list = lm.expand_sites([x.strip() for s in sites for x in s.split(",") if x.strip()])
+    for s in site_list:
+        if lm.parse_site(s).kind in ("attn", "logits"):
+            raise InputError(f"--sites: {s} cannot be patched as a mediator (read-only); use "
+                             "head.L.H, attn_out.L, mlp_out.L or resid_*.L")
+    prep = iv.prepare(lm, pairs, position, anchor=anchor)
+    for note in prep.notes[:3]:
+        log(f"dolm-mediate: note: {note}")
+    log(f"dolm-mediate: {len(pairs)} pairs ({desc['control_value']} -> "
+        f"{desc['treat_value']}), {len(site_list)} site(s), position {position}")
+
+    def bar(it):
+        return progress(it, total=len(it), desc="pairs", unit="batch")
+
+    res = iv.run_pairs(lm, prep, site_list, model_opts.batch_size, progress=bar)
+    m = iv.METRICS.index(metric)
+    pp = iv.per_pair(res, m)
+    pos_label = prep.position_label
+    table = iv.mediation_table(pp, site_list, lm, pos_label, sims, seed, fdr)
+    comp = []
+    if stat_frames:
+        stat = pd.concat(stat_frames, ignore_index=True)
+        comp = iv.comparison(table, stat)
+        table = pd.concat([table, stat], ignore_index=True)
+    for c in ("layer", "head", "position"):
+        table[c] = table[c].astype("Int64")
+    avg = table[(table.method == "interventional") & (table.effect == "acme_average")]
+    per = [{"mediator": r.mediator, "acme_average": r.estimate, "ci_low": r.ci_low,
+            "ci_high": r.ci_high, "p_value": r.p_value, "q_value": r.q_value,
+            "significant": bool(r.significant), "rho_at_zero": None} for r in avg.itertuples()]
+    order = sorted(per, key=lambda x: -abs(x["acme_average"] or 0.0))
+    C, T = res["C"][:, m], res["T"][:, m]
+    summ = core.clean({
+        "tool": "mediate", "method": "interventional", "input": str(prompts),
+        "treatment": desc["treatment"], "outcome": metric, "covariates": [],
+        "n_units": len(pairs), "control_value": desc["control_value"],
+        "treat_value": desc["treat_value"],
+        "options": {"sites": list(sites), "position": position, "anchor": anchor,
+                    "text_column": text_column, "pair_by": desc["pair_by"], "sims": sims,
+                    "seed": seed, "fdr": fdr, "metric": metric},
+        "inference": f"{metric} of the target teacher-forced after the context; per-pair "
+                     f"effects from patched runs; means over pairs; 95% percentile intervals "
+                     f"from {sims} bootstrap resamples of the pairs (seeded); p = 2 Phi(-|est|/"
+                     "se); Benjamini-Hochberg q-values across sites, per effect",
+        "n_mediators": len(per), "n_significant_acme": int(sum(p["significant"] for p in per)),
+        "skipped": [], "mediators": per, "top": [p["mediator"] for p in order[:10]],
+        "control_mean": float(C.mean()), "treated_mean": float(T.mean()),
+        "total_effect": float((T - C).mean()),
+        "comparison": comp, "notes": prep.notes,
+    })
+    extra = {"treatment": desc["treatment"], "outcome": metric, "method": "interventional"}
+    if paths["effects"]:
+        write_table(iv.effects_table(prep, res, site_list, lm), paths["effects"],
+                    schema="effects", run=run, force=force, extra=extra)
+    if paths["summary"]:
+        write_json(summ, paths["summary"], schema="mediation_summary", run=run, force=force)
+    write_table(table, output, schema="mediation", run=run, force=force, extra=extra)
+    log(f"dolm-mediate: control {metric} {C.mean():.4g}, treated {T.mean():.4g}, total "
+        f"effect {(T - C).mean():.4g} over {len(pairs)} pairs")
+    for name in summ["top"][:5]:
+        r = next(p for p in per if p["mediator"] == name)
+        log(f"dolm-mediate:   {name}: ACME = {_f(r['acme_average'])} "
+            f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}], q = {_f(r['q_value'])}")
+    for c in comp[:5]:
+        log(f"dolm-mediate:   {c['site']} vs {c['statistical_mediator']}: interventional ACME "
+            f"{_f(c['interventional_acme_average'])}, statistical ACME "
+            f"{_f(c['statistical_acme_average'])}")
