@@ -1,0 +1,232 @@
+"""Ablation runs: every (component set x kind x sample) on every prompt is one batch row.
+
+Kinds (what replaces a component's output at the ablated positions):
+
+- ``zero``: zeros.
+- ``mean``: the mean over the reference prompts at the same token position (positions
+  that no reference prompt reaches get the mean over every reference token). A
+  reference set of the prompt itself therefore changes nothing.
+- ``resample``: the activation of another reference prompt (not the prompt itself, at
+  least as long), drawn with the seed; ``samples`` draws per prompt. One draw replaces
+  every component of the set from the same donor.
+
+A variant starts at the first layer it ablates, from the cached clean residual stream
+(:mod:`dolm.variants`), and only the last position is unembedded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from dolm.errors import InputError
+from dolm.metrics import Targets, ids_matrix, metric_order, metrics_table
+from dolm.variants import clean_pass, row_writer, run_variants, start_layer
+from dolm_tools.ablate.components import KINDS, ComponentSet, parse_positions  # noqa: F401
+
+COLUMNS = ["prompt_id", "tool", "intervention", "site", "layer", "position", "head", "window",
+           "kind", "alpha", "component", "sample", "metric", "value", "clean_value",
+           "corrupt_value"]
+
+
+@dataclass
+class Condition:
+    """One ablation: a component set, a kind, a resample draw (or None)."""
+
+    cset: ComponentSet
+    kind: str
+    sample: int | None
+
+
+def position_mask(enc, spec: tuple[str, list[int] | None], names: list[str],
+                  option: str = "--positions") -> torch.Tensor:
+    """(N, T) bool: the positions each prompt's ablation covers."""
+    kind, items = spec
+    n, t = enc.input_ids.shape
+    mask = torch.zeros(n, t, dtype=torch.bool)
+    for i, length in enumerate(enc.lengths):
+        if kind == "all":
+            mask[i, :length] = True
+        elif kind == "last":
+            mask[i, length - 1] = True
+        else:
+            for q in items:
+                qq = q + length if q < 0 else q
+                if not 0 <= qq < length:
+                    raise InputError(f"{option}: position {q} is out of range for prompt "
+                                     f"{names[i]} ({length} tokens; valid {-length}..{length - 1})")
+                mask[i, qq] = True
+    return mask
+
+
+def positional_mean(acts: torch.Tensor, mask: torch.Tensor, t: int) -> torch.Tensor:
+    """Mean over rows at each position (rows where ``mask``), (t, w); positions no row
+    reaches get the mean over every masked token."""
+    m = mask[..., None].to(acts.dtype)
+    total = (acts * m).sum(0)
+    count = m.sum(0)
+    overall = total.sum(0) / count.sum().clamp(min=1)
+    mean = torch.where(count > 0, total / count.clamp(min=1), overall)
+    if mean.shape[0] < t:
+        mean = torch.cat([mean, overall.expand(t - mean.shape[0], -1)], dim=0)
+    return mean[:t]
+
+
+def draw_donors(names: list[str], lengths: list[int], ref_names: list[str],
+                ref_lengths: list[int], samples: int, seed: int) -> np.ndarray:
+    """(N, samples) reference rows: another prompt at least as long, drawn with the seed."""
+    rng = np.random.default_rng(seed)
+    ref_len = np.asarray(ref_lengths)
+    ref_ids = np.asarray(ref_names, dtype=object)
+    out = np.zeros((len(names), samples), dtype=np.int64)
+    for i, (pid, length) in enumerate(zip(names, lengths, strict=True)):
+        ok = np.flatnonzero((ref_len >= length) & (ref_ids != pid))
+        if len(ok) == 0:
+            raise InputError(f"--kind resample: prompt {pid} ({length} tokens) has no other "
+                             "reference prompt at least as long to resample from")
+        out[i] = ok[rng.integers(len(ok), size=samples)]
+    return out
+
+
+class Ablator:
+    """Runs a list of conditions over a prompt set on a loaded model."""
+
+    def __init__(self, lm, targets: list[Targets], texts: list[str], conditions: list[Condition],
+                 positions=("all", None), ref_texts: list[str] | None = None,
+                 ref_names: list[str] | None = None, seed: int = 0, batch_size="auto",
+                 progress=None):
+        self.lm = lm
+        self.targets = targets
+        self.names = [t.prompt_id for t in targets]
+        self.conditions = conditions
+        self.seed = seed
+        self.batch_size = batch_size
+        self.progress = progress
+        self.enc = lm.encode(texts, names=self.names, device="cpu")
+        self.pos_mask = position_mask(self.enc, positions, self.names)
+        self.ref_texts = ref_texts
+        self.ref_names = ref_names
+
+    def run(self) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+        """Clean metrics, and metrics per condition (name -> (N,) arrays)."""
+        lm, conds = self.lm, self.conditions
+        n = len(self.targets)
+        sites = list(dict.fromkeys(s for c in conds for s in c.cset.sites))
+        cond_start = [min(start_layer(lm, s) for s in c.cset.sites) for c in conds]
+        kinds = {c.kind for c in conds}
+        need_vals = sites if kinds & {"mean", "resample"} else []
+        own_ref = self.ref_texts is None
+        ids = ids_matrix(self.targets)
+        clean = clean_pass(lm, self.enc, ids, starts=set(cond_start),
+                           sites=need_vals if own_ref else [], batch_size=self.batch_size)
+        t_max = self.enc.input_ids.shape[1]
+        if need_vals:
+            if own_ref:
+                ref_acts, ref_enc, ref_names = clean.acts, self.enc, self.names
+            else:
+                ref_enc = lm.encode(self.ref_texts, names=self.ref_names, device="cpu")
+                ref_ids = np.zeros((len(self.ref_texts), 1), dtype=np.int64)
+                ref_acts = clean_pass(lm, ref_enc, ref_ids, sites=need_vals,
+                                      batch_size=self.batch_size).acts
+                ref_names = self.ref_names
+            ref_mask = ref_enc.attention_mask.bool()
+            means = ({s: positional_mean(ref_acts[s], ref_mask, t_max) for s in sites}
+                     if "mean" in kinds else {})
+            pad = max(0, t_max - ref_enc.input_ids.shape[1])
+            refs = ({s: torch.nn.functional.pad(ref_acts[s], (0, 0, 0, pad)) for s in sites}
+                    if "resample" in kinds else {})
+            n_samples = 1 + max((c.sample or 0) for c in conds)
+            donors = (draw_donors(self.names, self.enc.lengths, ref_names, ref_enc.lengths,
+                                  n_samples, self.seed) if "resample" in kinds else None)
+        else:
+            means, refs, donors = {}, {}, None
+        # variants: condition-major
+        v_cond = np.repeat(np.arange(len(conds)), n)
+        v_prompt = np.tile(np.arange(n), len(conds))
+        v_start = np.asarray(cond_start, dtype=np.int64)[v_cond]
+        kind_code = np.asarray([KINDS.index(c.kind) for c in conds])[v_cond]
+        sample = np.asarray([c.sample or 0 for c in conds])[v_cond]
+        site_sets = [set(c.cset.sites) for c in conds]
+        in_site = {s: np.asarray([s in ss for ss in site_sets]) for s in sites}
+        pos_mask = self.pos_mask
+
+        def make_writes(rows: np.ndarray, t: int) -> dict:
+            writes = {}
+            rc = v_cond[rows]
+            for s in sites:
+                hit = in_site[s][rc]
+                if not hit.any():
+                    continue
+
+                def value_fn(act_rows, sel, s=s):
+                    vr = rows[sel.numpy()]
+                    new = torch.zeros_like(act_rows, dtype=torch.float32)
+                    kc = kind_code[vr]
+                    tt = act_rows.shape[1]
+                    m = np.flatnonzero(kc == 1)
+                    if len(m):
+                        new[m] = means[s][:tt]
+                    r = np.flatnonzero(kc == 2)
+                    if len(r):
+                        d = donors[v_prompt[vr[r]], sample[vr[r]]]
+                        new[r] = refs[s][d][:, :tt]
+                    return new
+
+                writes[s] = row_writer(hit, pos_mask[v_prompt[rows]][:, :t], value_fn)
+            return writes
+
+        bar = self.progress(len(v_cond)) if self.progress else None
+        reads = run_variants(lm, clean, v_prompt, v_start, make_writes, self.batch_size,
+                             progress=bar.update if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        clean_m = metrics_table(clean.read, self.targets)
+        per = [metrics_table(reads[v_cond == c], self.targets) for c in range(len(conds))]
+        return clean_m, per
+
+
+def effects_rows(lm, targets: list[Targets], conds: list[Condition], clean: dict,
+                 per: list[dict], positions_label: str):
+    """The tidy effects table: baseline rows, then one block per condition."""
+    import pandas as pd
+
+    pids = [t.prompt_id for t in targets]
+    n = len(pids)
+    frames = []
+    names = metric_order(clean)
+
+    def block(values: dict, base: dict, cl: dict):
+        for m in names:
+            if m not in values:
+                continue
+            v, cv = values[m], cl[m]
+            keep = np.isfinite(v)
+            if not keep.any():
+                continue
+            d = {k: [val] * int(keep.sum()) for k, val in base.items()}
+            d.update(prompt_id=np.asarray(pids)[keep], metric=m, value=v[keep],
+                     clean_value=cv[keep])
+            frames.append(pd.DataFrame(d))
+
+    block(clean, dict(tool="ablate", intervention="baseline", site=None, layer=None,
+                      position=None, head=None, window=None, kind="none", alpha=None,
+                      component=None, sample=None, corrupt_value=None), clean)
+    for c, vals in zip(conds, per, strict=True):
+        at = "" if positions_label == "all" else f"@{positions_label}"
+        sample_txt = f" #{c.sample}" if c.sample is not None else ""
+        base = dict(tool="ablate", intervention=f"{c.kind} {c.cset.name}{at}{sample_txt}",
+                    site=c.cset.site, layer=c.cset.layer(lm), position=None,
+                    head=c.cset.head(lm), window=None, kind=c.kind, alpha=None,
+                    component=c.cset.label, sample=c.sample, corrupt_value=None)
+        block(vals, base, clean)
+    del n
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+    df = df[COLUMNS]
+    for col in ("layer", "position", "head", "window", "sample"):
+        df[col] = df[col].astype("Int64")
+    for col in ("alpha", "value", "clean_value", "corrupt_value"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    for col in ("site", "kind", "component"):
+        df[col] = df[col].astype(object).where(df[col].notna(), None)
+    return df

@@ -1,0 +1,403 @@
+"""``dolm-steer``: find directions at model sites, and steer along them.
+
+\b
+dolm-steer fit PROMPTS -o dirs.safetensors --method diffmeans|probe|pca|file ...
+dolm-steer apply PROMPTS --directions dirs.safetensors --alphas -4,-2,0,2,4 -o effects.parquet
+
+``fit`` writes a ``directions`` safetensors file (one unit vector ``direction.<site>`` per
+site; metadata: method, label, sites, best site, norms, projection statistics, held-out
+probe scores, training-data hash, model hash) and, with ``--scores``, a ``probes`` table
+(held-out score per site: the localisation step). ``apply`` writes ``effects``.
+"""
+
+from __future__ import annotations
+
+import click
+from dolm.cli import model_options, output_option, seed_option, subcommand, tool_group
+
+TOOL = "steer"
+
+
+@tool_group(TOOL)
+def main() -> None:
+    """Directions at model sites (fit) and steering along them (apply).
+
+    \b
+    dolm-steer fit PROMPTS -o dirs.safetensors --method diffmeans|probe|pca|file ...
+    dolm-steer apply PROMPTS --directions dirs.safetensors --alphas A,B,... -o effects.parquet
+    """
+
+
+# ------------------------------------------------------------------ fit
+
+
+@subcommand(main, "fit", TOOL, outputs=("output", "scores"))
+@click.argument("prompts", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--method", type=click.Choice(["diffmeans", "probe", "pca", "file"]),
+              default="diffmeans", show_default=True,
+              help="diffmeans: mean of the positive set - mean of the negative set; probe: a "
+                   "linear probe per site, held-out scores; pca: first principal axis of the "
+                   "paired differences prompt - cf_prompt; file: a vector from --vector.")
+@click.option("--sites", default="resid_post.*", show_default=True,
+              help="Sites (names or patterns, comma-separated): one direction per site.")
+@click.option("--label", default=None,
+              help="diffmeans/probe: the prompts column to separate (binary, or continuous "
+                   "with --threshold; --probe ridge regresses on it).")
+@click.option("--threshold", type=float, default=None,
+              help="Binarise --label: positive = value > T (e.g. posterior_b 0.5 for the "
+                   "generator identity).")
+@click.option("--negatives", type=click.Path(dir_okay=False), default=None,
+              help="diffmeans: a prompts table of the negative set (PROMPTS is the positive "
+                   "set); instead of --label.")
+@click.option("--probe", "probe_kind", type=click.Choice(["logistic", "ridge"]), default=None,
+              help="probe: logistic (binary label; held-out accuracy, AUC) or ridge "
+                   "(continuous label; held-out R^2, Pearson r). Default: logistic for a binary "
+                   "or --threshold label, ridge otherwise.")
+@click.option("--test-fraction", type=click.FloatRange(0.05, 0.9), default=0.25,
+              show_default=True, help="probe: held-out share (split by group_id when present).")
+@click.option("--C", "c_reg", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True, help="probe: inverse regularisation strength (ridge: 1/alpha).")
+@click.option("--position", type=click.Choice(["last", "mean"]), default="last",
+              show_default=True,
+              help="One vector per prompt: the last token, or the mean over the prompt's tokens.")
+@click.option("--acts", type=click.Path(dir_okay=False), default=None,
+              help="Read activations from this dolm-collect-acts file instead of running the "
+                   "model (diffmeans/probe).")
+@click.option("--acts-label", default=None,
+              help="--acts: the position_label of the rows to use (needed when it has several).")
+@click.option("--vector", type=click.Path(dir_okay=False), default=None,
+              help="file: a vector (.npy, .pt, .safetensors, or whitespace-separated text) for "
+                   "the one site of --sites.")
+@click.option("--scores", type=click.Path(dir_okay=False), default=None,
+              help="Also write the held-out probe scores per site (a probes table).")
+@click.option("--where", default=None,
+              help="Keep only the prompts matching this pandas query over the prompts columns.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Use only the first N prompts (after --where).")
+@model_options
+@output_option(help="Directions file to write (safetensors).")
+@seed_option
+def fit(run, prompts, method, sites, label, threshold, negatives, probe_kind, test_fraction,
+        c_reg, position, acts, acts_label, vector, scores, where, limit, model_opts, output,
+        force, seed):
+    """Fit directions at sites from PROMPTS (a prompts table)."""
+    import numpy as np
+    from dolm.cli import load_model, log
+    from dolm.errors import InputError
+    from dolm.formats import read_h5, read_table, save_safetensors, write_table
+    from dolm.metrics import select_prompts
+    from dolm_tools.steer import fit as F
+
+    if output == "-":
+        raise InputError("--output: a safetensors file cannot go to stdout; give a path")
+    if scores is not None and scores == output:
+        raise InputError("--scores: must differ from --output")
+    if method == "pca" and acts is not None:
+        raise InputError("--acts: --method pca runs the model on each cf_prompt; it cannot "
+                         "read stored activations")
+    if method == "file" and vector is None:
+        raise InputError("--method file: give --vector FILE")
+    if method in ("diffmeans", "probe") and label is None and negatives is None:
+        raise InputError(f"--method {method}: give --label COLUMN"
+                         + (" or --negatives FILE" if method == "diffmeans" else ""))
+    if method == "probe" and negatives is not None:
+        raise InputError("--negatives: only for --method diffmeans (a probe needs --label)")
+    if label is not None and negatives is not None:
+        raise InputError("--label and --negatives: give one of them")
+    df, _ = read_table(prompts, schema="prompts", run=run)
+    df = select_prompts(df, where, limit, prompts)
+    neg_df = None
+    if negatives is not None:
+        neg_df, _ = read_table(negatives, schema="prompts", run=run)
+        if len(neg_df) == 0:
+            raise InputError(f"--negatives {negatives}: no prompts")
+    y = None
+    if label is not None:
+        y = _label_values(df, label, threshold, prompts)
+    if probe_kind is None and method == "probe":
+        probe_kind = "logistic" if set(np.unique(y)) <= {0.0, 1.0} else "ridge"
+    if probe_kind == "logistic" and y is not None and not set(np.unique(y)) <= {0.0, 1.0}:
+        raise InputError(f"--probe logistic: --label {label} is not binary; binarise it with "
+                         "--threshold T, or use --probe ridge")
+    pids = [str(x) for x in df["prompt_id"]]
+    texts = [str(x) for x in df["prompt"]]
+    lm = None
+    if acts is not None:
+        fh, ameta = read_h5(acts, schema="activations", run=run)
+        try:
+            want = None if sites in ("*", "all") else _acts_sites(fh, sites, acts)
+            if neg_df is not None:
+                all_ids = pids + [str(x) for x in neg_df["prompt_id"]]
+            else:
+                all_ids = pids
+            data, site_list = F.h5_acts(fh, acts, all_ids, want, acts_label)
+        finally:
+            fh.close()
+        model_info = ameta.model_entry() or {}
+        if model_info:
+            run.set_model(model_info)
+    else:
+        lm = load_model(model_opts, run=run)
+        model_info = lm.info
+        site_list = lm.expand_sites(sites)
+        for s in site_list:
+            if lm.parse_site(s).kind in ("attn", "logits"):
+                raise InputError(f"--sites: {s}: directions live at residual, attention/MLP "
+                                 "output, head or final_norm sites")
+        if method == "file":
+            data = {}
+        else:
+            names, tx = pids, texts
+            if neg_df is not None:
+                names = pids + [str(x) for x in neg_df["prompt_id"]]
+                tx = texts + [str(x) for x in neg_df["prompt"]]
+            data = F.model_acts(lm, tx, names, site_list, position, model_opts.batch_size)
+    extra = {"method": method, "sites": site_list, "label": label, "threshold": threshold,
+             "position": position, "normalisation": "unit",
+             "model_spec": model_info.get("spec"),
+             "weights_sha256": model_info.get("weights_sha256")}
+    if method == "diffmeans":
+        if neg_df is not None:
+            pos = np.r_[np.ones(len(pids), bool), np.zeros(len(neg_df), bool)]
+            train_ids = pids + [str(x) for x in neg_df["prompt_id"]]
+            fitted = F.diff_means(data, pos)
+            extra["training_data_sha256"] = F.data_hash(train_ids, pos.astype(float))
+            extra["negatives"] = negatives
+        else:
+            if not set(np.unique(y)) <= {0.0, 1.0}:
+                raise InputError(f"--label {label}: diffmeans needs a binary label; binarise "
+                                 "it with --threshold T")
+            fitted = F.diff_means(data, y.astype(bool))
+            extra["training_data_sha256"] = F.data_hash(pids, y)
+        extra["n_positive"] = int(len(pids) if y is None else y.sum())
+    elif method == "probe":
+        groups = df["group_id"].tolist() if "group_id" in df.columns and \
+            df["group_id"].notna().all() else None
+        fitted = F.probes(data, y, probe_kind, groups, test_fraction, seed, c_reg)
+        extra.update(probe=probe_kind, test_fraction=test_fraction, C=c_reg,
+                     training_data_sha256=F.data_hash(pids, y))
+    elif method == "pca":
+        if "cf_prompt" not in df.columns or df["cf_prompt"].isna().any():
+            raise InputError(f"--method pca: {prompts} needs a cf_prompt for every prompt "
+                             "(the pair's other member)")
+        cf = [str(x) for x in df["cf_prompt"]]
+        cf_data = F.model_acts(lm, cf, [p + ":cf" for p in pids], site_list, position,
+                               model_opts.batch_size)
+        fitted = F.pca_pairs(data, cf_data)
+        extra["training_data_sha256"] = F.data_hash(pids, [None] * len(pids))
+    else:
+        if len(site_list) != 1:
+            raise InputError(f"--method file: --sites must name one site, found "
+                             f"{', '.join(site_list)}")
+        site = site_list[0]
+        width = lm.d_head if lm.parse_site(site).kind == "head" else lm.d_model
+        fitted = F.from_vector(F.read_vector(vector), site, width, vector)
+        from dolm.formats import sha256_file
+
+        extra["training_data_sha256"] = sha256_file(vector)
+        extra["vector"] = vector
+    best = fitted.best_site or (site_list[0] if len(site_list) == 1 else None)
+    extra.update(best_site=best, norms=fitted.norms, proj_mean=fitted.proj_mean,
+                 proj_std=fitted.proj_std,
+                 scores={s: {r["metric"]: r["value"] for r in fitted.scores if r["site"] == s}
+                         for s in site_list if any(r["site"] == s for r in fitted.scores)},
+                 n_prompts=len(pids))
+    import torch
+
+    tensors = {f"direction.{s}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+               for s, v in fitted.directions.items()}
+    if scores is not None:
+        import pandas as pd
+
+        if not fitted.scores:
+            raise InputError(f"--scores: --method {method} gives no scores (use --method probe "
+                             "or pca)")
+        sdf = pd.DataFrame(fitted.scores)
+        sdf["layer"] = [_layer_of(s) for s in sdf["site"]]
+        sdf["method"] = method if method != "probe" else f"probe_{probe_kind}"
+        sdf["label"] = label
+        sdf["best"] = sdf["site"] == best
+        sdf = sdf[["site", "layer", "method", "label", "metric", "value", "n_train", "n_test",
+                   "best"]]
+        sdf["layer"] = sdf["layer"].astype("Int64")
+        write_table(sdf, scores, schema="probes", run=run, force=force, extra=extra)
+    save_safetensors(tensors, output, schema="directions", run=run, force=force, extra=extra)
+    if fitted.scores:
+        key = fitted.scores[0]["metric"]
+        line = ", ".join(f"{r['site']} {r['value']:.3f}" for r in fitted.scores
+                         if r["metric"] == key)
+        log(f"dolm-steer fit: held-out {key}: {line}")
+    if best is not None:
+        log(f"dolm-steer fit: best site {best}")
+
+
+def _layer_of(site: str):
+    parts = site.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+
+
+def _acts_sites(fh, sites: str, path: str) -> list[str]:
+    """Expand --sites patterns against the datasets an activations file has."""
+    import fnmatch
+
+    have = [k for k in fh.keys() if k not in ("prompt_id", "prompt_index", "position",
+                                             "position_label", "token_id")]
+    out = []
+    for pat in [p.strip() for p in sites.split(",") if p.strip()]:
+        hit = [h for h in have if fnmatch.fnmatchcase(h, pat)]
+        if not hit:
+            from dolm.errors import InputError
+
+            raise InputError(f"--sites {pat}: {path} has no matching dataset (it has "
+                             f"{', '.join(have) or 'none'})")
+        out += [h for h in hit if h not in out]
+    return sorted(out, key=_site_key)
+
+
+def _site_key(s: str):
+    parts = s.split(".")
+    return (parts[0], *[int(p) for p in parts[1:] if p.isdigit()])
+
+
+def _label_values(df, label: str, threshold, path: str):
+    import numpy as np
+    import pandas as pd
+    from dolm.errors import InputError
+
+    if label not in df.columns:
+        raise InputError(f"--label {label}: {path} has no such column (it has "
+                         f"{', '.join(map(str, df.columns))})")
+    col = df[label]
+    if col.isna().any():
+        bad = df.loc[col.isna(), "prompt_id"].astype(str).tolist()[:3]
+        raise InputError(f"--label {label}: empty for prompt(s) {', '.join(bad)}")
+    if col.dtype == bool or str(col.dtype) == "boolean":
+        vals = col.astype(float).to_numpy()
+    else:
+        try:
+            vals = pd.to_numeric(col).astype(float).to_numpy()
+        except (TypeError, ValueError):
+            raise InputError(f"--label {label}: expected numbers or booleans, found "
+                             f"{col.iloc[0]!r}") from None
+    if threshold is not None:
+        vals = (vals > threshold).astype(float)
+    return np.asarray(vals, dtype=np.float64)
+
+
+# ------------------------------------------------------------------ apply
+
+
+@subcommand(main, "apply", TOOL)
+@click.argument("prompts", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--directions", "directions", required=True, type=click.Path(dir_okay=False),
+              help="A directions file (dolm-steer fit).")
+@click.option("--site", default=None,
+              help="The site to steer at (one of the file's; default: its best site).")
+@click.option("--alphas", default="-4,-2,0,2,4", show_default=True,
+              help="Comma-separated strengths: one dose-response point each, batched.")
+@click.option("--mode", type=click.Choice(["add", "project"]), default="add", show_default=True,
+              help="add alpha x unit direction, or project the direction out (alphas unused).")
+@click.option("--scale", type=click.Choice(["unit", "std"]), default="unit", show_default=True,
+              help="Units of alpha: the unit direction, or the standard deviation of the "
+                   "training activations along it (proj_std in the file).")
+@click.option("--positions", type=click.Choice(["last", "all"]), default="last",
+              show_default=True, help="Positions steered: the last prompt token, or all.")
+@click.option("--generate", "n_generate", type=click.IntRange(min=0), default=0,
+              show_default=True,
+              help="Also generate N tokens greedily under steering (column 'generation').")
+@click.option("--allow-model-mismatch", is_flag=True,
+              help="Use a directions file made with another model (weights differ).")
+@click.option("--where", default=None,
+              help="Keep only the prompts matching this pandas query over the prompts columns, "
+                   "e.g. 'posterior_b > 0.3 and posterior_b < 0.7' (ambiguous evidence).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Use only the first N prompts (after --where).")
+@model_options
+@output_option
+@seed_option
+def apply(run, prompts, directions, site, alphas, mode, scale, positions, n_generate,
+          allow_model_mismatch, where, limit, model_opts, output, force, seed):
+    """Steer the model on PROMPTS along a direction; write effects (one row per prompt x
+    alpha x metric; clean_value is the unsteered metric).
+
+    \b
+    Metrics: logit_diff, prob_target; choice tasks: choice_prob_target, accuracy;
+    bayes family: p_x, mae_bayes, order_drift (see dolm-ablate --help).
+    """
+    import numpy as np
+    from dolm.cli import check_model_match, load_model, log, parse_float_list, progress
+    from dolm.errors import InputError
+    from dolm.formats import load_safetensors, read_table, write_table
+    from dolm.metrics import prompt_targets, select_prompts
+
+    alpha_list = parse_float_list(alphas, "--alphas")
+    if not all(np.isfinite(alpha_list)):
+        raise InputError(f"--alphas: expected finite numbers, found {alphas!r}")
+    tensors, dmeta = load_safetensors(directions, schema="directions", run=run)
+    dx = dmeta.extra or {}
+    have = sorted(k[len("direction."):] for k in tensors)
+    if site is None:
+        site = dx.get("best_site") or (have[0] if len(have) == 1 else None)
+        if site is None:
+            raise InputError(f"--site: {directions} has directions for {', '.join(have)} and "
+                             "no best site; name one")
+    if site not in have:
+        raise InputError(f"--site {site}: {directions} has no direction for this site (it has "
+                         f"{', '.join(have)})")
+    if scale == "std":
+        std = (dx.get("proj_std") or {}).get(site)
+        if not std:
+            raise InputError(f"--scale std: {directions} records no proj_std for {site}")
+        alpha_list = [a * std for a in alpha_list]
+    df, _ = read_table(prompts, schema="prompts", run=run)
+    df = select_prompts(df, where, limit, prompts)
+    from dolm_tools.steer.apply import effects_rows, generate, run_steering, slopes
+
+    lm = load_model(model_opts, run=run)
+    check_model_match(dmeta, lm, allow_model_mismatch)
+    try:
+        s = lm.parse_site(site)
+    except InputError as exc:
+        raise InputError(f"--site {site}: {exc}") from None
+    if s.kind in ("attn", "logits"):
+        raise InputError(f"--site {site}: cannot steer at an attention pattern or logits")
+    width = lm.d_head if s.kind == "head" else lm.d_model
+    vec = tensors[f"direction.{site}"].float().numpy()
+    if vec.shape != (width,):
+        raise InputError(f"{directions}: direction.{site} has shape {list(vec.shape)}, but "
+                         f"{site} of this model has width {width}")
+    vec = vec / np.linalg.norm(vec)
+    targets = prompt_targets(df, lm, prompts)
+    texts = [str(x) for x in df["prompt"]]
+    label = f"{dx.get('method', 'direction')}"
+    if dx.get("label"):
+        label += f"({dx['label']}" + (f">{dx['threshold']:g}" if dx.get("threshold")
+                                      is not None else "") + ")"
+
+    def bar(total):
+        return progress(total=total, desc="steering", unit="run")
+
+    clean, per, used = run_steering(lm, targets, texts, site, vec, alpha_list, mode, positions,
+                                    model_opts.batch_size, progress=bar)
+    gens = None
+    if n_generate:
+        gens = generate(lm, texts, [t.prompt_id for t in targets], site, vec, used, mode,
+                        positions, n_generate, model_opts.batch_size)
+    if scale == "std" and mode == "add":
+        std = dx["proj_std"][site]
+        used = [a / std for a in used]
+    if scale == "std":
+        label += " [sd units]"
+    out = effects_rows(lm, targets, site, used, clean, per, mode, positions, label, gens)
+    sl = slopes(out) if mode == "add" else {}
+    extra = {"directions": directions, "site": site, "mode": mode, "positions": positions,
+             "scale": scale, "alphas": used, "slopes": sl, "direction_label": label,
+             "generate": n_generate, "where": where, "n_prompts": len(targets)}
+    if scale == "std":
+        extra["proj_std"] = dx["proj_std"][site]
+    write_table(out, output, schema="effects", run=run, force=force, extra=extra)
+    for m in ("p_x", "logit_diff", "prob_target"):
+        if m in sl:
+            log(f"dolm-steer apply: slope d mean({m}) / d alpha = {sl[m]:.4g} ({site}, "
+                f"{len(targets)} prompts)")
+            break
