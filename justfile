@@ -1,17 +1,79 @@
-# dolm recipes. `just --list` shows them all.
+# dolm recipes. `just --list --list-submodules` shows them all.
+#
+# Studies are modules in pipelines/, each built only from dolm tools; run one with
+# `just <study>::all` (outputs under runs/<study>/), or a single stage with
+# `just <study>::<stage>`. Swap a stage by hand by writing a file of the same schema.
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 export HF_HUB_OFFLINE := "1"
 export HF_HUB_DISABLE_PROGRESS_BARS := "1"
 export TOKENIZERS_PARALLELISM := "false"
 
+# prompt level: instruction format -> completion (propensity score matching)
+mod formats-psm 'pipelines/formats_psm.just'
+# prompt level: chain-of-thought -> accuracy through attention (mediation)
+mod cot-mediation 'pipelines/cot_mediation.just'
+# Bayesian updating: evidence sweep, probes, head scan, ablation, steering, robustness
+mod bayes 'pipelines/bayes.just'
+# option-choice dilemmas: causal tracing on counterfactual swaps
+mod dilemma 'pipelines/dilemma.just'
+# factual recall: ROME-style noise tracing over the subject
+mod factual 'pipelines/factual.just'
+# logit/tuned lens and direct logit attribution for the dilemma and bayes studies
+mod lens_dla 'pipelines/lens_dla.just'
+# causal-unit network: do() with gradient blocking, DAG learning, ablations
+mod cunit 'pipelines/cunit.just'
+
+root := justfile_directory()
+demo_dir := root / "runs" / "demo"
+
 default:
-    @just --list
+    @just --list --list-submodules
 
 # The whole test suite (what CI runs).
 test:
-    python -m pytest -q -n 2 --durations=15
+    python -m pytest -q -n 2 --durations=20
 
 # Lint.
 lint:
     ruff check .
+
+# The main job on the embedded model: prompts -> outcomes -> validate for every family,
+# every study at demo size, then one HTML report (runs/demo/report.html).
+demo:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    out={{demo_dir}}
+    mkdir -p "$out/families"
+    for fam in factual bayes formats arith dilemma; do
+        dolm-gen-prompts "$fam" --n 24 --seed 0 -o "$out/families/$fam.prompts.parquet" --force
+        extra=()
+        if [ "$fam" = arith ]; then extra=(--generate 40 --attention-to numbers); fi
+        dolm-collect-acts "$out/families/$fam.prompts.parquet" --model toy \
+            -o "$out/families/$fam.outcomes.parquet" --acts "$out/families/$fam.acts.h5" \
+            --sites 'resid_post.*' --positions last "${extra[@]}" --force
+        dolm-validate "$out/families/$fam.prompts.parquet" "$out/families/$fam.outcomes.parquet" \
+            "$out/families/$fam.acts.h5"
+    done
+    export DOLM_RUNS="$out" DOLM_N=24
+    just dilemma::all
+    just factual::all
+    DOLM_BAYES_PERMS=4 just bayes::all
+    just lens_dla::all
+    DOLM_N=40 just formats-psm::all
+    DOLM_N=40 DOLM_SIMS=200 just cot-mediation::all
+    just cunit::all
+    dolm-plot report "$out" -o "$out/report.html" --force
+    echo "report: $out/report.html" >&2
+
+# Retrain the embedded model organism from scratch (see models/toy/README.md).
+toy:
+    dolm-toy train --config tools/toy/toy_config.toml -o models/toy --force
+
+# Benchmarks (ratios side by side in one run); results in benchmarks/results/, BENCHMARKS.md.
+bench:
+    python benchmarks/collect_acts.py
+    python benchmarks/patch.py
+    python benchmarks/psm.py
+    python benchmarks/mediate.py
+    python benchmarks/cunit.py
