@@ -139,16 +139,52 @@ def test_zero_at_the_last_position_only(tiny_lm, sweep):
                                                          zero_slice(3 * d, 4 * d, rows))]))
 
 
-def test_mean_ablation_with_the_prompt_itself_as_reference_changes_nothing(tiny_lm, sweep):
+@pytest.mark.parametrize("align", ["start", "end"])
+def test_mean_ablation_with_the_prompt_itself_as_reference_changes_nothing(tiny_lm, sweep,
+                                                                           align):
     lm = tiny_lm("gpt2")
     sets = scan_sets(lm, "heads") + scan_sets(lm, "layers") + parse_sets(lm, ["attn_out.0"])
     for i in (0, 5):
         one = sweep.iloc[[i]].reset_index(drop=True)
-        _, clean, per = run_ablator(lm, one, sets, kind="mean",
+        _, clean, per = run_ablator(lm, one, sets, kind="mean", align=align,
                                     ref_texts=list(one["prompt"]), ref_names=["ref"])
         for got in per:
             for m in got:
                 np.testing.assert_allclose(got[m], clean[m], atol=1e-5, rtol=0)
+
+
+def test_mean_ablation_aligned_at_the_end_equals_a_hand_computed_mean(tiny_lm, sweep):
+    """Reference prompts of other lengths, matched from the last token back; positions no
+    reference reaches get the mean over every reference token."""
+    lm = tiny_lm("gpt2")
+    one = sweep.iloc[[4]].reset_index(drop=True)
+    refs = ["The sky is blue. " + sweep["prompt"][6], sweep["prompt"][7][:-4]]
+    sets = parse_sets(lm, ["head.1.2+mlp_out.0"])
+    tg, _, per = run_ablator(lm, one, sets, kind="mean", align="end", ref_texts=refs,
+                             ref_names=["r0", "r1"])
+    sites = ["head.1.2", "mlp_out.0"]
+    enc_r = lm.encode(refs)
+    with torch.no_grad(), lm.trace(read=sites) as tr:
+        lm.forward(enc_r)
+    length = len(lm.encode(list(one["prompt"])).input_ids[0])
+    want = {}
+    for s in sites:
+        a = tr[s].double().numpy()
+        rows = [a[r, :n] for r, n in enumerate(enc_r.lengths)]
+        overall = np.concatenate(rows).mean(0)
+        m = np.zeros((length, a.shape[-1]))
+        for t in range(length):
+            back = length - 1 - t
+            hit = [row[len(row) - 1 - back] for row in rows if len(row) > back]
+            m[t] = np.mean(hit, axis=0) if hit else overall
+        want[s] = torch.tensor(m, dtype=torch.float32)
+    assert length > min(enc_r.lengths)  # some positions are reached by one reference only
+    write = {s: (lambda act, bi, s=s: want[s].expand_as(act).clone()) for s in sites}
+    enc = lm.encode(list(one["prompt"]))
+    with torch.no_grad(), lm.trace(write=write):
+        lg = lm.forward(enc).logits[:, -1]
+    expect = metrics_table(read_logits(lg, torch.tensor(ids_matrix(tg))).numpy(), tg)
+    assert_close(per[0], expect, tol=1e-5)
 
 
 def test_scan_equals_ablating_heads_one_at_a_time(tiny_lm, sweep):

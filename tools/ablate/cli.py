@@ -46,6 +46,10 @@ from dolm.cli import model_options, output_option, seed_option, tool
                    "position), resample (from another --reference prompt, seeded).")
 @click.option("--reference", type=click.Path(dir_okay=False), default=None,
               help="Prompts table whose activations mean/resample use (default: PROMPTS).")
+@click.option("--align", type=click.Choice(["start", "end"]), default="start",
+              show_default=True,
+              help="mean/resample: match token positions with the reference from the start, or "
+                   "from the end (last token to last token) for prompts of different lengths.")
 @click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="--kind resample: draws per prompt (rows carry 'sample').")
 @click.option("--positions", default="all", show_default=True,
@@ -60,8 +64,8 @@ from dolm.cli import model_options, output_option, seed_option, tool
 @output_option
 @seed_option
 def main(run, prompts, components, scan, from_file, top, bottom, by_metric, rank_by, from_kind,
-         allow_model_mismatch, kinds, reference, samples, positions, where, limit, model_opts,
-         output, force, seed):
+         allow_model_mismatch, kinds, reference, align, samples, positions, where, limit,
+         model_opts, output, force, seed):
     """Ablate model components on PROMPTS (a prompts table); write effects.
 
     \b
@@ -137,12 +141,12 @@ def main(run, prompts, components, scan, from_file, top, bottom, by_metric, rank
 
     ab = Ablator(lm, targets, [str(x) for x in df["prompt"]], conds, positions=pos_spec,
                  ref_texts=ref_texts, ref_names=ref_names, seed=seed,
-                 batch_size=model_opts.batch_size, progress=bar)
+                 batch_size=model_opts.batch_size, progress=bar, align=align)
     clean, per = ab.run()
     out = effects_rows(lm, targets, conds, clean, per, positions)
     extra = {"kinds": kind_list, "positions": positions, "scan": scan,
              "sets": {c.name: list(c.components) for c in sets},
-             "reference": reference or prompts, "samples": samples, "where": where,
+             "reference": reference or prompts, "align": align, "samples": samples, "where": where,
              "n_prompts": len(targets)}
     if picked is not None:
         extra["from"] = picked

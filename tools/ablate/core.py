@@ -10,6 +10,11 @@ Kinds (what replaces a component's output at the ablated positions):
   least as long), drawn with the seed; ``samples`` draws per prompt. One draw replaces
   every component of the set from the same donor.
 
+Positions are matched from the start (``align="start"``: token t of the prompt gets
+token t of the reference) or from the end (``align="end"``: the prompt's last token gets
+the reference's last token, and so on back), for prompts of different lengths whose
+ends line up (e.g. the draws of bayes prompts with and without distractors).
+
 A variant starts at the first layer it ablates, from the cached clean residual stream
 (:mod:`dolm.variants`), and only the last position is unembedded.
 """
@@ -95,7 +100,7 @@ class Ablator:
     def __init__(self, lm, targets: list[Targets], texts: list[str], conditions: list[Condition],
                  positions=("all", None), ref_texts: list[str] | None = None,
                  ref_names: list[str] | None = None, seed: int = 0, batch_size="auto",
-                 progress=None):
+                 progress=None, align: str = "start"):
         self.lm = lm
         self.targets = targets
         self.names = [t.prompt_id for t in targets]
@@ -107,6 +112,7 @@ class Ablator:
         self.pos_mask = position_mask(self.enc, positions, self.names)
         self.ref_texts = ref_texts
         self.ref_names = ref_names
+        self.align = align
 
     def run(self) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
         """Clean metrics, and metrics per condition (name -> (N,) arrays)."""
@@ -121,6 +127,12 @@ class Ablator:
         clean = clean_pass(lm, self.enc, ids, starts=set(cond_start),
                            sites=need_vals if own_ref else [], batch_size=self.batch_size)
         t_max = self.enc.input_ids.shape[1]
+        lengths = torch.as_tensor(self.enc.lengths)
+        steps = torch.arange(t_max)
+        if self.align == "end":  # index j counts back from each prompt's last token
+            gidx = (lengths[:, None] - 1 - steps[None, :]).clamp(min=0)
+        else:
+            gidx = steps[None, :].expand(len(lengths), t_max)
         if need_vals:
             if own_ref:
                 ref_acts, ref_enc, ref_names = clean.acts, self.enc, self.names
@@ -131,6 +143,12 @@ class Ablator:
                                       batch_size=self.batch_size).acts
                 ref_names = self.ref_names
             ref_mask = ref_enc.attention_mask.bool()
+            if self.align == "end":
+                ref_len = torch.as_tensor(ref_enc.lengths)
+                t_ref = ref_mask.shape[1]
+                back = (ref_len[:, None] - 1 - torch.arange(t_ref)[None, :]).clamp(min=0)
+                ref_acts = {k: v.gather(1, back[..., None].expand_as(v))
+                            for k, v in ref_acts.items()}
             means = ({s: positional_mean(ref_acts[s], ref_mask, t_max) for s in sites}
                      if "mean" in kinds else {})
             pad = max(0, t_max - ref_enc.input_ids.shape[1])
@@ -166,11 +184,12 @@ class Ablator:
                     tt = act_rows.shape[1]
                     m = np.flatnonzero(kc == 1)
                     if len(m):
-                        new[m] = means[s][:tt]
+                        new[m] = means[s][gidx[v_prompt[vr[m]], :tt]]
                     r = np.flatnonzero(kc == 2)
                     if len(r):
-                        d = donors[v_prompt[vr[r]], sample[vr[r]]]
-                        new[r] = refs[s][d][:, :tt]
+                        p = v_prompt[vr[r]]
+                        d = torch.as_tensor(donors[p, sample[vr[r]]])
+                        new[r] = refs[s][d[:, None], gidx[p, :tt]]
                     return new
 
                 writes[s] = row_writer(hit, pos_mask[v_prompt[rows]][:, :t], value_fn)
