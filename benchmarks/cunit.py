@@ -101,7 +101,7 @@ def record(rows, section, **kw):
 # ------------------------------------------------------------------ sections
 
 
-def section_structure(rows, graphs, seeds, n_obs, n_int, section):
+def section_structure(rows, graphs, seeds, n_obs, n_int, section, pooled=True):
     for graph, d in graphs:
         for seed in seeds:
             B, X, tg, X_obs = make_data(graph, d, seed, n_obs, n_int)
@@ -116,6 +116,8 @@ def section_structure(rows, graphs, seeds, n_obs, n_int, section):
                 record(rows, section, graph=graph, d=len(B), seed=seed, scaling=scaling,
                        method="DAGMA (observational)", wall_s=wall, cpu_s=cpu,
                        metrics=structure_metrics(B, A))
+                if not pooled:
+                    continue
                 A, wall, cpu = run_dagma(Xi, seed)
                 record(rows, section, graph=graph, d=len(B), seed=seed, scaling=scaling,
                        method="DAGMA (same table, pooled)", wall_s=wall, cpu_s=cpu,
@@ -268,6 +270,13 @@ def main(argv=None):
     ap.add_argument("--only", default="canonical,er,speed,ablation")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dims", default="10,20", help="ER graph sizes.")
+    ap.add_argument("--seed-list", default=None, help="Comma-separated seeds (overrides "
+                    "--seeds).")
+    ap.add_argument("--no-pooled", action="store_true",
+                    help="Skip DAGMA on the pooled interventional table.")
+    ap.add_argument("--graphs", default=None,
+                    help="Canonical graphs to run, in this order (default: all five).")
     ap.add_argument("--out", default=str(RESULTS / "cunit.md"))
     ap.add_argument("--append-json", action="store_true",
                     help="Keep rows of other sections from an earlier run's JSON.")
@@ -278,11 +287,20 @@ def main(argv=None):
     global _JSON
     if args.from_json:
         rows = []
+        seen = set()
         for f in args.from_json.split(","):
-            rows += json.loads(Path(f).read_text())
+            for r in json.loads(Path(f).read_text()):
+                key = json.dumps({k: v for k, v in r.items()
+                                  if k not in ("wall_s", "cpu_s", "metrics", "ms", "plain_ms",
+                                               "ratio")}, sort_keys=True)
+                if key not in seen:  # sections run twice in parallel: keep the first
+                    seen.add(key)
+                    rows.append(r)
         report(rows, Path(args.out), sys.argv[1:] if argv is None else argv)
         return
     seeds = list(range(1 if args.quick else args.seeds))
+    if args.seed_list:
+        seeds = [int(x) for x in args.seed_list.split(",")]
     only = set(args.only.split(","))
     out = Path(args.out)
     json_path = out.with_suffix(".json")
@@ -296,11 +314,12 @@ def main(argv=None):
         rows = [r for r in old if r["section"] not in drop]
     n_obs, n_int = (500, 100) if args.quick else (1000, 200)
     if "canonical" in only:
-        graphs = [(g, 0) for g in (CANONICAL[:2] if args.quick else CANONICAL)]
+        names = args.graphs.split(",") if args.graphs else CANONICAL
+        graphs = [(g, 0) for g in (names[:2] if args.quick else names)]
         section_structure(rows, graphs, seeds, n_obs, n_int, "canonical")
     if "er" in only:
-        graphs = [("er", 10)] if args.quick else [("er", 10), ("er", 20)]
-        section_structure(rows, graphs, seeds, n_obs, n_int, "er")
+        graphs = [("er", 10)] if args.quick else [("er", int(x)) for x in args.dims.split(",")]
+        section_structure(rows, graphs, seeds, n_obs, n_int, "er", pooled=not args.no_pooled)
     if "speed" in only:
         section_speed(rows, args.quick)
         section_d50(rows, seeds, args.quick)
