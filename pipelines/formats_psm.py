@@ -111,7 +111,8 @@ def _num(v) -> str:
 def _markdown(out: pd.DataFrame, summ: dict, exp: pd.DataFrame, outcome: str) -> str:
     acc = exp.groupby("format")[outcome].mean()
     lines = [f"# formats-psm: effect of the instruction format on `{outcome}`", "",
-             "Accuracy per format in the experiment design (every unit in every format): "
+             f"Mean {outcome} per format in the experiment design (every unit in every "
+             "format): "
              + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + ".", "",
              f"Observational design: {summ['n_units']} units, covariates "
              f"{', '.join(summ['covariates'])}"
@@ -132,8 +133,8 @@ def _markdown(out: pd.DataFrame, summ: dict, exp: pd.DataFrame, outcome: str) ->
             f"{_num(r.rosenbaum_gamma)} | {_num(r.e_value)} |")
     lines += ["", "naive: difference in means in the observational design (confounded by "
               "difficulty and input length); matched: dolm-psm nearest-neighbour matching on "
-              "the propensity score; true: mean of correct(format) - correct(direct) over the "
-              "same units in the experiment design. Gamma: Rosenbaum bound at which "
+              f"the propensity score; true: mean of {outcome}(format) - {outcome}(direct) "
+              "over the same units in the experiment design. Gamma: Rosenbaum bound at which "
               "significance is lost; E-value on the risk-ratio scale.", ""]
     return "\n".join(lines)
 
