@@ -219,6 +219,8 @@ def test_prepare_refuses_bad_input():
     assert core.prepare(df2, "t", "y", ["m"], ["x"], dropna=True).dropped["rows"] == 2
     with pytest.raises(InputError, match="covariate 'k' is constant"):
         core.prepare(df.assign(k=2.0), "t", "y", ["m"], ["k"])
+    with pytest.raises(InputError, match="--outcome 'y': constant"):
+        core.prepare(df.assign(y=0.0), "t", "y", ["m"], [])
     with pytest.raises(InputError, match="pattern 'attn_to.*' matches no column"):
         core.expand_columns(["attn_to.*"], list(df.columns), "--mediator")
     d = core.prepare(df, "t", "y", ["m"], ["x"])

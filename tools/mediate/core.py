@@ -168,6 +168,11 @@ def prepare(df: pd.DataFrame, treatment: str, outcome: str, mediators: list[str]
     if not (pd.api.types.is_numeric_dtype(ys) or pd.api.types.is_bool_dtype(ys)):
         raise InputError(f"--outcome {outcome!r}: expected numbers or booleans, found {ys.dtype}")
     y = ys.to_numpy(dtype=float)
+    if len(np.unique(y)) < 2:
+        raise InputError(
+            f"--outcome {outcome!r}: constant (every usable row is {y[0]:g}); "
+            "no effect can be estimated on it"
+        )
 
     xs, names = [], []
     for c in covariates:
