@@ -309,7 +309,7 @@ def main(argv=None):
     if args.append_json and json_path.exists():
         old = json.loads(json_path.read_text())
         redo = {"canonical": {"canonical"}, "er": {"er"}, "speed": {"forward", "d50"},
-                "ablation": {"ablation"}}
+                "forward": {"forward"}, "d50": {"d50"}, "ablation": {"ablation"}}
         drop = set().union(*(redo[s] for s in only if s in redo))
         rows = [r for r in old if r["section"] not in drop]
     n_obs, n_int = (500, 100) if args.quick else (1000, 200)
@@ -320,8 +320,9 @@ def main(argv=None):
     if "er" in only:
         graphs = [("er", 10)] if args.quick else [("er", int(x)) for x in args.dims.split(",")]
         section_structure(rows, graphs, seeds, n_obs, n_int, "er", pooled=not args.no_pooled)
-    if "speed" in only:
+    if "speed" in only or "forward" in only:
         section_speed(rows, args.quick)
+    if "speed" in only or "d50" in only:
         section_d50(rows, seeds, args.quick)
     if "ablation" in only:
         section_ablation(rows, seeds, 10, n_obs, n_int)
