@@ -62,7 +62,7 @@ demo:
     just lens_dla::all
     DOLM_N=40 just formats-psm::all
     DOLM_N=40 DOLM_SIMS=200 just cot-mediation::all
-    just cunit::all
+    DOLM_CUNIT_D=6 just cunit::data cunit::grads cunit::fit cunit::plot
     dolm-plot report "$out" -o "$out/report.html" --force
     echo "report: $out/report.html" >&2
 
