@@ -336,37 +336,28 @@ def log(message: str) -> None:
     click.echo(message, err=True)
 
 
-def parse_float_list(value: str, option: str) -> list[float]:
-    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0]; anything not a number is an error naming the option."""
+def _parse_list(value: str, option: str, cast: Callable[[str], Any], kind: str) -> list:
     out = []
     for part in str(value).split(","):
         part = part.strip()
         if not part:
             continue
         try:
-            out.append(float(part))
+            out.append(cast(part))
         except ValueError:
             raise InputError(
-                f"{option}: expected comma-separated numbers, found {part!r}"
+                f"{option}: expected comma-separated {kind}s, found {part!r}"
             ) from None
     if not out:
-        raise InputError(f"{option}: expected at least one number")
+        raise InputError(f"{option}: expected at least one {kind}")
     return out
+
+
+def parse_float_list(value: str, option: str) -> list[float]:
+    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0]; anything not a number is an error naming the option."""
+    return _parse_list(value, option, float, "number")
 
 
 def parse_int_list(value: str, option: str) -> list[int]:
     """``"0,1,2"`` -> [0, 1, 2]; anything not an integer is an error naming the option."""
-    out = []
-    for part in str(value).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(int(part))
-        except ValueError:
-            raise InputError(
-                f"{option}: expected comma-separated integers, found {part!r}"
-            ) from None
-    if not out:
-        raise InputError(f"{option}: expected at least one integer")
-    return out
+    return _parse_list(value, option, int, "integer")
