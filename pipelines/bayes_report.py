@@ -88,7 +88,9 @@ def probes_section(run_dir) -> list[str]:
     out = []
     for name, what in (("probe_posterior", "posterior_x (ridge, held-out R²)"),
                        ("probe_generator", "generator identity posterior_b > 0.5 "
-                                           "(logistic, held-out accuracy)")):
+                                           "(logistic, held-out accuracy)"),
+                       ("diffmeans_generator", "generator identity, difference of means "
+                                               "(held-out accuracy of the projection)")):
         df, _ = _read(os.path.join(run_dir, f"{name}.parquet"))
         if df is None:
             continue
@@ -103,34 +105,39 @@ def probes_section(run_dir) -> list[str]:
     return out
 
 
-def steer_section(path) -> list[str]:
+def steer_section(path, title) -> list[str]:
     df, meta = _read(path)
     if df is None:
         return []
     x = meta.extra or {}
-    d = df[df["metric"] == "p_x"]
-    agg = d.groupby("alpha")["value"].mean()
-    clean = d.groupby("prompt_id")["clean_value"].first().mean()
-    slope = x.get("slopes", {}).get("p_x")
     unit = x.get("scale", "unit")
-    std = x.get("proj_std")
-    near = agg[(agg.index >= -1) & (agg.index <= 1)]
-    slope0 = float(np.polyfit(near.index.to_numpy(float), near.to_numpy(float), 1)[0]) \
-        if len(near) >= 2 else None
-    out = ["## Steering dose-response", "",
-           f"`{os.path.basename(path)}`: {x.get('direction_label')} at {x.get('site')}, "
-           f"positions {x.get('positions')}, {df['prompt_id'].nunique()} prompts "
-           f"(filter: {x.get('where')}); alpha in "
-           + ("standard deviations of the training activations along the direction "
-              f"(1 SD = {_f(std, 3)} in residual units)" if unit == "std" else "residual units")
-           + f". Unsteered mean P(X) {_f(clean)}.", ""]
-    if slope is not None:
-        per_unit = f"; per residual unit {slope / std:.4g}" if unit == "std" and std else ""
-        out += [f"Slope d mean P(X) / d alpha over all alphas: **{slope:.4f}**{per_unit}; "
-                f"over |alpha| <= 1: {_f(slope0)}", ""]
-    mae = _mean(df, "mae_bayes", "alpha")
-    out += [_table(["alpha", "mean P(X)", "MAE to Bayes"],
-                   [[f"{a:g}", _f(v), _f(mae.get(a))] for a, v in agg.items()]), ""]
+    out = [f"## {title}", "",
+           f"`{os.path.basename(path)}`: {x.get('direction_label')}, positions "
+           f"{x.get('positions')}, {df['prompt_id'].nunique()} prompts (filter: "
+           f"{x.get('where')}); alpha in "
+           + ("standard deviations of the training activations along the direction"
+              if unit == "std" else "residual units") + ".", ""]
+    rows = []
+    for site, g in df[df["metric"] == "p_x"].groupby("site", sort=False):
+        agg = g.groupby("alpha")["value"].mean()
+        clean = g.groupby("prompt_id")["clean_value"].first().mean()
+        slope = x.get("slopes", {}).get(site, {}).get("p_x")
+        std = (x.get("proj_std") or {}).get(site) if unit == "std" else 1.0
+        near = agg[(agg.index >= -1) & (agg.index <= 1)]
+        slope0 = float(np.polyfit(near.index.to_numpy(float), near.to_numpy(float), 1)[0]) \
+            if len(near) >= 2 else None
+        rows.append([site, _f(clean), _f(slope), _f(slope0),
+                     _f(slope / std if slope is not None and std else None, 5), _f(std, 3),
+                     f"{_f(agg.iloc[0])} .. {_f(agg.iloc[-1])}"])
+    out += [_table(["site", "unsteered P(X)", "slope dP(X)/dalpha", "slope, |alpha|<=1",
+                    "slope per residual unit", "1 alpha in residual units",
+                    f"P(X) at alpha {df['alpha'].min():g} .. {df['alpha'].max():g}"], rows), ""]
+    if df["site"].nunique() == 1:
+        g = df[df["metric"] == "p_x"]
+        agg = g.groupby("alpha")["value"].mean()
+        mae = _mean(df, "mae_bayes", "alpha")
+        out += [_table(["alpha", "mean P(X)", "MAE to Bayes"],
+                       [[f"{a:g}", _f(v), _f(mae.get(a))] for a, v in agg.items()]), ""]
     return out
 
 
@@ -160,7 +167,10 @@ def main(run_dir: str) -> None:
                               "Evidence sweep: MAE to Bayes, baseline vs ablations")
     parts += probes_section(run_dir)
     parts += scan_section(os.path.join(run_dir, "scan.parquet"))
-    parts += steer_section(os.path.join(run_dir, "steer.parquet"))
+    parts += steer_section(os.path.join(run_dir, "steer.parquet"),
+                           "Steering dose-response along the best posterior probe direction")
+    parts += steer_section(os.path.join(run_dir, "steer_diffmeans.parquet"),
+                           "Steering along the generator difference of means, every layer")
     parts += robust_section(run_dir)
     print("\n".join(parts))
 

@@ -92,6 +92,10 @@ def test_probes_find_a_planted_linear_signal():
     assert fit.directions["resid_post.1"] @ w / np.linalg.norm(w) > 0.9
     n_test = {r["n_test"] for r in fit.scores}
     assert n_test == {60}
+    dm = F.diff_means(acts, y_cont > 0, groups, 0.25, seed=0)
+    acc = {r["site"]: r["value"] for r in dm.scores}
+    assert acc["resid_post.1"] >= 0.85 and acc["resid_post.0"] < 0.75
+    assert dm.best_site == "resid_post.1"
     ridge = F.probes(acts, y_cont + 0.01 * rng.normal(size=n), "ridge", groups, 0.25, seed=0)
     r2 = {r["site"]: r["value"] for r in ridge.scores if r["metric"] == "r2"}
     assert r2["resid_post.1"] > 0.99 and r2["resid_post.0"] < 0.2
@@ -185,7 +189,7 @@ def dolm(*args):
 
 
 def test_cli_probe_from_acts_then_dose_response_and_bad_input(tiny_gpt2_dir, tiny_model_dir,
-                                                             sweep, tmp_path):
+                                                             tiny_lm, sweep, tmp_path):
     from dolm.formats import load_safetensors, read_table, validate_file, write_table
     from safetensors.torch import load_file
 
@@ -203,8 +207,7 @@ def test_cli_probe_from_acts_then_dose_response_and_bad_input(tiny_gpt2_dir, tin
              "--label", "posterior_b", "--threshold", "0.5", "-o", str(tmp_path / "dm.st"))
     assert r.returncode == 0, r.stderr
     # the saved direction is the numpy difference of means of HF's own hidden states
-    x = hidden_last(__import__("dolm.models", fromlist=["load"]).load(model),
-                    list(sweep["prompt"]), 1)
+    x = hidden_last(tiny_lm("gpt2"), list(sweep["prompt"]), 1)
     pos = sweep["posterior_b"].to_numpy() > 0.5
     d = x[pos].mean(0) - x[~pos].mean(0)
     saved = load_file(str(tmp_path / "dm.st"))["direction.resid_post.1"].double().numpy()
@@ -230,7 +233,9 @@ def test_cli_probe_from_acts_then_dose_response_and_bad_input(tiny_gpt2_dir, tin
     assert set(eff["prompt_id"]) == set(sweep.loc[sweep["n_x"] >= 2, "prompt_id"])
     zero = eff[eff["alpha"] == 0]
     np.testing.assert_allclose(zero["value"], zero["clean_value"], atol=1e-5)
-    assert eff["generation"].notna().all() and "p_x" in emeta.extra["slopes"]
+    assert eff["generation"].notna().all()
+    assert list(emeta.extra["slopes"]) == [meta.extra["best_site"]]
+    assert "p_x" in emeta.extra["slopes"][meta.extra["best_site"]]
     # bad input: each exit 3 naming the culprit; no output left behind
     bad = str(tmp_path / "bad.parquet")
     r = dolm("dolm-steer", "apply", str(prompts), "--model", model, "--directions", str(dirs),

@@ -211,7 +211,6 @@ def effects_rows(lm, targets: list[Targets], conds: list[Condition], clean: dict
     import pandas as pd
 
     pids = [t.prompt_id for t in targets]
-    n = len(pids)
     frames = []
     names = metric_order(clean)
 
@@ -239,7 +238,6 @@ def effects_rows(lm, targets: list[Targets], conds: list[Condition], clean: dict
                     head=c.cset.head(lm), window=None, kind=c.kind, alpha=None,
                     component=c.cset.label, sample=c.sample, corrupt_value=None)
         block(vals, base, clean)
-    del n
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     df = df[COLUMNS]
     for col in ("layer", "position", "head", "window", "sample"):

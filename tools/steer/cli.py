@@ -54,7 +54,9 @@ def main() -> None:
                    "(continuous label; held-out R^2, Pearson r). Default: logistic for a binary "
                    "or --threshold label, ridge otherwise.")
 @click.option("--test-fraction", type=click.FloatRange(0.05, 0.9), default=0.25,
-              show_default=True, help="probe: held-out share (split by group_id when present).")
+              show_default=True,
+              help="probe/diffmeans: held-out share for the scores (split by group_id when "
+                   "present); the saved direction uses every prompt.")
 @click.option("--C", "c_reg", type=click.FloatRange(min=0, min_open=True), default=1.0,
               show_default=True, help="probe: inverse regularisation strength (ridge: 1/alpha).")
 @click.option("--position", type=click.Choice(["last", "mean"]), default="last",
@@ -95,6 +97,9 @@ def fit(run, prompts, method, sites, label, threshold, negatives, probe_kind, te
     if method == "pca" and acts is not None:
         raise InputError("--acts: --method pca runs the model on each cf_prompt; it cannot "
                          "read stored activations")
+    if method == "file" and acts is not None:
+        raise InputError("--acts: --method file reads its vector from --vector, not from "
+                         "activations")
     if method == "file" and vector is None:
         raise InputError("--method file: give --vector FILE")
     if method in ("diffmeans", "probe") and label is None and negatives is None:
@@ -160,20 +165,18 @@ def fit(run, prompts, method, sites, label, threshold, negatives, probe_kind, te
         if neg_df is not None:
             pos = np.r_[np.ones(len(pids), bool), np.zeros(len(neg_df), bool)]
             train_ids = pids + [str(x) for x in neg_df["prompt_id"]]
-            fitted = F.diff_means(data, pos)
+            fitted = F.diff_means(data, pos, None, test_fraction, seed)
             extra["training_data_sha256"] = F.data_hash(train_ids, pos.astype(float))
             extra["negatives"] = negatives
         else:
             if not set(np.unique(y)) <= {0.0, 1.0}:
                 raise InputError(f"--label {label}: diffmeans needs a binary label; binarise "
                                  "it with --threshold T")
-            fitted = F.diff_means(data, y.astype(bool))
+            fitted = F.diff_means(data, y.astype(bool), _groups(df), test_fraction, seed)
             extra["training_data_sha256"] = F.data_hash(pids, y)
         extra["n_positive"] = int(len(pids) if y is None else y.sum())
     elif method == "probe":
-        groups = df["group_id"].tolist() if "group_id" in df.columns and \
-            df["group_id"].notna().all() else None
-        fitted = F.probes(data, y, probe_kind, groups, test_fraction, seed, c_reg)
+        fitted = F.probes(data, y, probe_kind, _groups(df), test_fraction, seed, c_reg)
         extra.update(probe=probe_kind, test_fraction=test_fraction, C=c_reg,
                      training_data_sha256=F.data_hash(pids, y))
     elif method == "pca":
@@ -210,8 +213,8 @@ def fit(run, prompts, method, sites, label, threshold, negatives, probe_kind, te
         import pandas as pd
 
         if not fitted.scores:
-            raise InputError(f"--scores: --method {method} gives no scores (use --method probe "
-                             "or pca)")
+            raise InputError(f"--scores: --method {method} gives no scores here (probe, pca, "
+                             "and diffmeans with a --label and at least 8 prompts do)")
         sdf = pd.DataFrame(fitted.scores)
         sdf["layer"] = [_layer_of(s) for s in sdf["site"]]
         sdf["method"] = method if method != "probe" else f"probe_{probe_kind}"
@@ -229,6 +232,13 @@ def fit(run, prompts, method, sites, label, threshold, negatives, probe_kind, te
         log(f"dolm-steer fit: held-out {key}: {line}")
     if best is not None:
         log(f"dolm-steer fit: best site {best}")
+
+
+def _groups(df):
+    """group_id per prompt for a grouped held-out split (None when absent)."""
+    if "group_id" in df.columns and df["group_id"].notna().all():
+        return df["group_id"].tolist()
+    return None
 
 
 def _layer_of(site: str):
@@ -292,7 +302,8 @@ def _label_values(df, label: str, threshold, path: str):
 @click.option("--directions", "directions", required=True, type=click.Path(dir_okay=False),
               help="A directions file (dolm-steer fit).")
 @click.option("--site", default=None,
-              help="The site to steer at (one of the file's; default: its best site).")
+              help="The site(s) to steer at: one of the file's, a comma list, or all (one "
+                   "dose-response per site); default: the file's best site.")
 @click.option("--alphas", default="-4,-2,0,2,4", show_default=True,
               help="Comma-separated strengths: one dose-response point each, batched.")
 @click.option("--mode", type=click.Choice(["add", "project"]), default="add", show_default=True,
@@ -337,67 +348,81 @@ def apply(run, prompts, directions, site, alphas, mode, scale, positions, n_gene
     dx = dmeta.extra or {}
     have = sorted(k[len("direction."):] for k in tensors)
     if site is None:
-        site = dx.get("best_site") or (have[0] if len(have) == 1 else None)
-        if site is None:
+        one = dx.get("best_site") or (have[0] if len(have) == 1 else None)
+        if one is None:
             raise InputError(f"--site: {directions} has directions for {', '.join(have)} and "
-                             "no best site; name one")
-    if site not in have:
-        raise InputError(f"--site {site}: {directions} has no direction for this site (it has "
-                         f"{', '.join(have)})")
-    if scale == "std":
-        std = (dx.get("proj_std") or {}).get(site)
-        if not std:
-            raise InputError(f"--scale std: {directions} records no proj_std for {site}")
-        alpha_list = [a * std for a in alpha_list]
+                             "no best site; name one (or a comma list, or all)")
+        sites = [one]
+    elif site.strip() == "all":
+        sites = have
+    else:
+        sites = list(dict.fromkeys(x.strip() for x in site.split(",") if x.strip()))
+    for one in sites:
+        if one not in have:
+            raise InputError(f"--site {one}: {directions} has no direction for this site (it "
+                             f"has {', '.join(have)})")
+        if scale == "std" and not (dx.get("proj_std") or {}).get(one):
+            raise InputError(f"--scale std: {directions} records no proj_std for {one}")
     df, _ = read_table(prompts, schema="prompts", run=run)
     df = select_prompts(df, where, limit, prompts)
+    import pandas as pd
     from dolm_tools.steer.apply import effects_rows, generate, run_steering, slopes
 
     lm = load_model(model_opts, run=run)
     check_model_match(dmeta, lm, allow_model_mismatch)
-    try:
-        s = lm.parse_site(site)
-    except InputError as exc:
-        raise InputError(f"--site {site}: {exc}") from None
-    if s.kind in ("attn", "logits"):
-        raise InputError(f"--site {site}: cannot steer at an attention pattern or logits")
-    width = lm.d_head if s.kind == "head" else lm.d_model
-    vec = tensors[f"direction.{site}"].float().numpy()
-    if vec.shape != (width,):
-        raise InputError(f"{directions}: direction.{site} has shape {list(vec.shape)}, but "
-                         f"{site} of this model has width {width}")
-    vec = vec / np.linalg.norm(vec)
+    vecs = {}
+    for one in sites:
+        try:
+            s = lm.parse_site(one)
+        except InputError as exc:
+            raise InputError(f"--site {one}: {exc}") from None
+        if s.kind in ("attn", "logits"):
+            raise InputError(f"--site {one}: cannot steer at an attention pattern or logits")
+        width = lm.d_head if s.kind == "head" else lm.d_model
+        vec = tensors[f"direction.{one}"].float().numpy()
+        if vec.shape != (width,):
+            raise InputError(f"{directions}: direction.{one} has shape {list(vec.shape)}, but "
+                             f"{one} of this model has width {width}")
+        vecs[one] = vec / np.linalg.norm(vec)
     targets = prompt_targets(df, lm, prompts)
     texts = [str(x) for x in df["prompt"]]
     label = f"{dx.get('method', 'direction')}"
     if dx.get("label"):
         label += f"({dx['label']}" + (f">{dx['threshold']:g}" if dx.get("threshold")
                                       is not None else "") + ")"
+    if scale == "std":
+        label += " [sd units]"
 
     def bar(total):
         return progress(total=total, desc="steering", unit="run")
 
-    clean, per, used = run_steering(lm, targets, texts, site, vec, alpha_list, mode, positions,
-                                    model_opts.batch_size, progress=bar)
-    gens = None
-    if n_generate:
-        gens = generate(lm, texts, [t.prompt_id for t in targets], site, vec, used, mode,
-                        positions, n_generate, model_opts.batch_size)
-    if scale == "std" and mode == "add":
-        std = dx["proj_std"][site]
-        used = [a / std for a in used]
+    frames, sl, stds = [], {}, {}
+    for one, vec in vecs.items():
+        std = float(dx["proj_std"][one]) if scale == "std" else 1.0
+        stds[one] = std
+        raw = [a * std for a in alpha_list]
+        clean, per, used = run_steering(lm, targets, texts, one, vec, raw, mode, positions,
+                                        model_opts.batch_size, progress=bar)
+        gens = None
+        if n_generate:
+            gens = generate(lm, texts, [t.prompt_id for t in targets], one, vec, used, mode,
+                            positions, n_generate, model_opts.batch_size)
+        shown = alpha_list if mode == "add" else used
+        out = effects_rows(lm, targets, one, shown, clean, per, mode, positions, label, gens)
+        frames.append(out)
+        if mode == "add":
+            sl[one] = slopes(out)
+    out = pd.concat(frames, ignore_index=True)
+    extra = {"directions": directions, "sites": sites, "mode": mode, "positions": positions,
+             "scale": scale, "alphas": alpha_list if mode == "add" else None, "slopes": sl,
+             "direction_label": label, "generate": n_generate, "where": where,
+             "n_prompts": len(targets)}
     if scale == "std":
-        label += " [sd units]"
-    out = effects_rows(lm, targets, site, used, clean, per, mode, positions, label, gens)
-    sl = slopes(out) if mode == "add" else {}
-    extra = {"directions": directions, "site": site, "mode": mode, "positions": positions,
-             "scale": scale, "alphas": used, "slopes": sl, "direction_label": label,
-             "generate": n_generate, "where": where, "n_prompts": len(targets)}
-    if scale == "std":
-        extra["proj_std"] = dx["proj_std"][site]
+        extra["proj_std"] = stds
     write_table(out, output, schema="effects", run=run, force=force, extra=extra)
-    for m in ("p_x", "logit_diff", "prob_target"):
-        if m in sl:
-            log(f"dolm-steer apply: slope d mean({m}) / d alpha = {sl[m]:.4g} ({site}, "
-                f"{len(targets)} prompts)")
-            break
+    for one, per_metric in sl.items():
+        for m in ("p_x", "logit_diff", "prob_target"):
+            if m in per_metric:
+                log(f"dolm-steer apply: {one}: slope d mean({m}) / d alpha = "
+                    f"{per_metric[m]:.4g} ({len(targets)} prompts)")
+                break

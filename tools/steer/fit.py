@@ -10,15 +10,17 @@ mean and standard deviation of the training activations projected on the unit
 direction (``proj_mean``, ``proj_std``: the natural scale of a steering strength), are
 kept in the file's metadata.
 
-Probes (the localisation step): one per site, fitted on a training split and scored on a
-held-out split (grouped by ``group_id`` when the prompts have groups, so permutations
-of one multiset never straddle the split). ``logistic`` (scikit-learn
+Probes (the localisation step): one per site, scored by fitting on a training split and
+predicting a held-out split (grouped by ``group_id`` when the prompts have groups, so
+permutations of one multiset never straddle the split); the saved direction is the same
+probe refitted on every prompt (scikit-learn's score-then-refit). ``logistic`` (scikit-learn
 ``LogisticRegression`` on standardised features) for a binary label, scored by accuracy
 and ROC AUC; ``ridge`` (``Ridge`` on standardised features) for a continuous label such
 as ``posterior_x``, scored by R^2 and Pearson r. A continuous label can instead be
 binarised with ``--threshold T`` (label = value > T) for a logistic probe. The probe's
 direction is its weight vector mapped back to activation space (coef / feature scale):
 the direction along which the predicted label (its log-odds, or its value) grows.
+Difference-of-means directions get the same held-out treatment (see :func:`diff_means`).
 """
 
 from __future__ import annotations
@@ -70,18 +72,44 @@ def _proj_stats(fit: Fitted, site: str, acts: np.ndarray) -> None:
 # ------------------------------------------------------------------ methods
 
 
-def diff_means(acts: dict[str, np.ndarray], pos: np.ndarray) -> Fitted:
-    """mean(acts[pos]) - mean(acts[~pos]) per site, unit-normalised."""
+def diff_means(acts: dict[str, np.ndarray], pos: np.ndarray, groups=None,
+               test_fraction: float = 0.25, seed: int = 0) -> Fitted:
+    """mean(acts[pos]) - mean(acts[~pos]) per site over every prompt, unit-normalised.
+
+    Held-out score (when there are at least 8 prompts, 2 per set): the direction from a
+    training split, and the accuracy on the held-out split of classifying by the
+    projection on it, thresholded midway between the two training means; the best site
+    is the one with the highest held-out accuracy.
+    """
     pos = np.asarray(pos, dtype=bool)
     if pos.all() or not pos.any():
         raise InputError("diffmeans: need prompts in both sets (positive and negative); found "
                          f"{int(pos.sum())} positive and {int((~pos).sum())} negative")
     fit = Fitted({}, {})
+    split = None
+    if len(pos) >= 8 and min(pos.sum(), (~pos).sum()) >= 2:
+        split = split_rows(len(pos), groups, pos.astype(int), test_fraction, seed, True)
+    best, best_score = None, -np.inf
     for site, x in acts.items():
         x = np.asarray(x, dtype=np.float64)
         fit.directions[site], fit.norms[site] = unit(x[pos].mean(0) - x[~pos].mean(0),
                                                      f"diffmeans at {site}")
         _proj_stats(fit, site, x)
+        if split is None:
+            continue
+        tr, te = split
+        ptr = pos[tr]
+        if ptr.all() or not ptr.any():
+            continue
+        m1, m0 = x[tr][ptr].mean(0), x[tr][~ptr].mean(0)
+        d = m1 - m0
+        cut = 0.5 * (m1 + m0) @ d
+        acc = float(((x[te] @ d > cut) == pos[te]).mean())
+        fit.scores.append({"site": site, "metric": "accuracy", "value": acc,
+                           "n_train": len(tr), "n_test": len(te)})
+        if acc > best_score:
+            best, best_score = site, acc
+    fit.best_site = best
     return fit
 
 
@@ -156,11 +184,6 @@ def probes(acts: dict[str, np.ndarray], y: np.ndarray, kind: str, groups=None,
         else:
             model = make_pipeline(StandardScaler(), Ridge(alpha=1.0 / c))
         model.fit(x[tr], y[tr])
-        scaler, est = model[0], model[-1]
-        scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
-        coef = np.ravel(est.coef_) / scale
-        fit.directions[site], fit.norms[site] = unit(coef, f"probe at {site}")
-        _proj_stats(fit, site, x)
         pred = model.predict(x[te])
         rows = []
         if classify:
@@ -176,6 +199,15 @@ def probes(acts: dict[str, np.ndarray], y: np.ndarray, kind: str, groups=None,
             rows += [("r2", r2), ("pearson_r", r),
                      ("train_r2", float(r2_score(y[tr], model.predict(x[tr]))))]
             score = r2
+        # the saved direction: the same probe refitted on every prompt
+        from sklearn.base import clone
+
+        full = clone(model).fit(x, y)
+        scaler, est = full[0], full[-1]
+        scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+        coef = np.ravel(est.coef_) / scale
+        fit.directions[site], fit.norms[site] = unit(coef, f"probe at {site}")
+        _proj_stats(fit, site, x)
         for metric, value in rows:
             fit.scores.append({"site": site, "metric": metric, "value": value,
                                "n_train": len(tr), "n_test": len(te)})
