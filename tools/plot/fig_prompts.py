@@ -217,6 +217,8 @@ def draw_sweep(fig: Any, bundles: list, _v: Any) -> None:
     labels = unique_labels([b["outcomes"] for b in bundles])
     for label, b in zip(labels, bundles, strict=True):
         d = joined(b)
+        if "posterior_x" not in d.columns or "n_x" not in d.columns:
+            continue  # a file of several compared here is not a bayes sweep
         d = d[d["posterior_x"].notna() & d["n_x"].notna()].copy()
         d["p_model"] = choice_p0(d)
         d = d[d["p_model"].notna()]
