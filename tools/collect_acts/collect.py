@@ -82,6 +82,15 @@ def widths(lm: Any, sites: list[str]) -> dict[str, int]:
     return out
 
 
+def _same_file(a: str, b: str) -> bool:
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def relpath(target: str, start_file: str) -> str:
     """``target`` relative to the folder of ``start_file`` (how shards find their acts)."""
     try:
@@ -122,6 +131,9 @@ def run_collect(
         raise InputError("--positions: only used with --acts/--sites")
     if acts and output != "-" and os.path.abspath(acts) == os.path.abspath(output):
         raise InputError(f"--acts {acts}: must differ from --output")
+    for opt, path in (("--output", output), ("--acts", acts)):
+        if path and path != "-" and prompts != "-" and _same_file(path, prompts):
+            raise InputError(f"{opt} {path}: is the prompts file; write the output elsewhere")
     if resume and output == "-":
         raise InputError("--resume: needs a file for --output (not '-')")
     if generate < 0:

@@ -85,8 +85,33 @@ def _is_null(v: Any) -> bool:
 
 
 def continuation_ids(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a continuation (``" X"``), without special tokens."""
+    """Token ids of a continuation (``" X"``) on its own, without special tokens."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def target_ids_batch(
+    tokenizer: Any, prompts: list[str], targets: list[str | None], prompt_ids: list[list[int]]
+) -> list[list[int] | None]:
+    """The target's tokens as they follow the prompt (teacher forcing on prompt + target).
+
+    ``prompt + target`` is tokenised as one text and the part after the prompt's tokens
+    taken, so tokenizers that mark word starts (SentencePiece) give the in-context
+    tokens; where the joint tokens do not start with the prompt's own (a merge across the
+    boundary), the target is tokenised on its own.
+    """
+    todo = [k for k, t in enumerate(targets) if t]
+    out: list[list[int] | None] = [None] * len(targets)
+    if not todo:
+        return out
+    joint = tokenizer([prompts[k] + targets[k] for k in todo], add_special_tokens=False)
+    for k, ids in zip(todo, joint["input_ids"], strict=True):
+        p = prompt_ids[k]
+        ids = list(ids)
+        if len(ids) > len(p) and ids[: len(p)] == p:
+            out[k] = ids[len(p) :]
+        else:
+            out[k] = continuation_ids(tokenizer, targets[k])
+    return out
 
 
 def plan_items(
@@ -131,15 +156,24 @@ def plan_items(
             raise InputError(f"{where}: {exc}") from None
         input_ids = _np(enc.input_ids)
         offsets = enc.offsets
+        n_prefix = list(getattr(enc, "n_prefix", None) or [0] * len(texts))
+        chunk_targets = [None if _is_null(t) else str(t) for t in targets[lo : lo + ENCODE_CHUNK]]
+        with _quiet_transformers():
+            chunk_t_ids = target_ids_batch(
+                tok,
+                texts,
+                chunk_targets,
+                [input_ids[k, n_prefix[k] : enc.lengths[k]].tolist() for k in range(len(texts))],
+            )
         for k in range(len(texts)):
             i = lo + k
             pid = names[k]
             n = int(enc.lengths[k])
             ids = input_ids[k, :n].astype(np.int64)
-            target = None if _is_null(targets[i]) else str(targets[i])
+            target = chunk_targets[k]
             t_ids = None
             if target:
-                t_ids = np.asarray(continuation_ids(tok, target), dtype=np.int64)
+                t_ids = np.asarray(chunk_t_ids[k], dtype=np.int64)
                 if len(t_ids) == 0:
                     t_ids, target = None, None
             n_t = 0 if t_ids is None else len(t_ids)
@@ -475,6 +509,7 @@ __all__ = [
     "Scorer",
     "Settings",
     "continuation_ids",
+    "target_ids_batch",
     "find_extractor",
     "plan_items",
 ]

@@ -52,6 +52,10 @@ def run_merge(
         raise InputError("merge: expected the shards' outcomes files as arguments")
     if acts and output != "-" and os.path.abspath(acts) == os.path.abspath(output):
         raise InputError(f"--acts {acts}: must differ from --output")
+    for path in shards:
+        for opt, out in (("--output", output), ("--acts", acts)):
+            if out and out != "-" and os.path.abspath(out) == os.path.abspath(path):
+                raise InputError(f"{opt} {out}: is one of the shards; write the merge elsewhere")
     loaded = []
     for path in shards:
         if str(path).endswith(".partial"):
