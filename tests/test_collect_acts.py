@@ -490,6 +490,7 @@ def _bad(d, name, rows=None, frame=None):
         "missing-file",
         "missing-column",
         "wrong-type",
+        "truncated-parquet",
         "unknown-model",
         "unknown-site",
         "too-long",
@@ -512,6 +513,10 @@ def test_bad_input_exits_3_and_leaves_nothing(case, bad_dir, tiny_gpt2_dir):
         frame = _prompts_frame(PROMPTS[:2])
         frame["prompt_id"] = [1, 2]
         prompts, expect = _bad(d, "p.parquet", frame=frame), "'prompt_id'"
+    elif case == "truncated-parquet":
+        data = (bad_dir / "ok.parquet").read_bytes()
+        (d / "p.parquet").write_bytes(data[: len(data) // 2])
+        prompts, expect = d / "p.parquet", "truncated or corrupt Parquet"
     elif case == "unknown-model":
         extra, expect = ["--model", d / "no-such-model"], "no-such-model"
     elif case == "unknown-site":
