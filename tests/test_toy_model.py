@@ -204,6 +204,14 @@ def test_card_targets_hold(card_metrics):
     assert {k for k, ok in got.items() if not ok} == KNOWN_MISSES
 
 
+def test_config_file_reproduces_the_committed_run():
+    """`dolm-toy train` with the default config resolves to the committed run's config."""
+    from dolm_tools.toy.config import load_config
+
+    saved = json.loads((TOY / "training_config.json").read_text())["config"]
+    assert load_config() == saved
+
+
 def test_readme_shows_the_metrics(card_metrics):
     from dolm_tools.toy.card import metrics_markdown
 

@@ -274,6 +274,8 @@ def header_markdown(s: dict[str, Any]) -> str:
         "## Training",
         "",
         f"- Command: `{s.get('command') or 'dolm-toy train'}`",
+        "- Reproduce: `dolm-toy train --device cpu --threads 1 --force` (the config file "
+        "holds the resolved config of this run; a test checks it), then `dolm-toy card`",
         "- Config: `tools/toy/toy_config.toml` (copied, resolved, into "
         "`training_config.json`)",
         f"- Seed: {s['seed']}",
@@ -326,7 +328,10 @@ def header_markdown(s: dict[str, Any]) -> str:
         "arith": ("loss on every continuation token (chain-of-thought rows weigh ~10x a "
                   "direct answer); " if ar.get("token_level") else "")
                  + f"direct-answer rows: {ar.get('direct_share', 'all generated')}",
-        "dilemma": "every training instance in both option orders",
+        "dilemma": "every training instance in both option orders"
+                   + (f", plus {fams['dilemma']['cross_scenario']} pairs of actions from two "
+                      "different scenarios (teach which action is intended; never an eval "
+                      "pair)" if fams.get("dilemma", {}).get("cross_scenario") else ""),
     }
     for name, f in fams.items():
         opts = f.get("options") or {}
