@@ -139,5 +139,10 @@ def test_attribution_correlates_with_exact(model_and_prompts, kind):
     # saturating effects at the subject's positions in early layers)
     assert r > (0.5 if kind == "resid_pre" else 0.8)
     if kind != "resid_pre":
-        # the cell that matters most is among the five attribution ranks highest
-        assert np.argmax(np.abs(x)) in np.argsort(-np.abs(y))[:5]
+        # the cell that matters most is in attribution's top 2% (at least the top 5), and the
+        # ten cells that matter most are mostly the ten it ranks highest (chance: ~0.2 of 10);
+        # saturation shrinks attribution's estimate of the very largest effects, so exact
+        # rank order at the top is not expected
+        rx, ry = np.argsort(-np.abs(x)), np.argsort(-np.abs(y))
+        assert rx[0] in ry[: max(5, int(0.02 * len(ks)))]
+        assert len(set(rx[:10]) & set(ry[:10])) >= 7
