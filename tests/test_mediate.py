@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from dolm.columns import expand_columns
 from dolm.errors import InputError
 from dolm_tools.mediate import core
 from dolm_tools.mediate import statistical as st
@@ -183,7 +184,7 @@ def test_many_mediators_bh_and_independence_of_the_set():
             + rng.normal(size=n) for h in range(6)}
     df = pd.DataFrame({"t": t, **cols})
     df["y"] = 0.7 * df["attn_to.numbers.L0.H1"] + 0.1 * t + rng.normal(size=n)
-    meds = core.expand_columns(["attn_to.numbers.*"], list(df.columns), "--mediator")
+    meds = expand_columns(["attn_to.numbers.*"], list(df.columns), "--mediator")
     assert len(meds) == 6
     d = core.prepare(df, "t", "y", meds, [])
     eff, _, _ = core.run_statistical(d, core.Options(sims=500), "y")
@@ -222,7 +223,10 @@ def test_prepare_refuses_bad_input():
     with pytest.raises(InputError, match="--outcome 'y': constant"):
         core.prepare(df.assign(y=0.0), "t", "y", ["m"], [])
     with pytest.raises(InputError, match="pattern 'attn_to.*' matches no column"):
-        core.expand_columns(["attn_to.*"], list(df.columns), "--mediator")
+        expand_columns(["attn_to.*"], list(df.columns), "--mediator")
+    with pytest.raises(InputError, match=r"--covariates: column 'nope' not in the table"):
+        expand_columns("x,nope", list(df.columns), "--covariates")
+    assert expand_columns("m, x,m", list(df.columns), "--covariates") == ["m", "x"]
     d = core.prepare(df, "t", "y", ["m"], ["x"])
     with pytest.raises(InputError, match="--mediator-model logistic: column 'm' is not 0/1"):
         core.run_statistical(d, core.Options(mediator_model="logistic"), "y")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import click
 from dolm.cli import log, model_options, output_option, seed_option, subcommand, tool_group
+from dolm.columns import expand_columns
 from dolm.errors import InputError
 
 
@@ -84,8 +85,8 @@ def statistical(run, table, treatment, outcome, mediators, covariates, mediator_
 
     df, _ = read_table(table, run=run)
     cols = [str(c) for c in df.columns]
-    covs = core.expand_columns([covariates], cols, "--covariates") if covariates else []
-    meds = core.expand_columns(list(mediators), cols, "--mediator")
+    covs = expand_columns(covariates, cols, "--covariates") if covariates else []
+    meds = expand_columns(list(mediators), cols, "--mediator")
     meds = [m for m in meds if m not in (treatment, outcome) and m not in covs]
     if not meds:
         raise InputError("--mediator: no mediator column left after removing the treatment, "

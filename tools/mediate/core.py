@@ -7,7 +7,6 @@ across mediators per quantity, and the rho sensitivity analysis where it applies
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -47,26 +46,6 @@ class Data:
     outcome_binary: bool
     skipped: list[dict]
     dropped: dict
-
-
-def expand_columns(spec: list[str], columns: list[str], option: str) -> list[str]:
-    """Names or glob patterns (``attn_to.numbers.*``), comma-separated or repeated."""
-    out: list[str] = []
-    for item in spec:
-        for part in (p.strip() for p in str(item).split(",")):
-            if not part:
-                continue
-            if any(ch in part for ch in "*?["):
-                hits = [c for c in columns if fnmatch.fnmatchcase(c, part)]
-                if not hits:
-                    raise InputError(f"{option}: pattern {part!r} matches no column")
-                out += hits
-            elif part not in columns:
-                raise InputError(f"{option}: column {part!r} not in the table "
-                                 f"(columns: {', '.join(columns[:30])})")
-            else:
-                out.append(part)
-    return list(dict.fromkeys(out))
 
 
 def _binary(v: np.ndarray) -> bool:

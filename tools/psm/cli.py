@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import fnmatch
-
 import click
 from dolm.cli import log, output_option, seed_option, tool
+from dolm.columns import expand_columns
 from dolm.errors import InputError
 
 
@@ -16,22 +15,6 @@ def _caliper(ctx, param, value):
         raise click.BadParameter(f"expected a positive number of SDs of the logit propensity, "
                                  f"found {value}")
     return value
-
-
-def expand_columns(spec: str, columns: list[str], option: str) -> list[str]:
-    """Comma-separated names or glob patterns (``attn_to.*``) -> column names, in order."""
-    out: list[str] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        if any(ch in part for ch in "*?["):
-            hits = [c for c in columns if fnmatch.fnmatchcase(c, part)]
-            if not hits:
-                raise InputError(f"{option}: pattern {part!r} matches no column")
-            out += hits
-        else:
-            out.append(part)
-    return list(dict.fromkeys(out))
 
 
 def _sibling(output: str, suffix: str) -> str | None:
