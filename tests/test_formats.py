@@ -12,6 +12,7 @@ import pytest
 from dolm.errors import InputError
 from dolm.formats import (
     Run,
+    json_safe,
     read_json,
     read_meta,
     read_table,
@@ -223,3 +224,11 @@ def test_json_roundtrip(tmp_path):
         del os.environ["DOLM_SCHEMAS"]
         sch.available_schemas.cache_clear()
         sch.load_schema.cache_clear()
+
+
+def test_json_safe_nan_inf_and_numpy_scalars():
+    obj = {1: (np.float32(0.5), np.int64(3), np.bool_(True)), "x": [float("nan"), -np.inf, "s"]}
+    out = json_safe(obj)
+    assert out == {"1": [0.5, 3, True], "x": [None, None, "s"]}
+    assert [type(v) for v in out["1"]] == [float, int, bool]
+    json.dumps(out, allow_nan=False)

@@ -194,8 +194,7 @@ def interventional(run, prompts, model_opts, sites, treatment, pair_by, control_
     """
     import pandas as pd
     from dolm.cli import load_model, progress
-    from dolm.formats import check_output, read_table, write_json, write_table
-    from dolm_tools.mediate import core
+    from dolm.formats import check_output, json_safe, read_table, write_json, write_table
     from dolm_tools.mediate import interventional as iv
 
     paths = {}
@@ -248,7 +247,7 @@ def interventional(run, prompts, model_opts, sites, treatment, pair_by, control_
             "significant": bool(r.significant), "rho_at_zero": None} for r in avg.itertuples()]
     order = sorted(per, key=lambda x: -abs(x["acme_average"] or 0.0))
     C, T = res["C"][:, m], res["T"][:, m]
-    summ = core.clean({
+    summ = json_safe({
         "tool": "mediate", "method": "interventional", "input": str(prompts),
         "treatment": desc["treatment"], "outcome": metric, "covariates": [],
         "n_units": len(pairs), "control_value": desc["control_value"],

@@ -7,7 +7,6 @@ across mediators per quantity, and the rho sensitivity analysis where it applies
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from dolm.errors import InputError
+from dolm.formats import json_safe
 from dolm_tools.mediate import statistical as st
 
 RHO_GRID = np.round(np.linspace(-0.95, 0.95, 39), 4)
@@ -292,7 +292,7 @@ def summary(d: Data, opt: Options, eff: pd.DataFrame, results: list[dict]) -> di
             item["sensitivity_note"] = r["sensitivity_note"]
         per.append(item)
     order = sorted(per, key=lambda x: -abs(np.nan_to_num(x["acme_average"])))
-    return clean({
+    return json_safe({
         "n_units": int(len(d.t)),
         "control_value": d.t_labels[0],
         "treat_value": d.t_labels[1],
@@ -320,18 +320,3 @@ def summary(d: Data, opt: Options, eff: pd.DataFrame, results: list[dict]) -> di
         "mediators": per,
         "top": [p["mediator"] for p in order[:10]],
     })
-
-
-def clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    return obj

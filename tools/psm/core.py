@@ -6,13 +6,13 @@ balance, units) and the summary dict; the CLI only reads, calls and writes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from dolm.errors import InputError
+from dolm.formats import json_safe
 from dolm_tools.psm import balance as bal
 from dolm_tools.psm import effects as eff
 from dolm_tools.psm import sensitivity as sens
@@ -355,20 +355,4 @@ def run_psm(units: Units, opt: Options) -> PSMResult:
         "contrasts": contrasts,
     }
     return PSMResult(pairs=pairs_df, balance=pd.DataFrame(bal_rows), units=units_df,
-                     summary=clean(summary))
-
-
-def clean(obj: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    return obj
+                     summary=json_safe(summary))

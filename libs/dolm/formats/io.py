@@ -318,6 +318,29 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+def json_safe(obj: Any) -> Any:
+    """A JSON-safe copy: NaN/inf -> None, numpy scalars -> Python, tuples -> lists, str keys."""
+    import math
+
+    import numpy as np
+
+    def conv(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {str(k): conv(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [conv(v) for v in o]
+        if isinstance(o, (np.bool_, bool)):
+            return bool(o)
+        if isinstance(o, np.integer):
+            return int(o)
+        if isinstance(o, (float, np.floating)):
+            f = float(o)
+            return f if math.isfinite(f) else None
+        return o
+
+    return conv(obj)
+
+
 # ---------------------------------------------------------------- safetensors
 
 
