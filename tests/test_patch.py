@@ -214,6 +214,25 @@ def test_out_of_range_sites_and_positions_are_named(tiny_lm):
         patch_rows(lm, df, positions="40")
 
 
+def test_parse_positions_span_only_where_allowed():
+    from dolm.positions import parse_positions
+
+    assert parse_positions(None) == ("all", None)
+    assert parse_positions(" Last ") == ("last", None)
+    assert parse_positions("0, -1,") == ("list", [0, -1])
+    assert parse_positions("span:subject", allow_span=True) == ("span", "subject")
+    with pytest.raises(InputError, match=r"expected all, last, span:NAME or comma-separated"):
+        parse_positions("x", allow_span=True)
+    with pytest.raises(InputError, match=r"expected span:NAME, found 'span:'"):
+        parse_positions("span:", allow_span=True)
+    with pytest.raises(InputError) as exc:
+        parse_positions("span:subject")
+    assert "span" not in str(exc.value).split("found")[0]
+    assert "all, last or comma-separated integers (negative = from the end)" in str(exc.value)
+    with pytest.raises(InputError, match="expected at least one position"):
+        parse_positions(",")
+
+
 # ----------------------------------------------------------------------------- summary
 
 

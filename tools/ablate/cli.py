@@ -78,8 +78,9 @@ def main(run, prompts, components, scan, from_file, top, bottom, by_metric, rank
     from dolm.errors import InputError
     from dolm.formats import read_table, write_table
     from dolm.metrics import select_prompts
+    from dolm.positions import parse_positions
     from dolm_tools.ablate import components as C
-    from dolm_tools.ablate.components import KINDS, parse_positions
+    from dolm_tools.ablate.components import KINDS
 
     kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
     bad = [k for k in kind_list if k not in KINDS]

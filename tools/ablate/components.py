@@ -201,22 +201,3 @@ def pick_sets(lm, ranked: list[tuple[str, float, int]], metric: str, path: str,
         label = f"{word}{k}[{metric}{' value' if rank_by == 'value' else ''}]"
         out.append(ComponentSet(label, tuple(comps), tuple(sites)))
     return out
-
-
-def parse_positions(value: str) -> tuple[str, list[int] | None]:
-    v = (value or "all").strip()
-    if v in ("all", "last"):
-        return v, None
-    out = []
-    for part in v.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(int(part))
-        except ValueError:
-            raise InputError(f"--positions: expected all, last or comma-separated integers "
-                             f"(negative = from the end), found {part!r}") from None
-    if not out:
-        raise InputError("--positions: expected at least one position")
-    return "list", out

@@ -28,7 +28,7 @@ import torch
 from dolm.errors import InputError
 from dolm.metrics import Targets, ids_matrix, metric_order, metrics_table
 from dolm.variants import clean_pass, row_writer, run_variants, start_layer
-from dolm_tools.ablate.components import KINDS, ComponentSet, parse_positions  # noqa: F401
+from dolm_tools.ablate.components import KINDS, ComponentSet  # noqa: F401
 
 COLUMNS = ["prompt_id", "tool", "intervention", "site", "layer", "position", "head", "window",
            "kind", "alpha", "component", "sample", "metric", "value", "clean_value",

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dolm.errors import InputError
+from dolm.positions import parse_positions
 
 
 @dataclass
@@ -27,21 +28,6 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
-def parse_positions(spec: str) -> tuple[str, list[int]]:
-    """``last`` | ``all`` | comma-separated token indices (negative: from the end)."""
-    from dolm.cli import parse_int_list
-
-    s = str(spec).strip().lower()
-    if s in ("last", "all"):
-        return s, []
-    try:
-        return "list", parse_int_list(s, "--positions")
-    except InputError:
-        raise InputError(
-            f"--positions: expected 'last', 'all' or comma-separated token indices "
-            f"(negative counts from the end), found {spec!r}") from None
-
-
 def check_request(*, prompts: str, positions: str, top_k: int, translators: str | None,
                   lens: str | None, run: Any) -> tuple[Any, tuple[str, list[int]], list[str]]:
     """Cheap checks before the model loads: options, then the prompts table."""
@@ -49,7 +35,8 @@ def check_request(*, prompts: str, positions: str, top_k: int, translators: str 
 
     if top_k < 1:
         raise InputError(f"--top-k: expected a positive integer, found {top_k}")
-    pos = parse_positions(positions)
+    kind, ints = parse_positions(positions)
+    pos = (kind, ints or [])
     want = lens or ("both" if translators else "logit")
     lenses = ["logit", "tuned"] if want == "both" else [want]
     if "tuned" in lenses and not translators:

@@ -232,28 +232,3 @@ def check_pairs(prompts, clean_len: list[int], cf_len: list[int], align: str) ->
             f"prompt {pid}: clean prompt is {a} tokens but cf_prompt is {b} tokens{more}; "
             "counterfactual patching needs pairs of equal token length; pass --align last "
             "to patch only the positions aligned at the end")
-
-
-def parse_positions(value: str) -> tuple[str, object]:
-    """``all`` | ``last`` | ``span:NAME`` | comma list of ints (negative = from the end)."""
-    v = (value or "all").strip()
-    if v in ("all", "last"):
-        return v, None
-    if v.startswith("span:"):
-        name = v[5:].strip()
-        if not name:
-            raise InputError("--positions: expected span:NAME, found 'span:'")
-        return "span", name
-    out = []
-    for part in v.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(int(part))
-        except ValueError:
-            raise InputError(f"--positions: expected all, last, span:NAME or comma-separated "
-                             f"integers, found {part!r}") from None
-    if not out:
-        raise InputError("--positions: expected at least one position")
-    return "list", out

@@ -7,13 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from dolm.errors import InputError
+from dolm.positions import parse_positions
 from dolm_tools.patch import engine
-from dolm_tools.patch.prepare import (
-    Prompt,
-    check_pairs,
-    parse_positions,
-    span_tokens,
-)
+from dolm_tools.patch.prepare import Prompt, check_pairs, span_tokens
 from dolm_tools.patch.summary import summarise
 
 GRID_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head")
@@ -108,7 +104,7 @@ class Patcher:
             raise InputError(f"--window: expected a positive integer, found {opts.window}")
         if opts.mode == "noise" and opts.samples < 1:
             raise InputError(f"--samples: expected a positive integer, found {opts.samples}")
-        self.pos_kind, self.pos_arg = parse_positions(opts.positions)
+        self.pos_kind, self.pos_arg = parse_positions(opts.positions, allow_span=True)
         self.k_ids = 2 + max((len(p.choice_ids or []) for p in prompts), default=0)
         self._encode()
 
