@@ -60,7 +60,7 @@ demo:
     just factual::all
     DOLM_BAYES_PERMS=4 just bayes::all
     just lens_dla::all
-    DOLM_N=40 just formats-psm::all
+    DOLM_N=200 just formats-psm::all
     DOLM_N=40 DOLM_SIMS=200 just cot-mediation::all
     DOLM_CUNIT_D=6 just cunit::data cunit::grads cunit::fit cunit::plot
     dolm-plot report "$out" -o "$out/report.html" --force

@@ -7,7 +7,7 @@
     python pipelines/cot_mediation.py compare IV.parquet [IV2.parquet ...] --statistical STAT
             -o DIR
         statistical vs interventional indirect effects per head, side by side
-        (DIR/comparison.parquet and DIR/comparison.md).
+        (DIR/comparison.parquet, schema mediation_comparison, and DIR/comparison.md).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ _ATTN = re.compile(r"^attn_to\.[^.]+\.L(\d+)\.H(\d+)$")
 
 
 def top(stat: str, k: int) -> str:
-    df = pd.read_parquet(stat)
+    from dolm.formats import read_table
+
+    df, _ = read_table(stat, schema="mediation")
     a = df[(df.method == "statistical") & (df.effect == "acme_average")].copy()
     a = a[a.mediator.str.match(_ATTN)]
     if a.empty:
@@ -45,13 +47,16 @@ def _outcome(path: str) -> str:
 def compare(paths: list[str], stat: str, outdir: str) -> pd.DataFrame:
     """Interventional rows of the ``paths`` tables beside the statistical table ``stat``
     (its rows for the same heads)."""
+    from dolm.formats import Run, read_table
+
+    run = Run("pipelines/cot_mediation.py compare")
     rows = []
     sites = set()
-    for path in paths:
-        df = pd.read_parquet(path)
+    tables = {p: read_table(p, schema="mediation", run=run)[0] for p in paths}
+    for df in tables.values():
         sites |= set(df.loc[df.method == "interventional", "site"])
-    frames = [(p, pd.read_parquet(p).query("method == 'interventional'")) for p in paths]
-    sdf = pd.read_parquet(stat).query("method == 'statistical'").copy()
+    frames = [(p, df.query("method == 'interventional'")) for p, df in tables.items()]
+    sdf = read_table(stat, schema="mediation", run=run)[0].query("method == 'statistical'").copy()
     sdf["site"] = [("head.{}.{}".format(*_ATTN.match(m).groups()) if _ATTN.match(m) else m)
                    for m in sdf.mediator]
     frames.append((stat, sdf[sdf.site.isin(sites)]))
@@ -73,7 +78,9 @@ def compare(paths: list[str], stat: str, outdir: str) -> pd.DataFrame:
                 })
     out = pd.DataFrame(rows).sort_values(["site", "method", "outcome"])
     Path(outdir).mkdir(parents=True, exist_ok=True)
-    out.to_parquet(Path(outdir) / "comparison.parquet", index=False)
+    from dolm.formats import write_table
+
+    write_table(out, Path(outdir) / "comparison.parquet", "mediation_comparison", run, force=True)
     lines = ["# cot-mediation: chain-of-thought -> answer, through attention heads", "",
              "statistical: Imai-Keele-Tingley on the unit table (mediator = the head's "
              "attention mass from the last prompt token to the question's numbers, outcome "
@@ -113,10 +120,16 @@ def main(argv: list[str]) -> None:
     c.add_argument("--statistical", required=True)
     c.add_argument("-o", "--output", required=True)
     a = ap.parse_args(argv)
-    if a.cmd == "top":
-        print(top(a.stat, a.k))
-    else:
-        compare(a.tables, a.statistical, a.output)
+    from dolm.errors import DolmError
+
+    try:
+        if a.cmd == "top":
+            print(top(a.stat, a.k))
+        else:
+            compare(a.tables, a.statistical, a.output)
+    except DolmError as exc:
+        print(f"cot_mediation.py: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
             --psm PSM.json -o DIR
         naive, matched and true effects of each format against direct side by side, with
         balance (max |SMD| before/after) and sensitivity (Rosenbaum Gamma, E-value):
-        DIR/comparison.parquet and DIR/comparison.md.
+        DIR/comparison.parquet (schema psm_check) and DIR/comparison.md.
 
 The true effects come from the experiment design, where every unit is asked in every format:
 per unit, correct(format) - correct(direct); ATE over all units of the contrast (the units
@@ -15,7 +15,6 @@ format, ATC over those that received direct. The observational design has the sa
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -33,11 +32,14 @@ def _boot_ci(x: np.ndarray, seed: int = 0, sims: int = 2000) -> tuple[float, flo
 
 def compare(experiment: str, observational: str, psm: str, outdir: str,
             outcome: str = "correct") -> pd.DataFrame:
-    exp = pd.read_parquet(experiment)
-    obs = pd.read_parquet(observational)
-    summ = json.loads(Path(psm).read_text())
+    from dolm.formats import Run, read_json, read_table, write_table
+
+    run = Run("pipelines/formats_psm.py compare")
+    exp, _ = read_table(experiment, schema="units", run=run)
+    obs, _ = read_table(observational, schema="units", run=run)
+    summ, _ = read_json(psm, schema="psm_summary", run=run)
     bal_path = Path(psm[:-5] if psm.endswith(".json") else psm).with_suffix(".balance.parquet")
-    bal = pd.read_parquet(bal_path) if bal_path.exists() else None
+    bal = read_table(bal_path, schema="psm_balance", run=run)[0] if bal_path.exists() else None
     wide = exp.pivot_table(index="unit_id", columns="format", values=outcome, aggfunc="first")
     got = obs.set_index("unit_id")["format"]
     rows = []
@@ -75,7 +77,9 @@ def compare(experiment: str, observational: str, psm: str, outdir: str,
             rows.append(row)
     out = pd.DataFrame(rows)
     Path(outdir).mkdir(parents=True, exist_ok=True)
-    out.to_parquet(Path(outdir) / "comparison.parquet", index=False)
+    out["rosenbaum_gamma"] = pd.to_numeric(out["rosenbaum_gamma"], errors="coerce")
+    write_table(out, Path(outdir) / "comparison.parquet", "psm_check", run, force=True,
+                extra={"outcome": outcome})
     md = _markdown(out, summ, exp, outcome)
     (Path(outdir) / "comparison.md").write_text(md)
     print(md)
@@ -151,7 +155,13 @@ def main(argv: list[str]) -> None:
     c.add_argument("--outcome", default="correct")
     c.add_argument("-o", "--output", required=True)
     a = ap.parse_args(argv)
-    compare(a.experiment, a.observational, a.psm, a.output, a.outcome)
+    from dolm.errors import DolmError
+
+    try:
+        compare(a.experiment, a.observational, a.psm, a.output, a.outcome)
+    except DolmError as exc:
+        print(f"formats_psm.py: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -5,23 +5,28 @@
 The unit table is what dolm-psm and dolm-mediate statistical read: the prompts' columns
 (treatment, covariates) beside the outcomes (correct, exact_match, attn_to.* features);
 boolean outcomes become 0/1, and a generation from which no answer
-could be read counts as exact_match = 0.
+could be read counts as exact_match = 0. Written with the ``units`` schema and the
+provenance of both inputs (so the model that produced the outcomes stays on record).
 """
 
 from __future__ import annotations
 
 import sys
 
-import pandas as pd
+from dolm.errors import InputError
+from dolm.formats import Run, read_table, write_table
 
 
 def units(prompts: str, outcomes: str, out: str) -> None:
-    p = pd.read_parquet(prompts)
-    o = pd.read_parquet(outcomes)
+    """Write the unit table of ``prompts`` x ``outcomes`` to ``out`` (schema ``units``)."""
+    run = Run("pipelines/join_units.py")
+    p, _ = read_table(prompts, schema="prompts", run=run)
+    o, _ = read_table(outcomes, schema="outcomes", run=run)
     keep = [c for c in o.columns if c not in p.columns or c == "prompt_id"]
     df = p.merge(o[keep], on="prompt_id", how="inner", validate="one_to_one")
     if len(df) != len(p):
-        sys.exit(f"units: {len(p) - len(df)} prompts of {prompts} have no outcome in {outcomes}")
+        raise InputError(f"{outcomes}: {len(p) - len(df)} prompts of {prompts} have no outcome "
+                         "(expected the outcomes of exactly this prompts table)")
     for c in ("correct", "exact_match"):
         if c in df.columns:
             df[c] = df[c].astype(float)
@@ -32,7 +37,7 @@ def units(prompts: str, outcomes: str, out: str) -> None:
         print(f"units: {k} generation(s) without an answer counted as exact_match = 0",
               file=sys.stderr)
     drop = [c for c in ("choices", "spans", "cf_spans", "text") if c in df.columns]
-    df.drop(columns=drop).to_parquet(out, index=False)
+    write_table(df.drop(columns=drop), out, "units", run, force=True)
     print(f"units: {len(df)} rows -> {out}", file=sys.stderr)
 
 
@@ -44,4 +49,10 @@ if __name__ == "__main__":
     ap.add_argument("outcomes")
     ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args()
-    units(a.prompts, a.outcomes, a.output)
+    from dolm.errors import DolmError
+
+    try:
+        units(a.prompts, a.outcomes, a.output)
+    except DolmError as exc:
+        print(f"join_units.py: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

@@ -445,6 +445,34 @@ def mediation_tables(seed: int = 0) -> dict:
             "summary": summary}
 
 
+def psm_check_table() -> pd.DataFrame:
+    """Two estimands of one contrast: the first matched CI covers the truth, the second not."""
+    return pd.DataFrame({
+        "contrast": "polite vs direct", "estimand": ["ATT", "ATE"],
+        "naive": [-0.30, -0.30], "naive_ci_low": [-0.5, -0.5], "naive_ci_high": [-0.1, -0.1],
+        "matched": [-0.20, -0.05], "matched_ci_low": [-0.35, -0.10],
+        "matched_ci_high": [-0.05, 0.00], "matched_n_sets": np.array([30, 60], dtype=np.int64),
+        "true": [-0.18, -0.15], "true_ci_low": [-0.25, -0.2], "true_ci_high": [-0.1, -0.1],
+        "true_n_units": np.array([30, 90], dtype=np.int64), "true_all_units": [-0.15, -0.15],
+        "matched_ci_covers_true": [True, False], "rosenbaum_gamma": [1.4, None],
+        "e_value": [2.1, 1.2], "discarded_treated": np.array([0, 0], dtype=np.int64),
+        "discarded_control": np.array([1, 1], dtype=np.int64),
+        "max_abs_smd_before": [0.8, 0.7], "max_abs_smd_after": [0.05, 0.08]})
+
+
+def mediation_comparison_table() -> pd.DataFrame:
+    rows = []
+    for i, site in enumerate(("head.0.1", "head.1.2", "head.2.0")):
+        for method, outcome, est in (("statistical", "exact_match", 0.1 * i),
+                                     ("interventional", "target_logprob", -0.5 * i),
+                                     ("interventional", "target_correct", -0.05 * i)):
+            rows.append(dict(site=site, method=method, outcome=outcome, mediator=site,
+                             acme_control=est, acme_treated=est, acme_average=est,
+                             ade_average=0.1, total=est + 0.1, acme_ci_low=est - 0.05,
+                             acme_ci_high=est + 0.05, q_value=0.2, n_units=40))
+    return pd.DataFrame(rows)
+
+
 def dag_obj() -> dict:
     return {
         "nodes": ["format", "completion", "difficulty", "length", "attention"],
@@ -504,6 +532,9 @@ def synthetic() -> list[tuple[str, str, str, object, str | None]]:
         ("psm.pairs.parquet", "psm_pairs", "psm", psm["pairs"], None),
         ("psm.json", "psm_summary", "psm", psm["summary"], "toy"),
         ("psm_gpt2.json", "psm_summary", "psm", other, "gpt2-small"),
+        ("psm_check.parquet", "psm_check", "psm", psm_check_table(), "toy"),
+        ("mediation_comparison.parquet", "mediation_comparison", "mediate",
+         mediation_comparison_table(), "toy"),
         ("dag.json", "dag", "psm", dag_obj(), None),
         ("dag_learned.json", "dag", "train-cunit", learned_dag(), None),
         ("fit_a.parquet", "cunit_metrics", "train-cunit", cunit_metrics_table(), None),
@@ -667,6 +698,26 @@ def test_titles_name_the_models(rendered):
     # signed effects: a diverging colour map centred at 0
     im = fig.axes[0].images[0]
     assert im.cmap.name == style.DIVERGING and im.norm.vcenter == 0
+
+
+def test_check_figures_show_the_numbers(rendered):
+    from dolm_tools.plot.draw import render as draw
+
+    fig = draw(rendered["psm_check:check:single"][0][0])
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["polite vs direct: ATT ✓", "polite vs direct: ATE ✗"]
+    # the matched estimates are drawn where the table puts them
+    xs = sorted(float(x) for line in ax.lines if line.get_marker() == "D"
+                for x in line.get_xdata())
+    assert xs == pytest.approx([-0.20, -0.05])
+    fig = draw(rendered["mediation_comparison:methods:single"][0][0])
+    titles = [a.get_title() for a in fig.axes]
+    assert titles == ["outcome: exact_match", "outcome: target_logprob",
+                      "outcome: target_correct"]
+    lp = fig.axes[1]
+    assert sorted(float(line.get_xdata()[0]) for line in lp.lines
+                  if line.get_marker() == "D") == pytest.approx([-1.0, -0.5, 0.0])
 
 
 def test_output_is_deterministic(rendered):

@@ -153,3 +153,10 @@ def how_many(srcs: Sequence[Any]) -> str:
     """``"3 models"`` when the files come from different models, else ``"3 files"``."""
     models = {s.model_label for s in srcs if s.model}
     return f"{len(srcs)} models" if len(models) == len(srcs) else f"{len(srcs)} files"
+
+
+def legend_unique(ax: Any, **kw: Any) -> None:
+    """A legend with one entry per label (artists drawn in a loop repeat their label)."""
+    handles, names = ax.get_legend_handles_labels()
+    seen = dict(zip(names, handles, strict=True))
+    ax.legend(list(seen.values()), list(seen.keys()), frameon=False, fontsize=8, **kw)

@@ -200,3 +200,54 @@ def compare_acme(fig: Any, srcs: list, _v: Any) -> None:
     labels = unique_labels(srcs)
     _acme_forest(ax, list(zip(labels, [s.data for s in srcs], strict=True)))
     C.title(fig, "Mediation: ACME per mediator across models", labels)
+
+
+# ------------------------------------------------------------------ statistical vs interventional
+
+COMPARISON = "mediation_comparison"
+
+
+def _comparison_size(src: Any, _v: Any) -> tuple[float, float]:
+    d = src.data
+    n_out = max(1, d["outcome"].nunique())
+    w, _ = C.panels_size(n_out, per=4.6)
+    return (w, max(4.0, 0.55 * d["site"].nunique() + 2.2))
+
+
+@figure(COMPARISON, "methods", "indirect effect (ACME) per component: statistical vs "
+        "interventional, 95% CI", size=_comparison_size)
+def draw_methods(fig: Any, src: Any, _v: Any) -> None:
+    """One panel per outcome (their scales differ); one row per site, one marker per method."""
+    d = src.data
+    outcomes = list(dict.fromkeys(d["outcome"].astype(str)))
+    sites = sorted(dict.fromkeys(d["site"].astype(str)))
+    axes = C.panel_grid(fig, len(outcomes), sharey=True)
+    meths = list(dict.fromkeys(d["method"].astype(str)))
+    off = np.linspace(-0.15, 0.15, len(meths)) if len(meths) > 1 else np.zeros(1)
+    for ax, outcome in zip(axes, outcomes, strict=True):
+        sub = d[d["outcome"].astype(str) == outcome]
+        for i, m in enumerate(meths):
+            col = style.colour(i)
+            rows = sub[sub["method"].astype(str) == m].set_index("site")
+            for j, site in enumerate(sites):
+                if site not in rows.index:
+                    continue
+                r = rows.loc[site]
+                est = r["acme_average"]
+                if est is None or not np.isfinite(est):
+                    continue
+                y = j + off[i]
+                lo, hi = r["acme_ci_low"], r["acme_ci_high"]
+                if np.isfinite(lo) and np.isfinite(hi):
+                    ax.plot([lo, hi], [y, y], color=col, lw=2)
+                ax.plot([est], [y], ls="", marker="D", ms=6, color=col, label=m)
+        ax.axvline(0, color="0.4", lw=0.8)
+        ax.set_title(f"outcome: {outcome}")
+        ax.set_xlabel("ACME (average) and 95% CI")
+        ax.set_yticks(range(len(sites)))
+        ax.set_yticklabels(sites)
+        ax.set_ylim(-0.7, len(sites) - 0.3)
+        C.legend_unique(ax)
+    axes[0].invert_yaxis()
+    C.title(fig, "Indirect effect through each component: statistical vs interventional",
+            src.model_label)

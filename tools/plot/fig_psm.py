@@ -223,3 +223,52 @@ def compare_forest(fig: Any, srcs: list, _v: Any) -> None:
     s = srcs[0].data
     C.title(fig, f"Effect of {s.get('treatment', 'treatment')} on {s.get('outcome', 'outcome')}",
             labels)
+
+
+# ------------------------------------------------------------------ check against an experiment
+
+CHECK_SERIES = (("naive", "naive (observational)", "0.55", "o"),
+                ("matched", "matched (dolm-psm)", style.PALETTE[0], "D"),
+                ("true", "true (experiment)", style.PALETTE[1], "s"))
+
+
+def _check_size(src: Any, _v: Any) -> tuple[float, float]:
+    return (8.0, max(4.0, 0.75 * len(src.data) + 2.0))
+
+
+@figure("psm_check", "check", "naive and matched effects against the experiment's true effect, "
+        "95% CI", size=_check_size)
+def draw_check(fig: Any, src: Any, _v: Any) -> None:
+    """One row per contrast x estimand; the matched CI should cover the true effect."""
+    d = src.data.reset_index(drop=True)
+    ax = fig.subplots()
+    off = dict(zip([k for k, *_ in CHECK_SERIES], (-0.22, 0.0, 0.22), strict=True))
+    for key, label, col, marker in CHECK_SERIES:
+        for j, r in d.iterrows():
+            est = r.get(key)
+            if est is None or not np.isfinite(est):
+                continue
+            y = j + off[key]
+            lo, hi = r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high")
+            if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
+                ax.plot([lo, hi], [y, y], color=col, lw=2)
+            ax.plot([est], [y], ls="", marker=marker, ms=6, color=col, label=label)
+            if key == "matched":
+                ax.annotate(f"{est:+.3f} (n={int(r['matched_n_sets'])})", (est, y),
+                            xytext=(0, 6), textcoords="offset points", ha="center",
+                            fontsize=7, color=col)
+    labels = []
+    for _, r in d.iterrows():
+        covers = r.get("matched_ci_covers_true")
+        mark = "" if covers is None or covers != covers else (" ✓" if covers else " ✗")
+        labels.append(f"{r['contrast']}: {r['estimand']}{mark}")
+    ax.axvline(0, color="0.4", lw=0.8)
+    ax.set_yticks(range(len(d)))
+    ax.set_yticklabels(labels)
+    ax.set_ylim(-0.7, len(d) - 0.3)
+    ax.invert_yaxis()
+    outcome = str((src.meta.extra or {}).get("outcome", "the outcome")) if src.meta else "outcome"
+    ax.set_xlabel(f"effect on {outcome} (estimate and 95% CI)")
+    C.legend_unique(ax)
+    C.title(fig, "Matching checked against the experiment (✓: matched CI covers the truth)",
+            src.model_label)
