@@ -720,6 +720,15 @@ def test_check_figures_show_the_numbers(rendered):
                   if line.get_marker() == "D") == pytest.approx([-1.0, -0.5, 0.0])
 
 
+def test_heatmap_cells_show_enough_decimals_to_tell_them_apart():
+    from dolm_tools.plot.common import cell_decimals
+
+    # ablation MAE grid of the toy: 0.0195 .. 0.0405 read "0.02" everywhere with 2 decimals
+    assert cell_decimals([0.0195, 0.0231, 0.0405]) == 3
+    assert cell_decimals([0.1, 0.9]) == 2 and cell_decimals([1.0, 30.0]) == 2
+    assert cell_decimals([0.001, 0.0012]) == 4 and cell_decimals([0.5]) == 2
+
+
 def test_output_is_deterministic(rendered):
     plot = rendered["effects:layers:single"][0][0]
     for fmt in ("png", "svg", "pdf"):

@@ -41,8 +41,12 @@ def site_family(site: Any) -> str:
 
 
 def heatmap(ax: Any, grid: Any, xlabels: Sequence, ylabels: Sequence, cmap: str, norm: Any,
-            annotate: bool | None = None, fmt: str = "{:.2f}") -> Any:
-    """Draw ``grid`` (rows = y) with layer 0 at the bottom; NaN cells are left blank."""
+            annotate: bool | None = None, fmt: str | None = None) -> Any:
+    """Draw ``grid`` (rows = y) with layer 0 at the bottom; NaN cells are left blank.
+
+    Cells are annotated with ``fmt``; by default with as many decimals as it takes to tell
+    the grid's extremes apart (at most 4), so a grid of 0.019 to 0.041 does not read 0.02.
+    """
     arr = np.ma.masked_invalid(np.asarray(grid, dtype=float))
     ax.set_facecolor("#EEEEEE")
     im = ax.imshow(arr, aspect="auto", origin="lower", cmap=cmap, norm=norm,
@@ -52,6 +56,8 @@ def heatmap(ax: Any, grid: Any, xlabels: Sequence, ylabels: Sequence, cmap: str,
     ny, nx = arr.shape
     if annotate is None:
         annotate = nx * ny <= 144
+    if annotate and fmt is None:
+        fmt = f"{{:.{cell_decimals(arr.compressed())}f}}"
     if annotate:
         for i in range(ny):
             for j in range(nx):
@@ -63,6 +69,15 @@ def heatmap(ax: Any, grid: Any, xlabels: Sequence, ylabels: Sequence, cmap: str,
                 ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7,
                         color="black" if lum > 0.5 else "white")
     return im
+
+
+def cell_decimals(values: Any, most: int = 4) -> int:
+    """Decimals (2 to ``most``) that show the spread of ``values`` with two digits."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size < 2 or v.max() == v.min():
+        return 2
+    return int(np.clip(1 - np.floor(np.log10(v.max() - v.min())), 2, most))
 
 
 def _ticks(set_ticks: Any, set_labels: Any, labels: Sequence, max_ticks: int = 24) -> None:
