@@ -229,7 +229,7 @@ def test_parse_positions_span_only_where_allowed():
         parse_positions("span:subject")
     assert "span" not in str(exc.value).split("found")[0]
     assert "all, last or comma-separated integers (negative = from the end)" in str(exc.value)
-    with pytest.raises(InputError, match="expected at least one position"):
+    with pytest.raises(InputError, match="expected at least one integer"):
         parse_positions(",")
 
 

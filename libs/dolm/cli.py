@@ -336,7 +336,8 @@ def log(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _parse_list(value: str, option: str, cast: Callable[[str], Any], kind: str) -> list:
+def _parse_list(value: str, option: str, cast: Callable[[str], Any], kind: str,
+                expected: str | None = None) -> list:
     out = []
     for part in str(value).split(","):
         part = part.strip()
@@ -346,7 +347,7 @@ def _parse_list(value: str, option: str, cast: Callable[[str], Any], kind: str) 
             out.append(cast(part))
         except ValueError:
             raise InputError(
-                f"{option}: expected comma-separated {kind}s, found {part!r}"
+                f"{option}: expected {expected or f'comma-separated {kind}s'}, found {part!r}"
             ) from None
     if not out:
         raise InputError(f"{option}: expected at least one {kind}")
@@ -358,6 +359,7 @@ def parse_float_list(value: str, option: str) -> list[float]:
     return _parse_list(value, option, float, "number")
 
 
-def parse_int_list(value: str, option: str) -> list[int]:
-    """``"0,1,2"`` -> [0, 1, 2]; anything not an integer is an error naming the option."""
-    return _parse_list(value, option, int, "integer")
+def parse_int_list(value: str, option: str, expected: str | None = None) -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2]; anything not an integer is an error naming the option
+    (and ``expected``, what the option accepts, where given)."""
+    return _parse_list(value, option, int, "integer", expected)

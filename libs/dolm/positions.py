@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dolm.cli import parse_int_list
 from dolm.errors import InputError
 
 
@@ -24,16 +25,5 @@ def parse_positions(
             raise InputError(f"{option}: expected span:NAME, found 'span:'")
         return "span", name
     accepted = "all, last, span:NAME or" if allow_span else "all, last or"
-    out = []
-    for part in v.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(int(part))
-        except ValueError:
-            raise InputError(f"{option}: expected {accepted} comma-separated integers "
-                             f"(negative = from the end), found {part!r}") from None
-    if not out:
-        raise InputError(f"{option}: expected at least one position")
-    return "list", out
+    expected = f"{accepted} comma-separated integers (negative = from the end)"
+    return "list", parse_int_list(v, option, expected)
