@@ -164,7 +164,7 @@ def section_speed(rows, quick):
 
 def section_d50(rows, seeds, quick):
     d = 20 if quick else 50
-    for seed in seeds[:1]:
+    for seed in seeds:
         B, X, tg, _ = make_data("er", d, seed, 1000, 200)
         A, wall, cpu = run_cunit(standardise(X), tg, seed, threads=2)
         record(rows, "d50", graph="er", d=d, seed=seed, scaling="standardised",
