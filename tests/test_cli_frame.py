@@ -112,3 +112,29 @@ def test_dispatcher_lists_and_runs_tools(tmp_path):
     assert "hello" in r.stdout
     r = subprocess.run(["dolm", "nosuchtool"], capture_output=True, text=True)
     assert r.returncode == 2 and "not a dolm tool" in r.stderr
+
+
+def test_default_command_group_inserts_its_default():
+    import click
+    from click.testing import CliRunner
+    from dolm.cli import CONTEXT_SETTINGS, DefaultCommandGroup
+
+    @click.group(cls=DefaultCommandGroup, default_command="files",
+                 context_settings=CONTEXT_SETTINGS)
+    def main() -> None:
+        """Demo group."""
+
+    @main.command(name="files")
+    @click.argument("paths", nargs=-1)
+    def files(paths):
+        click.echo("files " + " ".join(paths))
+
+    @main.command(name="other")
+    def other():
+        click.echo("other")
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["a", "b"]).output == "files a b\n"
+    assert runner.invoke(main, ["files", "a"]).output == "files a\n"
+    assert runner.invoke(main, ["other"]).output == "other\n"
+    assert "Demo group." in runner.invoke(main, ["-h"]).output

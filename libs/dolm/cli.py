@@ -82,7 +82,27 @@ class DolmGroup(_DolmErrors, click.Group):
     """A click group (tool with subcommands) with dolm's error handling."""
 
 
-_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+class DefaultCommandGroup(DolmGroup):
+    """A :class:`DolmGroup` that runs a default subcommand when none is named.
+
+    When the first argument is neither a subcommand name nor ``-h``/``--help``, the
+    arguments are parsed as if ``default_command`` came first: ``dolm-lens PROMPTS ...``
+    is ``dolm-lens run PROMPTS ...``. With no arguments at all nothing is inserted.
+    Pass ``default_command`` (default ``"run"``) through ``click.group(cls=..., ...)``.
+    """
+
+    def __init__(self, *args: Any, default_command: str = "run", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.default_command = default_command
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+"""click ``context_settings`` shared by every dolm command: ``-h`` for help, 100 columns."""
 
 
 def tool(name: str, outputs: tuple[str, ...] = ("output",)) -> Callable[[Callable], click.Command]:
@@ -97,9 +117,9 @@ def tool(name: str, outputs: tuple[str, ...] = ("output",)) -> Callable[[Callabl
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             return _invoke(name, outputs, f, args, kwargs)
 
-        return click.command(name=f"dolm-{name}", cls=DolmCommand, context_settings=_CONTEXT)(
-            wrapper
-        )
+        return click.command(
+            name=f"dolm-{name}", cls=DolmCommand, context_settings=CONTEXT_SETTINGS
+        )(wrapper)
 
     return deco
 
@@ -123,7 +143,7 @@ def tool_group(name: str) -> Callable[[Callable], click.Group]:
     """Decorator for a tool with subcommands (``dolm-<name> SUB ...``)."""
 
     def deco(f: Callable) -> click.Group:
-        return click.group(name=f"dolm-{name}", cls=DolmGroup, context_settings=_CONTEXT)(f)
+        return click.group(name=f"dolm-{name}", cls=DolmGroup, context_settings=CONTEXT_SETTINGS)(f)
 
     return deco
 
@@ -138,7 +158,7 @@ def subcommand(
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             return _invoke(tool_name, outputs, f, args, kwargs)
 
-        return group.command(name=name, context_settings=_CONTEXT)(wrapper)
+        return group.command(name=name, context_settings=CONTEXT_SETTINGS)(wrapper)
 
     return deco
 

@@ -11,21 +11,11 @@ Usage::
 from __future__ import annotations
 
 import click
-from dolm.cli import DolmGroup, model_options, output_option, subcommand
-
-_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+from dolm.cli import CONTEXT_SETTINGS, DefaultCommandGroup, model_options, output_option, subcommand
 
 
-class _DefaultRun(DolmGroup):
-    """``dolm-collect-acts PROMPTS ...`` means ``dolm-collect-acts run PROMPTS ...``."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
-
-
-@click.group(name="dolm-collect-acts", cls=_DefaultRun, context_settings=_CONTEXT)
+@click.group(name="dolm-collect-acts", cls=DefaultCommandGroup,
+             context_settings=CONTEXT_SETTINGS)
 def main() -> None:
     """Run a model over a prompts table: per-prompt outcomes, optional activations.
 

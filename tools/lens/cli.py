@@ -11,21 +11,18 @@ Usage::
 from __future__ import annotations
 
 import click
-from dolm.cli import DolmGroup, model_options, output_option, seed_option, subcommand
-
-_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class _DefaultRun(DolmGroup):
-    """``dolm-lens PROMPTS ...`` means ``dolm-lens run PROMPTS ...``."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
+from dolm.cli import (
+    CONTEXT_SETTINGS,
+    DefaultCommandGroup,
+    model_options,
+    output_option,
+    seed_option,
+    subcommand,
+)
 
 
-@click.group(name="dolm-lens", cls=_DefaultRun, context_settings=_CONTEXT)
+@click.group(name="dolm-lens", cls=DefaultCommandGroup,
+             context_settings=CONTEXT_SETTINGS)
 def main() -> None:
     """Read the residual stream through the model's own final norm and unembedding
     (logit lens), or through trained affine translators first (tuned lens).

@@ -15,24 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from dolm.cli import _CONTEXT, DolmGroup, log, progress, subcommand
+from dolm.cli import CONTEXT_SETTINGS, DefaultCommandGroup, log, progress, subcommand
 from dolm.errors import InputError
 
 FORMATS = ("png", "svg", "pdf")
 
 
-class PlotGroup(DolmGroup):
-    """``dolm-plot FILE...`` is ``dolm-plot files FILE...``: the default subcommand."""
-
-    default_command = "files"
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
-            args = [self.default_command, *args]
-        return super().parse_args(ctx, args)
-
-
-@click.group(name="dolm-plot", cls=PlotGroup, context_settings=_CONTEXT)
+@click.group(name="dolm-plot", cls=DefaultCommandGroup,
+             default_command="files", context_settings=CONTEXT_SETTINGS)
 def main() -> None:
     """Figures from dolm files, chosen by each file's schema.
 
@@ -137,7 +127,7 @@ def report(run: Any, run_dir: str, output: str, force: bool) -> None:
     log(f"dolm-plot: report of {n_files} file(s) with {n_figs} figure(s) -> {output}")
 
 
-@main.command(name="list", context_settings=_CONTEXT)
+@main.command(name="list", context_settings=CONTEXT_SETTINGS)
 def list_figures() -> None:
     """List the schemas dolm-plot draws and the figures each gets."""
     from dolm.formats.schema import available_schemas

@@ -12,10 +12,10 @@ import sys
 import tempfile
 
 import click
-from dolm.cli import _CONTEXT, DolmCommand
+from dolm.cli import CONTEXT_SETTINGS, DolmCommand
 
 
-@click.command(name="dolm-validate", cls=DolmCommand, context_settings=_CONTEXT)
+@click.command(name="dolm-validate", cls=DolmCommand, context_settings=CONTEXT_SETTINGS)
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--schema", default=None, help="Check against this schema instead of the file's own.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only problems.")
