@@ -247,3 +247,28 @@ def test_cli(tiny_model_dir, tmp_path):
     write_table(df.iloc[:0], prompts, schema="prompts", run=None, force=True)
     r = _run(prompts, "--model", model, "-o", tmp_path / "x.parquet")
     assert r.returncode == 3 and "empty" in r.stderr
+
+
+def test_token_ids_override_column_and_null():
+    from types import SimpleNamespace
+
+    from dolm.errors import InputError
+    from dolm.tokens import TokenIds, is_null
+
+    class Stub:
+        def token_id(self, s):
+            if " " in s.strip():
+                raise InputError(f"token {s!r} is 2 tokens; expected exactly one")
+            return len(s)
+
+    ids = TokenIds(Stub())
+    row = SimpleNamespace(prompt_id="p1", target=" yes", foil=float("nan"))
+    assert ids.cell(row, "target", None, "f.parquet") == (" yes", 4)
+    assert ids.cell(row, "foil", None, "f.parquet") == (None, None)
+    assert ids.cell(row, "foil", " no", "f.parquet") == (" no", 3)
+    with pytest.raises(InputError, match=r"^--target ' a b': token .* \(or pass --first-token"):
+        ids.cell(row, "target", " a b", "f.parquet")
+    row.target = " a b"
+    with pytest.raises(InputError, match=r"^f.parquet: prompt p1, column 'target': token"):
+        ids.cell(row, "target", None, "f.parquet")
+    assert is_null(pd.NA) and is_null(None) and is_null(float("nan")) and not is_null("x")

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from dolm.errors import DolmRuntimeError, InputError
+from dolm.tokens import TokenIds, is_null
 
 SCHEMA = "attributions"
 
@@ -111,46 +112,23 @@ class Request:
     metric: str
 
 
-def _null(v: Any) -> bool:
-    if v is None or type(v).__name__ == "NAType":
-        return True
-    return isinstance(v, float) and v != v
-
-
 def resolve(lm: Any, df: Any, path: str, *, metric: str, target: str | None,
             foil: str | None, first_token: bool) -> Request:
     """Token ids for each prompt; named InputErrors for what cannot be attributed."""
-    cache: dict = {}
-
-    def one(s: str, where: str) -> int:
-        key = (s, first_token)
-        if key not in cache:
-            try:
-                cache[key] = int(lm.choice_token_ids([s], first_token=True)[0]) if first_token \
-                    else int(lm.token_id(s))
-            except InputError as exc:
-                hint = "" if first_token else " (or pass --first-token to use its first token)"
-                raise InputError(f"{where}: {exc}{hint}") from None
-        return cache[key]
-
+    one = TokenIds(lm, first_token)
     t_ids, f_ids, c_ids, t_str, f_str = [], [], [], [], []
     missing_t, missing_f = [], []
     has_choices = "choices" in df.columns
     for row in df.itertuples(index=False):
         pid = str(row.prompt_id)
-        t = target if target is not None else getattr(row, "target", None)
-        if _null(t):
+        t, tid = one.cell(row, "target", target, path)
+        if tid is None:
             missing_t.append(pid)
-            t_ids.append(-1)
-            t_str.append("")
-        else:
-            where = f"--target {t!r}" if target is not None else \
-                f"{path}: prompt {pid}, column 'target'"
-            t_ids.append(one(str(t), where))
-            t_str.append(str(t))
+        t_ids.append(-1 if tid is None else tid)
+        t_str.append(t or "")
         ch = getattr(row, "choices", None) if has_choices else None
         pair = None
-        if not _null(ch) and ch is not None and len(ch) == 2:
+        if not is_null(ch) and ch is not None and len(ch) == 2:
             a = one(str(ch[0]), f"{path}: prompt {pid}, column 'choices'")
             b = one(str(ch[1]), f"{path}: prompt {pid}, column 'choices'")
             if a == b:
@@ -158,13 +136,8 @@ def resolve(lm: Any, df: Any, path: str, *, metric: str, target: str | None,
                                  f"{ch[1]!r} are the same token")
             pair = (a, b)
         c_ids.append(pair)
-        f = foil if foil is not None else getattr(row, "foil", None)
-        fid = None
-        if not _null(f):
-            where = f"--foil {f!r}" if foil is not None else \
-                f"{path}: prompt {pid}, column 'foil'"
-            fid = one(str(f), where)
-        elif pair is not None and t_ids[-1] in pair:
+        f, fid = one.cell(row, "foil", foil, path)
+        if fid is None and pair is not None and t_ids[-1] in pair:
             # two choices and the target among them: the foil is the other one
             fid = pair[1] if t_ids[-1] == pair[0] else pair[0]
             f = str(ch[1] if fid == pair[1] else ch[0])

@@ -2,7 +2,7 @@
 
 Every token must be exactly one token of the model's tokenizer (``--first-token`` takes
 the first token of a longer string instead); anything else is an :class:`InputError`
-naming the file, prompt and column.
+naming the file, prompt and column (lookups: :mod:`dolm.tokens`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dolm.errors import InputError
+from dolm.tokens import TokenIds, is_null
 
 
 @dataclass
@@ -22,29 +23,6 @@ class PromptTokens:
     intended: list[int | None]
 
 
-def _is_null(v: Any) -> bool:
-    if v is None or type(v).__name__ == "NAType":
-        return True
-    return isinstance(v, float) and v != v
-
-
-def one_token(lm: Any, s: str, where: str, first_token: bool, cache: dict) -> int:
-    """The id of ``s`` (one token, or its first token with ``first_token``)."""
-    key = (s, first_token)
-    if key in cache:
-        return cache[key]
-    try:
-        if first_token:
-            tid = lm.choice_token_ids([s], first_token=True)[0]
-        else:
-            tid = lm.token_id(s)
-    except InputError as exc:
-        hint = "" if first_token else " (or pass --first-token to use its first token)"
-        raise InputError(f"{where}: {exc}{hint}") from None
-    cache[key] = int(tid)
-    return int(tid)
-
-
 def resolve(
     lm: Any,
     df: Any,
@@ -54,7 +32,7 @@ def resolve(
     first_token: bool = False,
 ) -> PromptTokens:
     """Token ids of each prompt's target and choices; ``target`` overrides the column."""
-    cache: dict = {}
+    ids = TokenIds(lm, first_token)
     targets: list[int | None] = []
     choices: list[list[int] | None] = []
     intended: list[int | None] = []
@@ -62,17 +40,11 @@ def resolve(
     has_intended = "intended_option" in df.columns
     for i, row in enumerate(df.itertuples(index=False)):
         pid = str(row.prompt_id)
-        t = target if target is not None else getattr(row, "target", None)
-        if _is_null(t):
-            tid = None
-        else:
-            where = f"--target {t!r}" if target is not None else \
-                f"{path}: prompt {pid}, column 'target'"
-            tid = one_token(lm, str(t), where, first_token, cache)
+        _, tid = ids.cell(row, "target", target, path)
         targets.append(tid)
         ch = row.choices if has_choices else None
         cids = None
-        if ch is not None and not _is_null(ch) and len(ch) >= 2:
+        if ch is not None and not is_null(ch) and len(ch) >= 2:
             ch = [str(c) for c in ch]
             try:
                 cids = [int(x) for x in lm.choice_token_ids(ch, first_token=first_token)]
@@ -84,7 +56,7 @@ def resolve(
         if cids is not None:
             if tid is not None and tid in cids:
                 ix = cids.index(tid)
-            elif has_intended and not _is_null(df["intended_option"].iloc[i]):
+            elif has_intended and not is_null(df["intended_option"].iloc[i]):
                 k = int(df["intended_option"].iloc[i]) - 1
                 ix = k if 0 <= k < len(cids) else None
         intended.append(ix)
