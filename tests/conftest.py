@@ -11,6 +11,9 @@
 - ``tiny_lm(family="gpt2", **load_kwargs) -> LoadedModel``: loaded once per session per
   (family, kwargs); treat it as read-only (traces clean up after themselves).
 
+- ``one_thread``: module-scoped; torch on one thread while a test module runs (opt in with
+  ``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
 Also, for the whole session: ``DOLM_CACHE_DIR`` points to a temporary folder (weights
 hash cache) and HF progress bars are off.
 """
@@ -33,6 +36,17 @@ def _dolm_test_env(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for cores)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")

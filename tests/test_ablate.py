@@ -16,14 +16,7 @@ from dolm.metrics import ids_matrix, metrics_table, prompt_targets, read_logits
 from dolm_tools.ablate.components import parse_sets, pick_sets, rank_components, scan_sets
 from dolm_tools.ablate.core import Ablator, Condition, draw_donors, positional_mean
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for cores)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,7 @@ from dolm.metrics import prompt_targets
 from dolm_tools.steer import fit as F
 from dolm_tools.steer.apply import run_steering, steer_fn
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for cores)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
