@@ -37,12 +37,30 @@ def test_formats_compare_true_effects_on_the_contrast_units(tmp_path):
             "correct"] = 1.0
     exp.loc[exp.unit_id.isin([f"u{i}" for i in range(4)]) & (exp.format != "fewshot"),
             "correct"] = 0.0
-    obs = pd.DataFrame({"unit_id": [f"u{i}" for i in range(n)], "format": got})
-    eff = [{"estimand": e, "estimate": 0.5, "ci_low": 0.0, "ci_high": 1.0, "n_sets": 4}
+    obs = pd.DataFrame({"unit_id": [f"u{i}" for i in range(n)], "format": got,
+                        "correct": exp.query("format == 'direct'")["correct"].to_numpy()})
+    for units in (exp, obs):  # the columns every unit table (schema units) has
+        units["prompt_id"] = [f"p{i}" for i in range(len(units))]
+        units["family"], units["prompt"], units["target"] = "formats", "Q:", " 1"
+    eff = [{"estimand": e, "estimate": 0.5, "ci_low": 0.0, "ci_high": 1.0, "n_sets": 4,
+            "se": 0.25, "p_value": 0.05, "se_method": "test"}
            for e in ("ATT", "ATC", "ATE", "naive")]
-    summ = {"n_units": n, "covariates": ["difficulty"], "contrasts": [
-        {"contrast": "fewshot vs direct", "treated_level": "fewshot", "control_level": "direct",
-         "effects": eff, "positivity": {}, "sensitivity": {}}]}
+    group = {"all": 30, "matched_ess": 4.0, "matched": 4, "unmatched": 26, "discarded": 0}
+    summ = {"tool": "psm", "input": "obs.parquet", "treatment": "format", "outcome": "correct",
+            "covariates": ["difficulty"], "covariates_from": "option",
+            "reference_level": "direct", "levels": ["direct", "fewshot", "polite"],
+            "n_units": n, "dropped_missing": {"rows": 0}, "options": {}, "contrasts": [
+                {"contrast": "fewshot vs direct", "treated_level": "fewshot",
+                 "control_level": "direct", "n_treated": 30, "n_control": 30,
+                 "propensity": {"model": "logistic", "description": "test"},
+                 "matching": {"distance": "logit", "ratio": 1, "replace": False,
+                              "caliper_sd": 0.2, "caliper_width": 0.1},
+                 "positivity": {"common_support": "both", "discarded_treated": 0,
+                                "discarded_control": 0, "extreme_ps_treated": 0,
+                                "extreme_ps_control": 0},
+                 "counts": {e: {"treated": group, "control": group}
+                            for e in ("ATT", "ATC", "ATE")},
+                 "effects": eff, "sensitivity": {}}]}
     exp.to_parquet(tmp_path / "exp.parquet")
     obs.to_parquet(tmp_path / "obs.parquet")
     (tmp_path / "psm.json").write_text(json.dumps(summ))
@@ -55,6 +73,15 @@ def test_formats_compare_true_effects_on_the_contrast_units(tmp_path):
     assert r.loc["ATC", "true"] == pytest.approx(4 / n_direct)
     assert r.loc["ATE", "true_n_units"] == int((got != "polite").sum())
     assert (tmp_path / "cmp" / "comparison.md").read_text().count("| fewshot vs direct |") == 3
+    from dolm.errors import InputError
+    from dolm.formats import validate_file
+
+    assert validate_file(str(tmp_path / "cmp" / "comparison.parquet")) == ("psm_check", [])
+    # a unit table without the outcome column is refused, naming the file and the column
+    exp.drop(columns="correct").to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(InputError, match=r"bad\.parquet.*correct"):
+        fp.compare(str(tmp_path / "bad.parquet"), str(tmp_path / "obs.parquet"),
+                   str(tmp_path / "psm.json"), str(tmp_path / "cmp2"))
 
 
 def test_cot_top_heads_and_side_by_side(tmp_path):
