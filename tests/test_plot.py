@@ -473,6 +473,19 @@ def mediation_comparison_table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def units_table(n: int = 60, seed: int = 0) -> pd.DataFrame:
+    """A unit table: a 3-level treatment, a covariate, outcomes, and columns no figure splits
+    by (ids, a list column, a float)."""
+    rng = np.random.default_rng(seed)
+    fmt = np.array(["direct", "polite", "fewshot"])[np.arange(n) % 3]
+    return pd.DataFrame({
+        "prompt_id": [f"p{i}" for i in range(n)], "family": "formats", "prompt": "Q:",
+        "target": " 1", "format": fmt, "difficulty": (np.arange(n) // 3) % 2 + 1,
+        "operands": [[1, 2]] * n, "propensity": rng.random(n),
+        "correct": (fmt == "direct").astype(float),
+        "target_logprob": np.where(fmt == "polite", -2.0, -0.5)})
+
+
 def dag_obj() -> dict:
     return {
         "nodes": ["format", "completion", "difficulty", "length", "attention"],
@@ -535,6 +548,7 @@ def synthetic() -> list[tuple[str, str, str, object, str | None]]:
         ("psm_check.parquet", "psm_check", "psm", psm_check_table(), "toy"),
         ("mediation_comparison.parquet", "mediation_comparison", "mediate",
          mediation_comparison_table(), "toy"),
+        ("units.parquet", "units", "join_units", units_table(), "toy"),
         ("dag.json", "dag", "psm", dag_obj(), None),
         ("dag_learned.json", "dag", "train-cunit", learned_dag(), None),
         ("fit_a.parquet", "cunit_metrics", "train-cunit", cunit_metrics_table(), None),
@@ -718,6 +732,31 @@ def test_check_figures_show_the_numbers(rendered):
     lp = fig.axes[1]
     assert sorted(float(line.get_xdata()[0]) for line in lp.lines
                   if line.get_marker() == "D") == pytest.approx([-1.0, -0.5, 0.0])
+
+
+def test_units_figure_splits_by_treatment_and_covariates_only():
+    from dolm_tools.plot.fig_psm import unit_conditions
+
+    df = units_table()
+    assert unit_conditions(df) == ["format", "difficulty"]
+    from dolm_tools.plot.draw import render as draw
+
+    plots = units_plots()
+    by_format = next(p for p in plots if p.variant == "format")
+    fig = draw(by_format)
+    assert [a.get_ylabel() for a in fig.axes] == ["mean correct", "mean target_logprob"]
+    heights = [b.get_height() for b in fig.axes[0].patches]
+    assert heights == pytest.approx([1.0, 0.0, 0.0])  # direct, fewshot, polite (sorted)
+    assert [b.get_height() for b in fig.axes[1].patches] == pytest.approx([-0.5, -0.5, -2.0])
+
+
+def units_plots() -> list:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "units.parquet"
+        write_table(units_table(), path, "units", make_run("join_units", "toy"))
+        return plan(load_sources([str(path)]))
 
 
 def test_heatmap_cells_show_enough_decimals_to_tell_them_apart():

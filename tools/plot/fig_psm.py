@@ -272,3 +272,66 @@ def draw_check(fig: Any, src: Any, _v: Any) -> None:
     C.legend_unique(ax)
     C.title(fig, "Matching checked against the experiment (✓: matched CI covers the truth)",
             src.model_label)
+
+
+# ------------------------------------------------------------------ unit tables
+
+UNIT_OUTCOMES = ("correct", "exact_match", "target_logprob")
+NOT_CONDITIONS = {"prompt_id", "unit_id", "group_id", "family", "split", "prompt", "target",
+                  "foil", "cf_prompt", "cf_target", "cf_foil", "generation", "answer", "design",
+                  "chain", "prompt_tokens", "n_tokens", *UNIT_OUTCOMES}
+MAX_LEVELS = 6
+
+
+def unit_conditions(df: Any) -> list[str]:
+    """Columns that split the units into 2..6 groups (treatments, covariate levels)."""
+    out = []
+    for c in df.columns:
+        if c in NOT_CONDITIONS or c.startswith(("attn_to.", "ps_", "choice_", "target_")):
+            continue
+        col = df[c]
+        if col.dtype.kind == "f":
+            continue
+        if col.dtype.kind == "O" and not col.dropna().map(
+                lambda v: isinstance(v, (str, bool, int, np.integer, np.bool_))).all():
+            continue  # lists, arrays, dicts: not a grouping
+        if 2 <= col.nunique(dropna=True) <= MAX_LEVELS:
+            out.append(str(c))
+    return out
+
+
+def _unit_outcomes(df: Any) -> list[str]:
+    return [c for c in UNIT_OUTCOMES if c in df.columns and df[c].notna().any()]
+
+
+def _units_size(src: Any, _v: Any) -> tuple[float, float]:
+    w, _ = C.panels_size(len(_unit_outcomes(src.data)), per=4.0)
+    return (w, 4.4)
+
+
+@figure("units", "by_condition", "mean outcome per level of each treatment or covariate "
+        "(95% CI)", size=_units_size, when=lambda s: bool(_unit_outcomes(s.data))
+        and bool(unit_conditions(s.data)), variants=lambda s: unit_conditions(s.data))
+def draw_units(fig: Any, src: Any, condition: str) -> None:
+    """Raw (unadjusted) means: in an observational design they mix treatment and confounding."""
+    d = src.data
+    outcomes = _unit_outcomes(d)
+    axes = C.panel_grid(fig, len(outcomes))
+    levels = sorted(d[condition].dropna().unique(), key=lambda v: (str(type(v)), v))
+    for ax, outcome in zip(axes, outcomes, strict=True):
+        g = d.groupby(condition)[outcome]
+        mean, sem, n = g.mean(), g.sem(), g.count()
+        x = np.arange(len(levels))
+        m = np.array([mean.get(v, np.nan) for v in levels], dtype=float)
+        e = 1.96 * np.nan_to_num(np.array([sem.get(v, np.nan) for v in levels], dtype=float))
+        ax.bar(x, m, yerr=e, color=style.PALETTE[0], capsize=3, width=0.6)
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"{v}\n{mi:.3g} (n={int(n.get(v, 0))})"
+                            for v, mi in zip(levels, m, strict=True)], fontsize=8)
+        ax.set_xlabel(condition)
+        ax.set_ylabel(f"mean {outcome}")
+        if outcome != "target_logprob":
+            ax.set_ylim(0, 1.12)
+        ax.axhline(0, color="0.6", lw=0.8)
+    C.title(fig, f"Outcomes by {condition} ({len(d)} units; raw means, not adjusted)",
+            src.model_label)
