@@ -101,6 +101,18 @@ def test_no_overwrite_without_force_and_atomic(tmp_path):
     assert len(read_table(p)[0]) == 3
     # no temporary files are left behind
     assert [f.name for f in tmp_path.iterdir()] == ["e.parquet"]
+    # the file has the mode of a plainly written file (umask 022: 0o644), not 0o600
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_table(effects_df(), tmp_path / "m.parquet", "effects", None)
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.parquet").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    assert plain.stat().st_mode & 0o777 == 0o644
 
 
 def test_truncated_parquet_and_hdf5(tmp_path):

@@ -53,7 +53,9 @@ def check_output(path: str | os.PathLike | None, force: bool, option: str = "--o
 def atomic_path(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    On an exception the temporary file is removed and ``path`` is left untouched. The
+    file gets the mode a plain ``open(path, "w")`` would give it (0o666 less the umask),
+    not the 0o600 of a temporary file.
     """
     target = Path(path)
     check_output(target, force)
@@ -62,11 +64,19 @@ def atomic_path(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _schema_header(schema: str) -> dict[str, Any]:
