@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -36,14 +35,6 @@ def top(stat: str, k: int) -> str:
     return ",".join("head.{}.{}".format(*_ATTN.match(m).groups()) for m in a.mediator)
 
 
-def _outcome(path: str) -> str:
-    import pyarrow.parquet as pq
-
-    meta = pq.read_metadata(path).metadata or {}
-    extra = json.loads(meta.get(b"dolm.extra", b"{}") or b"{}")
-    return str(extra.get("outcome", "?"))
-
-
 def compare(paths: list[str], stat: str, outdir: str) -> pd.DataFrame:
     """Interventional rows of the ``paths`` tables beside the statistical table ``stat``
     (its rows for the same heads)."""
@@ -51,17 +42,16 @@ def compare(paths: list[str], stat: str, outdir: str) -> pd.DataFrame:
 
     run = Run("pipelines/cot_mediation.py compare")
     rows = []
-    sites = set()
-    tables = {p: read_table(p, schema="mediation", run=run)[0] for p in paths}
-    for df in tables.values():
-        sites |= set(df.loc[df.method == "interventional", "site"])
-    frames = [(p, df.query("method == 'interventional'")) for p, df in tables.items()]
-    sdf = read_table(stat, schema="mediation", run=run)[0].query("method == 'statistical'").copy()
+    tables = [read_table(p, schema="mediation", run=run) for p in paths]
+    sites = {s for df, _ in tables for s in df.loc[df.method == "interventional", "site"]}
+    frames = [(df.query("method == 'interventional'"), meta) for df, meta in tables]
+    sdf, smeta = read_table(stat, schema="mediation", run=run)
+    sdf = sdf.query("method == 'statistical'").copy()
     sdf["site"] = [("head.{}.{}".format(*_ATTN.match(m).groups()) if _ATTN.match(m) else m)
                    for m in sdf.mediator]
-    frames.append((stat, sdf[sdf.site.isin(sites)]))
-    for path, df in frames:
-        metric = _outcome(path)
+    frames.append((sdf[sdf.site.isin(sites)], smeta))
+    for df, meta in frames:
+        metric = str(meta.extra.get("outcome", "?"))  # the outcome each table was fitted on
         for method, g in df.groupby("method"):
             for site, h in g.groupby("site"):
                 e = h.set_index("effect")
