@@ -56,7 +56,8 @@ class Targets:
     group: str | None = None  # bayes: orderings of one multiset in one condition
 
 
-def _missing(v) -> bool:
+def is_missing(v: object) -> bool:
+    """None, a float NaN, pandas NA or NaT: an empty cell of a prompts table."""
     if v is None:
         return True
     if isinstance(v, float) and math.isnan(v):
@@ -81,7 +82,7 @@ def prompt_targets(df, lm, path: str) -> list[Targets]:
     for row in df.to_dict("records"):
         pid = str(row["prompt_id"])
         target = row.get("target")
-        if _missing(target) or target == "":
+        if is_missing(target) or target == "":
             raise InputError(f"{path}: prompt {pid}: column 'target' is empty; the metrics "
                              "need a target continuation")
         target = str(target)
@@ -89,10 +90,10 @@ def prompt_targets(df, lm, path: str) -> list[Targets]:
         if tid < 0:
             raise InputError(f"{path}: prompt {pid}: target {target!r} has no tokens")
         foil = row.get("foil") if "foil" in cols else None
-        if _missing(foil) and "cf_target" in cols and not _missing(row.get("cf_target")):
+        if is_missing(foil) and "cf_target" in cols and not is_missing(row.get("cf_target")):
             foil = row["cf_target"] if str(row["cf_target"]) != target else None
         fid = None
-        if not _missing(foil) and str(foil):
+        if not is_missing(foil) and str(foil):
             fid = first_token(lm, str(foil))
             if fid == tid:
                 fid = None
@@ -107,13 +108,13 @@ def prompt_targets(df, lm, path: str) -> list[Targets]:
                     raise InputError(f"{path}: prompt {pid}: column 'choices': {exc}") from None
                 tchoice = choices.index(target) if target in choices else None
         post, group = None, None
-        if bayes and not _missing(row.get("posterior_x")):
+        if bayes and not is_missing(row.get("posterior_x")):
             post = float(row["posterior_x"])
             if cids is None or len(cids) != 2:
                 raise InputError(f"{path}: prompt {pid}: a bayes prompt (posterior_x) needs "
                                  "two choices (first symbol, second symbol)")
             g = row.get("group_id") if "group_id" in cols else None
-            group = None if _missing(g) else str(g)
+            group = None if is_missing(g) else str(g)
         out.append(Targets(pid, target, tid, fid, cids, tchoice, post, group))
     return out
 

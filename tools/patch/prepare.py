@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from dolm.errors import InputError
+from dolm.metrics import is_missing
 
 MODES = ("counterfactual", "noise")
 DIRECTIONS = ("denoise", "noise")
@@ -54,16 +55,8 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
 
 
-def _is_missing(v) -> bool:
-    if v is None:
-        return True
-    if isinstance(v, float) and math.isnan(v):
-        return True
-    return type(v).__name__ in ("NAType", "NaTType")
-
-
 def _str_or_none(v) -> str | None:
-    if _is_missing(v):
+    if is_missing(v):
         return None
     return str(v)
 
@@ -78,7 +71,7 @@ def _list_or_none(v) -> list | None:
 
 
 def _parse_spans(raw, where: str) -> dict[str, list[int]]:
-    if _is_missing(raw):
+    if is_missing(raw):
         return {}
     if isinstance(raw, dict):
         obj = raw
@@ -162,7 +155,7 @@ def read_prompts(df, lm, *, mode: str, metric: str, path: str,
             except InputError as exc:
                 raise InputError(f"{path}: prompt {pid}: {exc}") from None
         intended = None
-        if "intended_option" in cols and not _is_missing(row.get("intended_option")):
+        if "intended_option" in cols and not is_missing(row.get("intended_option")):
             intended = _intended(row["intended_option"], choices, target, foil)
         spans = _parse_spans(row.get("spans"), f"{path}: prompt {pid}: column 'spans'") \
             if "spans" in cols else {}
