@@ -744,3 +744,12 @@ def test_run_batched_backs_off_on_oom():
     with pytest.raises(InputError, match="batch-size"):
         run_batched(4, fn, "many")
     assert run_batched(0, fn, "auto") == []
+
+
+def test_pad_right_pads_after_the_tokens():
+    from dolm.models import pad_right
+
+    ids, mask = pad_right([[5, 6, 7], [8], (9, 10)], pad_id=0)
+    assert ids.dtype == torch.long and mask.dtype == torch.long
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]

@@ -126,7 +126,7 @@ def collect_residuals(
     """Residuals ``resid_post.L`` of every real token: (n_layers, T, d_model), on CPU in
     float32, at most ``max_tokens`` tokens (the first sequences, in the given order)."""
     from dolm.cli import progress
-    from dolm.models import iter_batched
+    from dolm.models import iter_batched, pad_right
 
     if max_tokens is not None:
         kept, total = [], 0
@@ -144,13 +144,7 @@ def collect_residuals(
 
     def fn(start: int, stop: int) -> torch.Tensor:
         batch = seqs[start:stop]
-        seq = max(len(s) for s in batch)
-        ids = torch.full((len(batch), seq), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), seq), dtype=torch.long)
-        for i, s in enumerate(batch):
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
-        ids, mask = ids.to(lm.device), mask.to(lm.device)
+        ids, mask = pad_right(batch, pad, lm.device)
         with torch.no_grad(), lm.trace(read=sites) as tr:
             lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
         keep = mask.bool()

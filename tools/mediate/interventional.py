@@ -272,18 +272,6 @@ def prepare(lm: Any, pairs: list[Pair], position: str, anchor: str = "context") 
 
 
 # ------------------------------------------------------------------------------ forwards
-def _pad(seqs: list[list[int]], pad_id: int, device: Any):
-    import torch
-
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _score(logits: Any, reads: list[int], tgts: list[list[int]]) -> np.ndarray:
     """(rows, 2): summed target log-prob and all-tokens-argmax correctness."""
     import torch
@@ -300,8 +288,10 @@ def _score(logits: Any, reads: list[int], tgts: list[list[int]]) -> np.ndarray:
 
 
 def _forward(lm: Any, ids: list[list[int]], write: dict | None = None, read=()):
+    from dolm.models import pad_right
+
     pad = lm.pad_id if getattr(lm, "pad_id", None) is not None else 0
-    input_ids, mask = _pad(ids, pad, lm.device)
+    input_ids, mask = pad_right(ids, pad, lm.device)
     with lm.trace(read=list(read), write=write) as tr:
         logits = lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
     vals = {s: tr[s] for s in read}

@@ -86,7 +86,7 @@ def generate(lm, texts: list[str], names: list[str], site: str, direction: np.nd
              alphas: list, mode: str, positions: str, n_tokens: int,
              batch_size="auto") -> list[list[str]]:
     """Greedy continuations under steering: [alpha index][prompt index] -> text."""
-    from dolm.models.batching import iter_batched
+    from dolm.models.batching import iter_batched, pad_right
 
     u = torch.as_tensor(direction, dtype=torch.float32)
     make_value = steer_fn(mode, u)
@@ -110,22 +110,14 @@ def generate(lm, texts: list[str], names: list[str], site: str, direction: np.nd
         for _ in range(n_tokens):
             if not any(alive) or (limit and max(len(s) for s in seqs) >= limit):
                 break
-            t = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), t), lm.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), t), dtype=torch.long)
-            pmask = torch.zeros((len(seqs), t), dtype=torch.bool)
+            ids, mask = pad_right(seqs, lm.pad_id, lm.device)
+            pmask = torch.zeros(ids.shape, dtype=torch.bool)
             for r, s in enumerate(seqs):
-                ids[r, :len(s)] = torch.tensor(s)
-                mask[r, :len(s)] = 1
-                if positions == "all":
-                    pmask[r, :len(s)] = True
-                else:
-                    pmask[r, first[r]:len(s)] = True
+                pmask[r, (0 if positions == "all" else first[r]):len(s)] = True
             write = {site: row_writer(np.ones(len(seqs), dtype=bool), pmask,
                                       make_value(alpha_rows))}
             with lm.trace(write=write):
-                res = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                               use_cache=False)
+                res = lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
             last = torch.tensor([len(s) - 1 for s in seqs], device=res.logits.device)
             nxt = res.logits[torch.arange(len(seqs), device=last.device), last].argmax(-1)
             for r, token in enumerate(nxt.tolist()):

@@ -95,6 +95,7 @@ def quick_outcomes(model, tokenizer, df: pd.DataFrame, device="cpu", generate: i
     (renormalised over the choices), choice_pred; with ``generate``: generation, answer,
     exact_match (``dolm.tasks.extract_answer`` for arith)."""
     import torch
+    from dolm.models import pad_right
 
     pad = tokenizer.pad_token_id
     rows = []
@@ -107,15 +108,9 @@ def quick_outcomes(model, tokenizer, df: pd.DataFrame, device="cpu", generate: i
     ch_cache: dict = {}
     for lo in range(0, len(df), batch_size):
         idx = range(lo, min(len(df), lo + batch_size))
-        seqs = [p_ids[i] + t_ids[i] for i in idx]
-        T = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s)] = torch.tensor(s)
-            mask[b, : len(s)] = 1
+        ids, mask = pad_right([p_ids[i] + t_ids[i] for i in idx], pad, device)
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = model(input_ids=ids, attention_mask=mask).logits
         logits = logits.float().cpu()
         for b, i in enumerate(idx):
             n, tt = len(p_ids[i]), t_ids[i]

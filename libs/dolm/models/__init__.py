@@ -56,6 +56,7 @@ __all__ = [
     "iter_batched",
     "is_oom",
     "parse_batch_size",
+    "pad_right",
     "supported_model_types",
 ]
 
@@ -87,6 +88,7 @@ _LAZY = {
     "iter_batched": "dolm.models.batching",
     "is_oom": "dolm.models.batching",
     "parse_batch_size": "dolm.models.batching",
+    "pad_right": "dolm.models.batching",
     "supported_model_types": "dolm.models.adapters",
 }
 

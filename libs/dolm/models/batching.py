@@ -8,14 +8,16 @@ memory"/``DefaultCPUAllocator``) the batch size is halved and the same slice ret
 the smaller size is kept for the rest. ``batch_size="auto"`` starts at
 ``min(max_batch_size, n_items)``; an integer starts there (a warning goes to stderr
 when it has to shrink). At batch size 1 the error is re-raised as DolmRuntimeError.
-``run_batched`` is the same, returning the list of results.
+``run_batched`` is the same, returning the list of results. ``pad_right`` turns token id
+lists into one right-padded batch.
 """
 
 from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from dolm.errors import DolmRuntimeError, InputError
 
@@ -108,3 +110,19 @@ def run_batched(n_items: int, fn: Callable[[int, int], object], batch_size="auto
     """Results of ``fn(start, stop)`` over consecutive slices, in order (see module doc)."""
     return [r for _, _, r in iter_batched(n_items, fn, batch_size, max_batch_size=max_batch_size,
                                           on_backoff=on_backoff)]
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> tuple[Any, Any]:
+    """Token id lists -> ``(input_ids, attention_mask)``, long tensors of shape
+    ``(len(seqs), longest)``, each row padded with ``pad_id`` after its tokens (mask 0)."""
+    import torch
+
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return ids, mask

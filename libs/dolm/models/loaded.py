@@ -9,6 +9,7 @@ import torch
 
 from dolm.errors import InputError
 from dolm.models.adapters import Adapter, ArchSpec
+from dolm.models.batching import pad_right
 from dolm.models.hooks import Trace, _first
 from dolm.models.sites import SiteSpace
 
@@ -257,17 +258,11 @@ class LoadedModel:
             offsets.append(off)
             n_prefix.append(pre)
         lengths = [len(r) for r in rows]
-        seq = max(lengths)
-        pad = self.pad_id
         dev = self.device if device is None else device
-        input_ids = torch.full((len(rows), seq), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), seq), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
+        input_ids, mask = pad_right(rows, self.pad_id, dev)
         last = torch.tensor([n - 1 for n in lengths], dtype=torch.long)
         return Encoding(
-            input_ids=input_ids.to(dev), attention_mask=mask.to(dev), last_index=last.to(dev),
+            input_ids=input_ids, attention_mask=mask, last_index=last.to(dev),
             lengths=lengths, offsets=offsets if fast else None, texts=texts, names=names,
             n_prefix=n_prefix,
         )
