@@ -197,6 +197,18 @@ def output_option(
     return deco(f) if f is not None else deco
 
 
+def prompt_selection_options(example: str | None = None) -> Callable[[Callable], Callable]:
+    """``--where QUERY`` and ``--limit N``: which prompts of the table a tool runs on
+    (applied by :func:`dolm.metrics.select_prompts`). ``example``: a query for the help."""
+    where_help = "Keep only the prompts matching this pandas query over the prompts columns"
+    where_help += f", e.g. {example}." if example else "."
+    return _add_options([
+        click.option("--where", default=None, help=where_help),
+        click.option("--limit", type=click.IntRange(min=1), default=None,
+                     help="Use only the first N prompts (after --where)."),
+    ])
+
+
 def seed_option(f: Callable) -> Callable:
     """``--seed INT`` (default 0): same inputs + seed = same output."""
     return click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")(f)

@@ -11,7 +11,7 @@ one row per component set x kind (x resample draw) x metric with ``value`` (abla
 from __future__ import annotations
 
 import click
-from dolm.cli import model_options, output_option, seed_option, tool
+from dolm.cli import model_options, output_option, prompt_selection_options, seed_option, tool
 
 
 @tool("ablate")
@@ -55,11 +55,7 @@ from dolm.cli import model_options, output_option, seed_option, tool
 @click.option("--positions", default="all", show_default=True,
               help="Token positions ablated: all, last, or comma-separated indices "
                    "(negative = from the end).")
-@click.option("--where", "where", default=None,
-              help="Keep only the prompts matching this pandas query over the prompts "
-                   "columns, e.g. \"distractors == 0 and symbols == 'XY'\".")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
-              help="Use only the first N prompts (after --where).")
+@prompt_selection_options("\"distractors == 0 and symbols == 'XY'\"")
 @model_options
 @output_option
 @seed_option

@@ -13,7 +13,14 @@ probe scores, training-data hash, model hash) and, with ``--scores``, a ``probes
 from __future__ import annotations
 
 import click
-from dolm.cli import model_options, output_option, seed_option, subcommand, tool_group
+from dolm.cli import (
+    model_options,
+    output_option,
+    prompt_selection_options,
+    seed_option,
+    subcommand,
+    tool_group,
+)
 
 TOOL = "steer"
 
@@ -72,10 +79,7 @@ def main() -> None:
                    "the one site of --sites.")
 @click.option("--scores", type=click.Path(dir_okay=False), default=None,
               help="Also write the held-out probe scores per site (a probes table).")
-@click.option("--where", default=None,
-              help="Keep only the prompts matching this pandas query over the prompts columns.")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
-              help="Use only the first N prompts (after --where).")
+@prompt_selection_options()
 @model_options
 @output_option(help="Directions file to write (safetensors).")
 @seed_option
@@ -318,11 +322,7 @@ def _label_values(df, label: str, threshold, path: str):
               help="Also generate N tokens greedily under steering (column 'generation').")
 @click.option("--allow-model-mismatch", is_flag=True,
               help="Use a directions file made with another model (weights differ).")
-@click.option("--where", default=None,
-              help="Keep only the prompts matching this pandas query over the prompts columns, "
-                   "e.g. 'posterior_b > 0.3 and posterior_b < 0.7' (ambiguous evidence).")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
-              help="Use only the first N prompts (after --where).")
+@prompt_selection_options("'posterior_b > 0.3 and posterior_b < 0.7' (ambiguous evidence)")
 @model_options
 @output_option
 @seed_option
