@@ -34,6 +34,31 @@ default:
 test:
     python -m pytest -q -n 2 --durations=20
 
+# torch stays the CPU wheel the README installs first; prints the versions it took.
+# The suite on the newest releases pyproject.toml allows: no lock, a fresh .venv-latest.
+test-latest:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    venv="${DOLM_LATEST_VENV:-{{root}}/.venv-latest}"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    . "$venv/bin/activate"
+    pip install -q torch==2.13.0
+    pip install -q --upgrade -e '.[dev,reference]'
+    pip freeze --exclude-editable > "$venv/versions.txt"
+    echo "test-latest: $(wc -l < "$venv/versions.txt") packages, e.g.:" >&2
+    grep -iE '^(torch|transformers|tokenizers|bitsandbytes|accelerate|numpy|pandas|pyarrow|h5py|scipy|scikit-learn|statsmodels|dowhy|transformer.lens)==' "$venv/versions.txt" >&2 || true
+    python -m pytest -q -n 2 --durations=10
+
+# Review the diff and run `just test` before committing a new lock.
+# Regenerate requirements/lock.txt: exact versions of every dependency, by pip-tools.
+lock:
+    python -m pip install -q 'pip-tools>=7.4'
+    pip-compile --quiet --strip-extras --allow-unsafe --extra dev --extra reference --extra gpu \
+        --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
+        -o requirements/lock.txt pyproject.toml requirements/lock.in
+    sed -i -E 's/^(torch==[0-9.]+)\+cpu/\1/' requirements/lock.txt
+
 # Lint.
 lint:
     ruff check .

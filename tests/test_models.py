@@ -182,16 +182,33 @@ def test_default_toy_path_is_in_repo():
     assert Path(repo_root() / "pyproject.toml").is_file()
 
 
+@pytest.fixture(scope="module")
+def quant_model_dir(tmp_path_factory):
+    """Tiny models wide enough for bitsandbytes' CPU kernels (d_model 64: every quantized
+    layer has in_features a multiple of 64 and out_features a multiple of 32)."""
+    from dolm.models.tiny import build_tiny_model
+
+    built: dict[str, object] = {}
+
+    def make(family: str):
+        if family not in built:
+            built[family] = build_tiny_model(tmp_path_factory.mktemp(f"q-{family}"), family,
+                                             d_model=64)
+        return built[family]
+
+    return make
+
+
 @pytest.mark.parametrize("quant", ["4bit", "8bit"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_quantized_loading_runs_on_cpu(tiny_lm, tiny_model_dir, family, quant):
+def test_quantized_loading_runs_on_cpu(quant_model_dir, family, quant):
     pytest.importorskip("bitsandbytes")
     from dolm.models import load
 
-    ref = tiny_lm(family)
+    ref = load(str(quant_model_dir(family)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lm = load(str(tiny_model_dir(family)), device_map="cpu",
+        lm = load(str(quant_model_dir(family)), device_map="cpu",
                   load_in_4bit=quant == "4bit", load_in_8bit=quant == "8bit")
         assert lm.info["quantization"] == quant
         assert "bnb" in type(lm.adapter.block_module(0, "attn_o")).__module__ or \
@@ -204,6 +221,45 @@ def test_quantized_loading_runs_on_cpu(tiny_lm, tiny_model_dir, family, quant):
     q, r = out.logits.cpu()[m].flatten(), ref_out.logits.cpu()[m].flatten()
     corr = torch.corrcoef(torch.stack([q, r]))
     assert corr[0, 1] > (0.99 if quant == "8bit" else 0.9)
+
+
+def test_quantized_layer_the_cpu_kernel_cannot_pack_is_a_named_error(tiny_model_dir,
+                                                                     monkeypatch):
+    """bitsandbytes >= 0.50.2 repacks 4-bit weights for CPUs with AVX512-BF16 on the first
+    forward, in blocks that d_model 32 does not fill. Ask bitsandbytes to take that path (its
+    real packing code, which fails on the shape before any AVX512 instruction runs) and
+    check that loading refuses with the layer and its shape named, not a traceback."""
+    bnb_modules = pytest.importorskip("bitsandbytes.nn.modules")
+    if not hasattr(bnb_modules, "has_avx512bf16"):
+        pytest.skip("this bitsandbytes has no CPU packing path")
+    from dolm.errors import InputError
+    from dolm.models import load
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    with warnings.catch_warnings(), pytest.raises(InputError) as err:
+        warnings.simplefilter("ignore")
+        load(str(tiny_model_dir("gpt2")), device_map="cpu", load_in_4bit=True)
+    msg = str(err.value)
+    assert "--load-in-4bit" in msg and "transformer.h.0.attn.c_attn" in msg
+    assert "in_features 32" in msg and "multiple of 64" in msg
+
+
+def test_packing_rule_matches_bitsandbytes():
+    """The shape rule dolm's message states is bitsandbytes' own: its CPU packing succeeds
+    exactly when out_features % 32 == 0 and in_features % 64 == 0."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    if not hasattr(bnb_f, "_convert_weight_packed_for_cpu"):
+        pytest.skip("this bitsandbytes has no CPU packing path")
+    for n_in in (32, 64, 96, 128):
+        for n_out in (16, 32, 48, 64):
+            w = torch.randn(n_out, n_in)
+            q, state = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4")
+            try:
+                bnb_f._convert_weight_packed_for_cpu(q, state)
+                ok = True
+            except (RuntimeError, AssertionError):
+                ok = False
+            assert ok == (n_out % 32 == 0 and n_in % 64 == 0), (n_in, n_out)
 
 
 def test_device_map_auto(tiny_model_dir, tiny_lm):

@@ -287,6 +287,46 @@ def load(
         transformers.logging.set_verbosity(verbosity)
 
 
+def check_quantized_layers(model, quant: str, spec: str) -> None:
+    """Run every bitsandbytes layer once on a one-row input; refuse the model if one fails.
+
+    A backend's kernels can reject layer shapes (bitsandbytes 0.50.2's CPU 4-bit kernel packs
+    weights in blocks: out_features must be a multiple of 32 and in_features of the
+    quantization block size, 64). Without this check the first forward pass of a tool dies
+    in a bitsandbytes traceback; here the InputError names the layer and its shape. The
+    probe is what a first forward would do anyway (CPU kernels repack weights then).
+    """
+    import torch
+
+    for name, module in model.named_modules():
+        if not type(module).__module__.startswith("bitsandbytes"):
+            continue
+        n_in = getattr(module, "in_features", None)
+        n_out = getattr(module, "out_features", None)
+        if n_in is None:
+            continue
+        weight = getattr(module, "weight", None)
+        device = weight.device if weight is not None else torch.device("cpu")
+        dtype = getattr(module, "compute_dtype", None) or torch.float32
+        if device.type == "cpu" and dtype == torch.float16:
+            dtype = torch.float32
+        try:
+            with torch.no_grad():
+                module(torch.zeros(1, n_in, device=device, dtype=dtype))
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            import bitsandbytes
+
+            hint = ("The CPU 4-bit kernel needs in_features a multiple of 64 and out_features "
+                    "a multiple of 32. ") if quant == "4bit" and device.type == "cpu" else ""
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(
+                f"--model {spec!r} --load-in-{quant}: layer {name} (in_features {n_in}, "
+                f"out_features {n_out}) cannot be quantized on this backend (bitsandbytes "
+                f"{bitsandbytes.__version__}, device {device}): {first}. {hint}Load the "
+                "model without --load-in-4bit/--load-in-8bit, or on a GPU"
+            ) from None
+
+
 def _load(spec, folder, source, resolved_rev, dtype, device, device_map, load_in_4bit,
           load_in_8bit, trust_remote_code):
     import torch
@@ -348,6 +388,8 @@ def _load(spec, folder, source, resolved_rev, dtype, device, device_map, load_in
         raise DolmRuntimeError(f"--model {spec!r}: loading failed: {exc}") from None
     model.eval()
     model.requires_grad_(False)
+    if quant is not None:
+        check_quantized_layers(model, quant, spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:
