@@ -432,6 +432,16 @@ def test_disk_full_is_a_named_error(kit, tmp_path):
         assert "no space left on the device" in r.stderr and str(mnt) in r.stderr, r.stderr
         assert "--resume" in r.stderr and "Traceback" not in r.stderr
         assert not out.exists() and not acts.exists()
+        # more room: --resume continues (or starts over, saying so) and completes
+        subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
+        r = dolm("dolm-collect-acts", p, "--model", model, "-o", out, "--acts", acts,
+                 "--sites", "logits,resid_post.*", "--positions", "all",
+                 "--compression", "none", "--batch-size", "8", "--resume")
+        assert r.returncode == 0, r.stderr
+        assert _validate(out, acts).returncode == 0
+        out.unlink()
+        acts.unlink()
+        subprocess.run(["mount", "-o", "remount,size=2m", str(mnt)], check=True)
         # psm's four outputs (24 + 9 + 18 + 11 kB) on a disk with 40 kB free: none of them
         free = shutil.disk_usage(mnt).free
         (mnt / "filler").write_bytes(b"\0" * (free - 40 * 1024))
