@@ -102,3 +102,4 @@ bench:
     python benchmarks/psm.py
     python benchmarks/mediate.py
     python benchmarks/cunit.py
+    python benchmarks/crash_resume.py --out benchmarks/results/crash_resume.md

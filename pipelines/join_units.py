@@ -1,12 +1,15 @@
 """Join a prompts table with its collect-acts outcomes into a unit table (one row per prompt).
 
-    python pipelines/join_units.py PROMPTS OUTCOMES -o UNITS.parquet
+    python pipelines/join_units.py PROMPTS OUTCOMES -o UNITS.parquet [--allow-other-prompts]
 
 The unit table is what dolm-psm and dolm-mediate statistical read: the prompts' columns
 (treatment, covariates) beside the outcomes (correct, exact_match, attn_to.* features);
 boolean outcomes become 0/1, and a generation from which no answer
 could be read counts as exact_match = 0. Written with the ``units`` schema and the
 provenance of both inputs (so the model that produced the outcomes stays on record).
+Outcomes recorded from another prompts table (their ``prompts_sha256`` differs, e.g.
+prompts regenerated with another seed: same ids, other rows) are refused unless
+``--allow-other-prompts``.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from dolm.errors import InputError
 from dolm.formats import Run, read_table, write_table
 
 
-def units(prompts: str, outcomes: str, out: str) -> None:
+def units(prompts: str, outcomes: str, out: str, allow_other_prompts: bool = False) -> None:
     """Write the unit table of ``prompts`` x ``outcomes`` to ``out`` (schema ``units``)."""
+    from dolm.cli import check_same_prompts, input_sha256
+
     run = Run("pipelines/join_units.py")
     p, _ = read_table(prompts, schema="prompts", run=run)
-    o, _ = read_table(outcomes, schema="outcomes", run=run)
+    o, ometa = read_table(outcomes, schema="outcomes", run=run)
+    check_same_prompts(ometa, prompts, input_sha256(run, prompts), allow_other_prompts)
     keep = [c for c in o.columns if c not in p.columns or c == "prompt_id"]
     df = p.merge(o[keep], on="prompt_id", how="inner", validate="one_to_one")
     if len(df) != len(p):
@@ -48,11 +54,13 @@ if __name__ == "__main__":
     ap.add_argument("prompts")
     ap.add_argument("outcomes")
     ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("--allow-other-prompts", action="store_true",
+                    help="join outcomes recorded from another prompts table")
     a = ap.parse_args()
     from dolm.errors import DolmError
 
     try:
-        units(a.prompts, a.outcomes, a.output)
+        units(a.prompts, a.outcomes, a.output, a.allow_other_prompts)
     except DolmError as exc:
         print(f"join_units.py: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -405,10 +405,15 @@ def test_journal_and_writer_resume_units(tmp_path):
             "token_id": np.array([5, 6, 7]),
         }  # fmt: skip
         w.append(coords, {"resid_post.0": np.arange(12, dtype=np.float16).reshape(3, 4)})
-        w.commit()
+        digest = w.commit()
         assert fh["resid_post.0"].dtype == np.float16 and fh["resid_post.0"].shape == (3, 4)
-        assert w.reopen(2) and fh["prompt_id"].shape == (2,) and w.rows == 2
-        assert not w.reopen(5)
+        # a committed row that reads back otherwise (a torn or stale chunk) is refused
+        fh["resid_post.0"][1, 0] = 99
+        assert "differ from what was committed" in w.reopen(3, [(0, 3, digest)])
+        fh["resid_post.0"][1, 0] = 4
+        assert w.reopen(2, [(0, 3, digest)]) is None
+        assert fh["prompt_id"].shape == (2,) and w.rows == 2
+        assert "does not hold the 5 committed rows" in w.reopen(5, [])
 
 
 def test_auto_batch_size_backs_off_on_out_of_memory(tiny_lm, tmp_path, monkeypatch):

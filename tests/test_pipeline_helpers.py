@@ -65,9 +65,12 @@ def test_join_units_refuses_mismatched_inputs(formats_run, tmp_path):
     out = tmp_path / "units.parquet"
     r = run(sys.executable, ROOT / "pipelines/join_units.py", d / "experiment.prompts.parquet",
             d / "observational.outcomes.parquet", "-o", out)
-    assert r.returncode == 3
-    assert "observational.outcomes.parquet" in r.stderr and "no outcome" in r.stderr
+    assert r.returncode == 3  # outcomes of another prompts table (prompts_sha256 differs)
+    assert "observational.outcomes.parquet" in r.stderr and "another prompts table" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
+    r = run(sys.executable, ROOT / "pipelines/join_units.py", d / "experiment.prompts.parquet",
+            d / "observational.outcomes.parquet", "-o", out, "--allow-other-prompts")
+    assert r.returncode == 3 and "no outcome" in r.stderr and not out.exists()
     # an outcomes file where a prompts file belongs
     r = run(sys.executable, ROOT / "pipelines/join_units.py", d / "experiment.outcomes.parquet",
             d / "experiment.outcomes.parquet", "-o", out)

@@ -24,8 +24,15 @@ from dolm.errors import DolmError, InputError
 # --------------------------------------------------------------- error handling
 
 
-def _fail(prog: str, message: str, code: int) -> None:
+def _fail(prog: str, message: str, code: int, hard: bool = False) -> None:
     click.echo(f"{prog}: error: {message}", err=True)
+    if hard:  # see DolmRuntimeError.hard_exit
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
     sys.exit(code)
 
 
@@ -54,7 +61,7 @@ class _DolmErrors:
         except DolmError as exc:
             if os.environ.get("DOLM_DEBUG"):
                 traceback.print_exc()
-            _fail(prog, str(exc), exc.exit_code)
+            _fail(prog, str(exc), exc.exit_code, bool(getattr(exc, "hard_exit", False)))
         except BrokenPipeError:
             # downstream closed the pipe (e.g. `| head`): end quietly
             try:
@@ -131,12 +138,17 @@ def _invoke(name: str, outputs: tuple[str, ...], f: Callable, args: Any, kwargs:
     run.params = {k: v for k, v in kwargs.items() if k != "model_opts"}
     if "model_opts" in kwargs and kwargs["model_opts"] is not None:
         run.params["model_opts"] = asdict(kwargs["model_opts"])
+    from dolm.formats.lock import output_locks
+
     force = bool(kwargs.get("force", False))
-    for key in outputs:
-        value = kwargs.get(key)
-        if value:
-            check_output(value, force, option="--" + key.replace("_", "-"))
-    return f(run, *args, **kwargs)
+    named = [("--" + key.replace("_", "-"), kwargs.get(key)) for key in outputs]
+    named = [(opt, str(value)) for opt, value in named if value]
+    for opt, value in named:
+        check_output(value, force, option=opt)
+    with output_locks(named, run):
+        for opt, value in named:  # a run that held the lock may have finished meanwhile
+            check_output(value, force, option=opt)
+        return f(run, *args, **kwargs)
 
 
 def tool_group(name: str) -> Callable[[Callable], click.Group]:
@@ -200,7 +212,8 @@ def output_option(
 def prompt_selection_options(example: str | None = None) -> Callable[[Callable], Callable]:
     """``--where QUERY`` and ``--limit N``: which prompts of the table a tool runs on
     (applied by :func:`dolm.metrics.select_prompts`). ``example``: a query for the help."""
-    where_help = "Keep only the prompts matching this pandas query over the prompts columns"
+    where_help = ("Keep only the prompts matching this filter over the prompts columns: "
+                  "comparisons (== != < <= > >= in, not in [..]) joined with and/or/not")
     where_help += f", e.g. {example}." if example else "."
     return _add_options([
         click.option("--where", default=None, help=where_help),
@@ -301,19 +314,54 @@ def load_model(opts: ModelOptions, run: Any = None) -> Any:
     """Load the model named by the shared options and record it in ``run``'s provenance."""
     from dolm.models import load
 
-    lm = load(
-        opts.model,
-        revision=opts.revision,
-        dtype=opts.dtype,
-        device=opts.device,
-        device_map=opts.device_map,
-        load_in_4bit=opts.load_in_4bit,
-        load_in_8bit=opts.load_in_8bit,
-        trust_remote_code=opts.trust_remote_code,
-    )
+    check_device(opts.device)
+    try:
+        lm = load(
+            opts.model,
+            revision=opts.revision,
+            dtype=opts.dtype,
+            device=opts.device,
+            device_map=opts.device_map,
+            load_in_4bit=opts.load_in_4bit,
+            load_in_8bit=opts.load_in_8bit,
+            trust_remote_code=opts.trust_remote_code,
+        )
+    except Exception as exc:
+        if "safetensor" not in type(exc).__name__.lower():
+            raise
+        raise InputError(f"--model {opts.model}: its weights (safetensors) cannot be read, "
+                         f"truncated or corrupt: {exc}") from None
     if run is not None:
         run.set_model(lm.info)
     return lm
+
+
+def check_device(device: str | None, option: str = "--device") -> None:
+    """Refuse a device this machine's torch cannot use (``cuda`` on a CPU-only build)."""
+    if not device or device == "auto":
+        return
+    import torch
+
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no visible GPU"
+            raise InputError(f"{option} {device}: CUDA is not available here (torch "
+                             f"{torch.__version__}, {build}); use --device cpu or auto")
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise InputError(f"{option} {device}: expected cuda:N with N below "
+                             f"{torch.cuda.device_count()} (the GPUs visible here)")
+    elif kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise InputError(f"{option} {device}: Apple MPS is not available here; use "
+                             "--device cpu or auto")
+    else:
+        try:
+            torch.device(str(device))
+        except RuntimeError:
+            raise InputError(f"{option} {device}: expected cpu, cuda, cuda:N, mps or "
+                             "auto") from None
 
 
 def check_model_match(
@@ -331,6 +379,33 @@ def check_model_match(
             f"(weights {want[:12]}), but the model given is {lm.info.get('spec')!r} "
             f"(weights {have[:12]}); pass {option} to use it anyway"
         )
+
+
+def check_same_prompts(
+    meta: Any, prompts: str, prompts_sha256: str | None, allow: bool,
+    option: str = "--allow-other-prompts",
+) -> None:
+    """Refuse to join a file made from another prompts table (its recorded
+    ``prompts_sha256`` differs from the prompts file given) unless allowed.
+
+    Prompt ids survive regenerating prompts with another seed; the rows do not.
+    """
+    recorded = (getattr(meta, "extra", None) or {}).get("prompts_sha256")
+    if allow or not recorded or not prompts_sha256 or recorded == prompts_sha256:
+        return
+    raise InputError(
+        f"{meta.path}: was made from another prompts table than {prompts} (prompts "
+        f"sha256 {recorded[:12]} recorded, {prompts_sha256[:12]} given): its rows would be "
+        f"joined to the wrong prompts by prompt_id; pass {option} to join them anyway"
+    )
+
+
+def input_sha256(run: Any, path: str) -> str | None:
+    """The sha256 ``run`` recorded for the input ``path`` (the latest one read)."""
+    for entry in reversed(getattr(run, "inputs", [])):
+        if entry.get("path") == str(path):
+            return entry.get("sha256")
+    return None
 
 
 # --------------------------------------------------------------- helpers

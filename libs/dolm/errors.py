@@ -17,6 +17,12 @@ class InputError(DolmError):
 
 
 class DolmRuntimeError(DolmError):
-    """A runtime failure that is not the user's input (exit code 1)."""
+    """A runtime failure that is not the user's input (exit code 1).
+
+    ``hard_exit``: the process holds a native library in a state it cannot tear down
+    (HDF5 after a failed write crashes at exit); the tool reports the error and ends
+    with ``os._exit`` instead of the interpreter's shutdown.
+    """
 
     exit_code = 1
+    hard_exit = False

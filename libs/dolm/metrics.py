@@ -209,14 +209,13 @@ def metric_order(names) -> list[str]:
 
 
 def select_prompts(df, where: str | None, limit: int | None, path: str):
-    """Rows of a prompts table matching ``--where`` (a pandas query over its columns),
-    then the first ``--limit``; InputError naming the option when nothing is left."""
+    """Rows of a prompts table matching ``--where`` (a safe filter over its columns, see
+    :mod:`dolm.where`), then the first ``--limit``; InputError naming the option when
+    nothing is left."""
     if where:
-        try:
-            df = df.query(where, engine="python")
-        except Exception as exc:  # noqa: BLE001 - any bad expression is the user's input
-            raise InputError(f"--where {where!r}: not a valid query over the columns of "
-                             f"{path} ({type(exc).__name__}: {exc})") from None
+        from dolm.where import filter_rows
+
+        df = filter_rows(df, where)
         if len(df) == 0:
             raise InputError(f"--where {where!r}: no prompt of {path} matches")
     if limit is not None:

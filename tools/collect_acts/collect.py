@@ -119,7 +119,14 @@ def run_collect(
     shard: str | None,
 ) -> None:
     from dolm.cli import load_model, log, progress
-    from dolm.formats import finish_h5, open_h5_for_write, partial_path, read_table, write_table
+    from dolm.formats import (
+        all_or_none,
+        finish_h5,
+        open_h5_for_write,
+        partial_path,
+        read_table,
+        write_table,
+    )
 
     # ---- options that need no file or model
     site_patterns = split_patterns(sites)
@@ -197,26 +204,27 @@ def run_collect(
     try:
         if acts:
             extra = dict(fingerprint, outcomes=None if output == "-" else relpath(output, acts))
-            if resumed:
+            part = partial_path(acts)
+            if resumed and not part.exists():
+                log(f"dolm-collect-acts: --resume: {part} is gone; starting over")
+            elif resumed:
                 try:
                     fh = open_h5_for_write(
                         acts, "activations", run, force=force, resume=True, extra=extra
                     )
-                except InputError as exc:
-                    part = partial_path(acts)
+                except Exception as exc:  # noqa: BLE001 - an unreadable partial: start over
                     log(f"dolm-collect-acts: cannot reuse {part} ({exc}); starting over")
                     fh = None
             if fh is not None:
                 writer = ActsWriter(fh, widths(lm, site_names), act_dtype, compression)
-                if not writer.reopen(journal.acts_rows):
-                    log(
-                        f"dolm-collect-acts: {partial_path(acts)} does not hold the rows "
-                        f"{journal.path} records; starting over"
-                    )
-                    fh.close()
+                why = writer.reopen(journal.acts_rows, journal.segments)
+                if why is not None:
+                    log(f"dolm-collect-acts: cannot reuse {part} ({why}); starting over")
+                    _close_quietly(fh)
                     fh = writer = None
             if fh is None:
                 resumed = False
+                part.unlink(missing_ok=True)
                 fh = open_h5_for_write(
                     acts, "activations", run, force=force, resume=False, extra=extra
                 )
@@ -230,15 +238,18 @@ def run_collect(
 
         _loop(lm, settings, items, journal, writer, model_opts.batch_size, progress, log)
 
-        # ---- finish: activations first, then the table; the journal goes last
-        if fh is not None:
-            finish_h5(fh, acts, "activations", run)
-            fh = None
+        # ---- finish: both outputs appear together (the table is written first under a
+        # temporary name); the journal goes last
         table = build_table(journal.rows(), settings, lm)
         out_extra = dict(fingerprint, acts=None if not acts else relpath(acts, output))
         if output == "-":
             out_extra["acts"] = os.path.abspath(acts) if acts else None
-        write_table(table, output, schema="outcomes", run=run, force=force, extra=out_extra)
+        with all_or_none():
+            write_table(table, output, schema="outcomes", run=run, force=force,
+                        extra=out_extra)
+            if fh is not None:
+                finish_h5(fh, acts, "activations", run)
+                fh = None
         journal.remove()
         done = f"dolm-collect-acts: {table.num_rows} prompts -> {output}"
         if acts:
@@ -246,13 +257,17 @@ def run_collect(
         log(done)
     finally:
         journal.close()
-        if fh is not None:
-            try:
-                fh.close()
-            except Exception:  # noqa: BLE001 - closing a broken file must not hide the error
-                pass
+        if fh is not None and not (writer is not None and writer.broken):
+            _close_quietly(fh)
         if tmp_journal is not None:
             Path(tmp_journal).unlink(missing_ok=True)
+
+
+def _close_quietly(fh: Any) -> None:
+    try:
+        fh.close()
+    except Exception:  # noqa: BLE001 - closing a broken file must not hide the error
+        pass
 
 
 def _loop(lm, settings, items, journal, writer, batch_size, progress, log) -> None:
@@ -284,9 +299,8 @@ def _loop(lm, settings, items, journal, writer, batch_size, progress, log) -> No
             due = time.monotonic() - last >= every
             full = writer is not None and writer.buffered_bytes >= BUFFER_BYTES
             if due or full or stop == len(items):
-                if writer is not None:
-                    writer.commit()
-                journal.commit(writer.rows if writer is not None else 0)
+                digest = writer.commit() if writer is not None else None
+                journal.commit(writer.rows if writer is not None else 0, digest)
                 last = time.monotonic()
     finally:
         bar.close()

@@ -143,35 +143,39 @@ def run_merge(
     table = pa.concat_tables(
         [pq.read_table(p).replace_schema_metadata(None) for p, _, _, _ in loaded]
     )
-    if acts:
-        handles = []
-        try:
-            for (path, _, extra, _), a in zip(loaded, shard_acts, strict=True):
-                fh, meta = read_h5(a, schema="activations", run=run)
-                handles.append(fh)
-                diff = _first_difference(_common(extra), _common(meta.extra))
-                if diff is not None or meta.extra.get("shard") != extra.get("shard"):
-                    raise InputError(f"{a}: does not belong to {path} ({diff or 'shard differs'})")
-            out_extra["acts"] = (
-                os.path.abspath(acts)
-                if output == "-"
-                else os.path.relpath(
-                    os.path.abspath(acts), os.path.dirname(os.path.abspath(output))
+    from dolm.formats import all_or_none
+
+    with all_or_none():  # the merged table and activations appear together
+        if acts:
+            handles = []
+            try:
+                for (path, _, extra, _), a in zip(loaded, shard_acts, strict=True):
+                    fh, meta = read_h5(a, schema="activations", run=run)
+                    handles.append(fh)
+                    diff = _first_difference(_common(extra), _common(meta.extra))
+                    if diff is not None or meta.extra.get("shard") != extra.get("shard"):
+                        raise InputError(
+                            f"{a}: does not belong to {path} ({diff or 'shard differs'})")
+                out_extra["acts"] = (
+                    os.path.abspath(acts)
+                    if output == "-"
+                    else os.path.relpath(
+                        os.path.abspath(acts), os.path.dirname(os.path.abspath(output))
+                    )
                 )
-            )
-            _copy_acts(
-                handles,
-                acts,
-                run,
-                force,
-                dict(common, shard=None, outcomes=None),
-                open_h5_for_write,
-                finish_h5,
-            )
-        finally:
-            for fh in handles:
-                fh.close()
-    write_table(table, output, schema="outcomes", run=run, force=force, extra=out_extra)
+                _copy_acts(
+                    handles,
+                    acts,
+                    run,
+                    force,
+                    dict(common, shard=None, outcomes=None),
+                    open_h5_for_write,
+                    finish_h5,
+                )
+            finally:
+                for fh in handles:
+                    fh.close()
+        write_table(table, output, schema="outcomes", run=run, force=force, extra=out_extra)
 
 
 def _copy_acts(handles, acts, run, force, extra, open_h5_for_write, finish_h5) -> None:

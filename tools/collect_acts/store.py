@@ -4,7 +4,8 @@ Two partial files live beside the outputs while a run is going:
 
 * ``<output>.partial`` — the outcomes *journal*: JSON lines. Line 1 is a header with the
   run's fingerprint (prompts hash, model, options, shard). Then one ``{"row": {...}}``
-  line per prompt, and at every commit a ``{"commit": n_done, "acts_rows": r}`` line.
+  line per prompt, and at every commit a ``{"commit": n_done, "acts_rows": r,
+  "acts_sha256": h}`` line (``h``: sha256 of the activation rows that commit added).
   Only rows before the last commit line count; a torn tail is cut off on resume.
 * ``<acts>.partial`` — the activations HDF5 file (``dolm.formats.open_h5_for_write``),
   flushed and fsynced at every commit *before* the journal's commit line is written, so
@@ -14,13 +15,17 @@ Rows are buffered in memory between commits (bounded in bytes by the caller). A 
 happens at batch boundaries, at most every ``DOLM_COMMIT_SECONDS`` (default 2) seconds or
 when the buffer is full, and at the end.
 
-On ``--resume`` both are reopened, the HDF5 datasets are cut back to the journal's
+On ``--resume`` both are reopened and every committed activation row is read back and
+checked against the journal's hashes (a kill during a chunk rewrite can leave a
+compressed chunk unreadable or a torn one wrong); on any mismatch or read error the run
+starts over from the top. Otherwise the HDF5 datasets are cut back to the journal's
 ``acts_rows`` and work continues at prompt ``n_done``. Python floats round-trip exactly
 through JSON, so the finished table equals an uninterrupted run's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -29,8 +34,10 @@ from typing import Any
 
 import numpy as np
 from dolm.errors import InputError
+from dolm.formats import write_error
 
 JOURNAL_KIND = "dolm-collect-acts journal"
+RESUMABLE = "what was committed stays in the partial files: free space and rerun with --resume"
 COORDS = ("prompt_id", "prompt_index", "position", "position_label", "token_id")
 
 
@@ -42,6 +49,7 @@ class Journal:
         self.fingerprint = fingerprint
         self.n_done = 0
         self.acts_rows = 0
+        self.segments: list[tuple[int, int, str | None]] = []
         self._fh: Any = None
         self._pending: list[str] = []
 
@@ -53,6 +61,7 @@ class Journal:
         self._fh.write(json.dumps(header, sort_keys=True) + "\n")
         self._sync()
         self.n_done = self.acts_rows = 0
+        self.segments = []
 
     def resume(self) -> bool:
         """Reopen an existing journal; False when there is none (or nothing was committed).
@@ -63,6 +72,7 @@ class Journal:
             return False
         end = 0
         n_done = acts_rows = 0
+        segments: list[tuple[int, int, str | None]] = []
         with open(self.path, "rb") as fh:
             first = fh.readline()
             try:
@@ -88,12 +98,15 @@ class Journal:
                 except ValueError:
                     break
                 if "commit" in obj:
-                    n_done, acts_rows = int(obj["commit"]), int(obj["acts_rows"])
+                    rows = int(obj["acts_rows"])
+                    if rows > acts_rows:
+                        segments.append((acts_rows, rows, obj.get("acts_sha256")))
+                    n_done, acts_rows = int(obj["commit"]), rows
                     end = fh.tell()
         with open(self.path, "r+b") as fh:
             fh.truncate(end)
         self._fh = open(self.path, "a", encoding="utf-8")
-        self.n_done, self.acts_rows = n_done, acts_rows
+        self.n_done, self.acts_rows, self.segments = n_done, acts_rows, segments
         return True
 
     # -- writing
@@ -101,15 +114,24 @@ class Journal:
         """Buffer a batch of finished rows (written by the next :meth:`commit`)."""
         self._pending += [json.dumps({"row": r}) for r in rows]
 
-    def commit(self, acts_rows: int) -> None:
-        """Write the buffered rows and a commit mark, then flush + fsync."""
+    def commit(self, acts_rows: int, acts_sha256: str | None = None) -> None:
+        """Write the buffered rows and a commit mark, then flush + fsync.
+
+        ``acts_sha256``: the hash of the activation rows added since the last commit.
+        """
         n = len(self._pending)
         self.n_done += n
+        mark: dict[str, Any] = {"commit": self.n_done, "acts_rows": acts_rows}
+        if acts_rows > self.acts_rows:
+            mark["acts_sha256"] = acts_sha256
         self.acts_rows = acts_rows
-        self._pending.append(json.dumps({"commit": self.n_done, "acts_rows": acts_rows}))
-        self._fh.write("\n".join(self._pending) + "\n")
-        self._pending = []
-        self._sync()
+        self._pending.append(json.dumps(mark))
+        try:
+            self._fh.write("\n".join(self._pending) + "\n")
+            self._pending = []
+            self._sync()
+        except OSError as exc:
+            raise write_error(self.path, exc, RESUMABLE) from None
 
     @property
     def pending(self) -> int:
@@ -178,6 +200,9 @@ class ActsWriter:
         self.dtype = np.dtype(dtype)
         self.compression = compression
         self._rows = 0
+        self._segment = hashlib.sha256()
+        self._open: dict[str, Any] = {}
+        self.broken = False
         self._buf: list[tuple[dict[str, Any], dict[str, np.ndarray]]] = []
         self._buf_rows = 0
         self._buf_bytes = 0
@@ -217,25 +242,45 @@ class ActsWriter:
             )
         self._rows = 0
 
-    def reopen(self, rows: int) -> bool:
+    def reopen(self, rows: int, segments: list[tuple[int, int, str | None]]) -> str | None:
         """Reuse datasets written by an interrupted run, cut back to ``rows`` rows.
 
-        False when the file does not hold what the journal says (then start over).
+        Every committed segment ``(lo, hi, sha256)`` is read back and hashed. Returns None
+        when all of it checks out, else why not (then the caller starts over).
         """
         fh = self.fh
         names = [*COORDS, *self.widths]
-        for name in names:
-            if name not in fh or fh[name].shape[0] < rows:
-                return False
-        for site, width in self.widths.items():
-            ds = fh[site]
-            if ds.dtype != self.dtype or ds.shape[1] != width:
-                return False
-        for name in names:
-            ds = fh[name]
-            ds.resize(rows, axis=0)
+        try:
+            for name in names:
+                if name not in fh or fh[name].shape[0] < rows:
+                    return f"dataset {name!r} does not hold the {rows} committed rows"
+            for site, width in self.widths.items():
+                ds = fh[site]
+                if ds.dtype != self.dtype or ds.shape[1] != width:
+                    return f"dataset {site!r} has another dtype or width"
+            for lo, hi, want in segments:
+                got = self._hash_rows(lo, hi)
+                if want is None or got != want:
+                    return f"rows {lo}..{hi - 1} differ from what was committed"
+            for name in names:
+                fh[name].resize(rows, axis=0)
+        except Exception as exc:  # noqa: BLE001 - any failure to read back means start over
+            return f"{type(exc).__name__}: {exc}"
         self._rows = rows
-        return True
+        self._segment = hashlib.sha256()
+        return None
+
+    def _hash_rows(self, lo: int, hi: int) -> str:
+        h = hashlib.sha256()
+        for name in COORDS:
+            ds = self.fh[name]
+            if name in ("prompt_id", "position_label"):
+                _hash_strings(h, list(ds.asstr()[lo:hi]))
+            else:
+                h.update(np.ascontiguousarray(ds[lo:hi]).tobytes())
+        for site in self.widths:
+            h.update(np.ascontiguousarray(self.fh[site][lo:hi]).tobytes())
+        return h.hexdigest()
 
     def append(self, coords: dict[str, Any], acts: dict[str, np.ndarray]) -> None:
         """Buffer a batch of rows; they reach the file on :meth:`write` / :meth:`commit`."""
@@ -256,35 +301,90 @@ class ActsWriter:
         return self._rows + self._buf_rows
 
     def write(self) -> None:
-        """Write the buffered rows (one resize + one write per dataset)."""
+        """Write the buffered rows (one resize + one write per dataset), hashing them."""
         if not self._buf:
             return
         lo, hi = self._rows, self._rows + self._buf_rows
+        h = self._segment
         for name in COORDS:
             parts = [c[name] for c, _ in self._buf]
-            if isinstance(parts[0], list):
-                col: Any = [x for p in parts for x in p]
+            ds = self._dataset(name)
+            if name in ("prompt_id", "position_label"):
+                col: Any = [str(x) for p in parts for x in p]
+                _hash_strings(h, col)
             else:
-                col = np.concatenate(parts)
-            ds = self.fh[name]
+                col = np.ascontiguousarray(np.concatenate(parts), dtype=ds.dtype)
+                h.update(col.tobytes())
             ds.resize(hi, axis=0)
             ds[lo:hi] = col
         for site in self.widths:
-            block = np.concatenate([a[site] for _, a in self._buf])
-            ds = self.fh[site]
+            block = np.ascontiguousarray(np.concatenate([a[site] for _, a in self._buf]),
+                                         dtype=self.dtype)
+            h.update(block.tobytes())
+            ds = self._dataset(site)
             ds.resize(hi, axis=0)
             ds[lo:hi] = block
         self._rows = hi
         self._buf, self._buf_rows, self._buf_bytes = [], 0, 0
 
-    def commit(self) -> None:
-        """Write buffered rows and flush everything to disk (HDF5 flush, then fsync)."""
-        self.write()
-        self.fh.flush()
+    def _dataset(self, name: str) -> Any:
+        """The open dataset ``name``, kept open: closing one flushes its chunk cache, and a
+        flush that fails there (a full disk) cannot be reported, only ignored."""
+        if name not in self._open:
+            self._open[name] = self.fh[name]
+        return self._open[name]
+
+    def _check_space(self) -> None:
+        """Refuse to write a commit the disk has no room for, before HDF5 tries.
+
+        HDF5 cannot recover from a failed write (later calls fail or crash); what a commit
+        needs is about its buffered rows plus one new chunk per dataset.
+        """
+        import errno
+        import shutil
+
+        need = self._buf_bytes + (1 << 16)
+        for name in self._open or [*COORDS, *self.widths]:
+            ds = self.fh[name]
+            chunk = ds.chunks or ds.shape
+            need += int(np.prod(chunk)) * (16 if ds.dtype.kind == "O" else ds.dtype.itemsize)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.fh.filename))).free
+        if free < need:
+            raise _NoRoom(errno.ENOSPC, f"{free} bytes free, a commit needs about {need}")
+
+    def commit(self) -> str:
+        """Write buffered rows and flush everything to disk (HDF5 flush, then fsync).
+
+        Returns the sha256 of the rows written since the last commit (for the journal).
+        A failed write (a full disk) is a runtime error naming the file.
+        """
+        try:
+            self._check_space()
+            self.write()
+            self.fh.flush()
+        except (OSError, RuntimeError) as exc:
+            err = write_error(self.fh.filename, exc, RESUMABLE)
+            # HDF5 wrote part of the commit: the file cannot be closed safely any more
+            self.broken = err.hard_exit = not isinstance(exc, _NoRoom)
+            raise err from None
         try:
             os.fsync(self.fh.id.get_vfd_handle())
         except (OSError, ValueError, TypeError):  # pragma: no cover - unusual drivers
             pass
+        digest = self._segment.hexdigest()
+        self._segment = hashlib.sha256()
+        return digest
+
+
+class _NoRoom(OSError):
+    """Not enough free space for a commit (found before HDF5 wrote anything)."""
+
+
+def _hash_strings(h: Any, values: list[str]) -> None:
+    for v in values:
+        b = v.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
 
 
 __all__ = ["COORDS", "ActsWriter", "Journal"]

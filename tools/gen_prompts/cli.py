@@ -43,6 +43,8 @@ def _click_option(opt: Option) -> Any:
         return click.option(f"--{flag}/--no-{flag}", opt.name, default=bool(opt.default),
                             show_default=True, help=opt.help)
     kind: Any = {"int": int, "float": float, "str": str}.get(opt.type, str)
+    if opt.type == "int" and opt.name == "n":  # a count of rows: --n -5 is refused (exit 3)
+        kind = click.IntRange(min=1)
     metavar = None
     if opt.type == "choice":
         kind = click.Choice(list(opt.choices or ()))

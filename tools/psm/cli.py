@@ -132,12 +132,15 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
     summary = {"tool": "psm", "input": str(table), **res.summary,
                "covariates_from": "dag" if dag_info else "option", "dag": dag_info}
     extra = {"treatment": treatment, "outcome": outcome}
-    for key, frame, schema in (("pairs", res.pairs, "psm_pairs"),
-                               ("balance", res.balance, "psm_balance"),
-                               ("units", res.units, "psm_units")):
-        if paths[key]:
-            _write(frame, paths[key], schema=schema, run=run, force=force, extra=extra)
-    write_json(summary, output, schema="psm_summary", run=run, force=force)
+    from dolm.formats import all_or_none
+
+    with all_or_none():  # the four outputs appear together or not at all
+        for key, frame, schema in (("pairs", res.pairs, "psm_pairs"),
+                                   ("balance", res.balance, "psm_balance"),
+                                   ("units", res.units, "psm_units")):
+            if paths[key]:
+                _write(frame, paths[key], schema=schema, run=run, force=force, extra=extra)
+        write_json(summary, output, schema="psm_summary", run=run, force=force)
     _report(summary)
 
 

@@ -174,6 +174,14 @@ def prepare(
         work = work.loc[~bad]
     if len(work) == 0:
         raise InputError(f"{path}: no rows left after dropping missing values")
+    inf_cols = {c: work["_row"].to_numpy()[np.isinf(work[c].to_numpy(dtype=float))]
+                for c in used if pd.api.types.is_numeric_dtype(work[c])
+                and not pd.api.types.is_bool_dtype(work[c])}
+    inf_cols = {c: rows for c, rows in inf_cols.items() if len(rows)}
+    if inf_cols:
+        parts = [f"column {c!r}: {len(r)} infinite ({_where(r)})" for c, r in inf_cols.items()]
+        raise InputError(f"{path}: infinite values: " + "; ".join(parts) + "; expected finite "
+                         "numbers")
 
     # outcome must be numeric (bool counts as 0/1)
     y = work[outcome]

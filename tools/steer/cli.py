@@ -74,6 +74,11 @@ def main() -> None:
                    "model (diffmeans/probe).")
 @click.option("--acts-label", default=None,
               help="--acts: the position_label of the rows to use (needed when it has several).")
+@click.option("--allow-other-prompts", is_flag=True,
+              help="--acts: use activations collected from another prompts table (its "
+                   "recorded prompts sha256 differs from PROMPTS').")
+@click.option("--allow-model-mismatch", is_flag=True,
+              help="--acts: use activations of another model than an explicit --model.")
 @click.option("--vector", type=click.Path(dir_okay=False), default=None,
               help="file: a vector (.npy, .pt, .safetensors, or whitespace-separated text) for "
                    "the one site of --sites.")
@@ -84,8 +89,8 @@ def main() -> None:
 @output_option(help="Directions file to write (safetensors).")
 @seed_option
 def fit(run, prompts, method, sites, label, threshold, negatives, probe_kind, test_fraction,
-        c_reg, position, acts, acts_label, vector, scores, where, limit, model_opts, output,
-        force, seed):
+        c_reg, position, acts, acts_label, allow_other_prompts, allow_model_mismatch, vector,
+        scores, where, limit, model_opts, output, force, seed):
     """Fit directions at sites from PROMPTS (a prompts table)."""
     import numpy as np
     from dolm.cli import load_model, log
@@ -132,8 +137,15 @@ def fit(run, prompts, method, sites, label, threshold, negatives, probe_kind, te
     texts = [str(x) for x in df["prompt"]]
     lm = None
     if acts is not None:
+        from dolm.cli import check_model_match, check_same_prompts, input_sha256
+
         fh, ameta = read_h5(acts, schema="activations", run=run)
         try:
+            check_same_prompts(ameta, prompts, input_sha256(run, prompts),
+                               allow_other_prompts or negatives is not None)
+            if click.get_current_context().get_parameter_source("model").name in (
+                    "COMMANDLINE", "ENVIRONMENT"):
+                check_model_match(ameta, load_model(model_opts), allow_model_mismatch)
             want = None if sites in ("*", "all") else _acts_sites(fh, sites, acts)
             if neg_df is not None:
                 all_ids = pids + [str(x) for x in neg_df["prompt_id"]]

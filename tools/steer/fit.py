@@ -332,8 +332,17 @@ def h5_acts(fh, path: str, prompt_ids: list[str], sites: list[str] | None,
     order = np.argsort(idx)
     out = {}
     for s in sites:
-        data = fh[s][np.sort(idx)]  # h5py wants increasing indices
+        try:
+            data = fh[s][np.sort(idx)]  # h5py wants increasing indices
+        except (OSError, RuntimeError) as exc:
+            raise InputError(f"--acts {path}: dataset {s!r} cannot be read (a corrupt or "
+                             f"truncated chunk): {exc}") from None
         back = np.empty_like(data)
         back[order] = data
+        bad = np.flatnonzero(~np.isfinite(back).all(axis=1))
+        if len(bad):
+            raise InputError(f"--acts {path}: dataset {s!r} has NaN/inf activations for "
+                             f"{len(bad)} prompt(s) (e.g. {prompt_ids[bad[0]]}); expected "
+                             "finite numbers")
         out[s] = back.astype(np.float64)
     return out, sites

@@ -14,6 +14,7 @@ from dolm.formats.h5 import (
     read_h5_meta,
 )
 from dolm.formats.io import (
+    all_or_none,
     atomic_path,
     check_output,
     describe_safetensors,
@@ -26,15 +27,18 @@ from dolm.formats.io import (
     sniff,
     to_arrow,
     validate_file,
+    write_error,
     write_json,
     write_table,
 )
+from dolm.formats.lock import output_locks
 from dolm.formats.provenance import FileMeta, Run, sha256_bytes, sha256_file
 from dolm.formats.schema import available_schemas, load_schema, schema_dir
 
 __all__ = [
     "FileMeta",
     "Run",
+    "all_or_none",
     "atomic_path",
     "available_schemas",
     "check_h5",
@@ -46,6 +50,7 @@ __all__ = [
     "load_safetensors",
     "load_schema",
     "open_h5_for_write",
+    "output_locks",
     "partial_path",
     "read_h5",
     "read_h5_meta",
@@ -59,6 +64,7 @@ __all__ = [
     "sniff",
     "to_arrow",
     "validate_file",
+    "write_error",
     "write_json",
     "write_table",
 ]

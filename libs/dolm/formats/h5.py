@@ -27,6 +27,8 @@ from dolm.formats.io import (
     _join,
     _meta_from_kv,
     check_output,
+    commit_rename,
+    write_error,
 )
 from dolm.formats.provenance import FileMeta, Run
 from dolm.formats.schema import check_json, load_schema, schema_version
@@ -68,15 +70,18 @@ def open_h5_for_write(
 
 def finish_h5(fh: Any, path: str | os.PathLike, schema: str, run: Run | None) -> None:
     """Record the final provenance, close, validate and rename ``.partial`` onto ``path``."""
-    if run is not None:
-        fh.attrs[KEY_PROVENANCE] = json.dumps(run.chain())
-    fh.flush()
-    fh.close()
     part = partial_path(path)
+    try:
+        if run is not None:
+            fh.attrs[KEY_PROVENANCE] = json.dumps(run.chain())
+        fh.flush()
+        fh.close()
+    except (OSError, RuntimeError) as exc:
+        raise write_error(part, exc) from None
     name, problems = check_h5(str(part), schema)
     if problems:
         raise DolmRuntimeError("output fails its schema (a dolm bug):\n  " + _join(problems))
-    os.replace(part, path)
+    commit_rename(part, Path(path))
 
 
 def describe_h5(path: str) -> dict[str, Any]:
@@ -152,6 +157,50 @@ def check_h5(path: str, schema: str | None = None) -> tuple[str | None, list[str
     return name, problems
 
 
+def check_h5_data(path: str, schema: str | None = None, limit: int = 8) -> list[str]:
+    """Read every dataset of an HDF5 file, chunk by chunk; return problems.
+
+    A chunk that cannot be read (a corrupt gzip chunk, a truncated file) is named by
+    dataset and rows; where the schema says ``"finite": true`` NaN/inf values are too.
+    """
+    import h5py
+    import numpy as np
+
+    finite = False
+    if schema is not None:
+        finite = bool(load_schema(schema).get("x-dolm", {}).get("finite"))
+    problems: list[str] = []
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as exc:
+        return [f"{path}: truncated or corrupt HDF5 file: {exc}"]
+    with fh:
+        names: list[str] = []
+        fh.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        for name in names:
+            ds = fh[name]
+            if not ds.shape or ds.size == 0:
+                continue
+            step = ds.chunks[0] if ds.chunks else max(1, (1 << 22) // max(1, ds[0:1].nbytes))
+            bad = 0
+            for lo in range(0, ds.shape[0], step):
+                hi = min(ds.shape[0], lo + step)
+                try:
+                    block = ds[lo:hi]
+                except (OSError, RuntimeError, ValueError) as exc:
+                    problems.append(f"{path}: dataset {name!r}: rows {lo}..{hi - 1} cannot be "
+                                    f"read (a corrupt or truncated chunk): {exc}")
+                    break
+                if finite and np.asarray(block).dtype.kind in "fc":
+                    bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+            if bad:
+                problems.append(f"{path}: dataset {name!r} has {bad} NaN/inf value(s) of "
+                                f"{ds.size}; expected finite numbers")
+            if len(problems) >= limit:
+                break
+    return problems
+
+
 def read_h5(path: str, schema: str | None = None, run: Run | None = None) -> tuple[Any, FileMeta]:
     """Open a validated HDF5 file read-only; return (h5py.File, FileMeta). Caller closes."""
     import h5py
@@ -170,6 +219,7 @@ __all__ = [
     "KEY_PROVENANCE",
     "KEY_SCHEMA",
     "check_h5",
+    "check_h5_data",
     "describe_h5",
     "finish_h5",
     "open_h5_for_write",

@@ -49,27 +49,84 @@ def check_output(path: str | os.PathLike | None, force: bool, option: str = "--o
         raise InputError(f"{option} {p}: folder {p.parent} does not exist")
 
 
+_BATCHES: list[list[tuple[Path, Path]]] = []
+
+
+@contextlib.contextmanager
+def all_or_none() -> Iterator[None]:
+    """Outputs written inside the block appear together when it ends, or none of them.
+
+    Every :func:`atomic_path` write (``write_table``, ``write_json``, ``save_safetensors``)
+    inside stays under its temporary name; they are renamed onto their names only when
+    the block ends without an error. On an error (a full disk while writing the third of
+    four outputs) every temporary file is removed and no output is touched.
+    """
+    batch: list[tuple[Path, Path]] = []
+    _BATCHES.append(batch)
+    try:
+        yield
+    except BaseException:
+        _BATCHES.pop()
+        for tmp, _ in batch:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+    _BATCHES.pop()
+    for tmp, target in batch:
+        os.replace(tmp, target)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
-    On an exception the temporary file is removed and ``path`` is left untouched. The
-    file gets the mode a plain ``open(path, "w")`` would give it (0o666 less the umask),
-    not the 0o600 of a temporary file.
+    On an exception the temporary file is removed and ``path`` is left untouched; a
+    failed write (a full disk) is a :class:`DolmRuntimeError` naming the file. The file
+    gets the mode a plain ``open(path, "w")`` would give it (0o666 less the umask), not
+    the 0o600 of a temporary file. Inside :func:`all_or_none` the rename waits for the
+    block's end.
     """
     target = Path(path)
     check_output(target, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise write_error(target, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, target)
+        try:
+            yield tmp_path
+            os.chmod(tmp_path, 0o666 & ~_umask())
+        except OSError as exc:
+            raise write_error(target, exc) from None
+        commit_rename(tmp_path, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def commit_rename(tmp: Path, target: Path) -> None:
+    """Rename a finished temporary file onto its name, now or (inside
+    :func:`all_or_none`) when the block ends."""
+    if _BATCHES:
+        _BATCHES[-1].append((tmp, target))
+    else:
+        os.replace(tmp, target)
+
+
+def write_error(path: str | os.PathLike, exc: BaseException,
+                note: str = "the output was not written") -> DolmRuntimeError:
+    """A failed write (full disk, quota, permissions) as a runtime error naming the file."""
+    import errno
+
+    code = getattr(exc, "errno", None)
+    reason = getattr(exc, "strerror", None) or str(exc)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):
+        detail = reason if code == errno.ENOSPC and "free" in str(reason) else ""
+        reason = "no space left on the device" + (f" ({detail})" if detail else "")
+    return DolmRuntimeError(f"{path}: could not write: {reason}; {note}")
 
 
 def _umask() -> int:
@@ -163,6 +220,18 @@ def _read_text_table(path: str, suffix: str) -> Any:
     import pandas as pd
     import pyarrow as pa
 
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    bad = head.find(b"\0")
+    if bad < 0:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(head) - 4:  # not just a character cut at the end
+                bad = exc.start
+    if bad >= 0:
+        raise InputError(f"{path}: not a {suffix[1:].upper()} text file (binary data at byte "
+                         f"{bad}; expected UTF-8 text)")
     try:
         if suffix in (".jsonl", ".ndjson"):
             df = pd.read_json(path, lines=True)
@@ -287,13 +356,49 @@ def read_json(
         raise InputError(f"{path}: is a {meta.schema!r} file, expected a {schema!r} file")
     name = meta.schema or schema
     if name is not None:
-        problems = check_json(obj, load_schema(name, meta.version), path)
+        spec = load_schema(name, meta.version)
+        problems = check_json(obj, spec, path)
+        if not problems and spec.get("x-dolm", {}).get("graph") == "dag":
+            problems = dag_problems(obj, path)
         if problems:
             raise InputError(_join(problems))
     meta.sha256 = sha256_file(path)
     if run is not None:
         run.add_input(path, meta)
     return obj, meta
+
+
+def dag_problems(obj: dict[str, Any], path: str) -> list[str]:
+    """Graph checks of a ``dag`` file: every edge joins known nodes; no directed cycle."""
+    nodes = [str(n) for n in obj.get("nodes", [])]
+    known = set(nodes)
+    out: dict[str, list[str]] = {n: [] for n in nodes}
+    problems = []
+    for i, e in enumerate(obj.get("edges", [])):
+        s, t = str(e.get("source")), str(e.get("target"))
+        for v in (s, t):
+            if v not in known:
+                problems.append(f"{path}: edge {i} ({s} -> {t}) names {v!r}, which is not "
+                                "in 'nodes'")
+        if s in known and t in known:
+            out[s].append(t)
+    if problems:
+        return problems
+    import numpy as np
+
+    from dolm.graphs import find_cycle
+
+    index = {n: i for i, n in enumerate(nodes)}
+    B = np.zeros((len(nodes), len(nodes)), dtype=bool)
+    for s, targets in out.items():
+        for t in targets:
+            B[index[s], index[t]] = True
+    cycle = find_cycle(B)
+    if cycle is not None:
+        k = cycle.index(min(cycle))  # start at the node listed first
+        names = [nodes[i] for i in cycle[k:] + cycle[:k]]
+        return [f"{path}: expected a DAG, found a cycle: {' -> '.join(names + names[:1])}"]
+    return []
 
 
 def write_json(
@@ -369,12 +474,47 @@ def read_safetensors_metadata(path: str) -> dict[str, str]:
 
 def describe_safetensors(path: str) -> dict[str, Any]:
     """A JSON description of a safetensors file: metadata and tensors (dtype, shape)."""
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
-    md = header.pop("__metadata__", {}) or {}
-    tensors = {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in header.items()}
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        md = header.pop("__metadata__", {}) or {}
+        tensors = {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in header.items()}
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path}: not a valid safetensors file: {exc}") from None
     return {"metadata": md, "tensors": tensors}
+
+
+def safetensors_size_problem(path: str) -> str | None:
+    """Why a safetensors file's length disagrees with its header (truncated), or None."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (ValueError, OSError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        return f"{path}: not a valid safetensors file: {exc}"
+    want, have = 8 + n + end, os.path.getsize(path)
+    if have < want:
+        return (f"{path}: truncated safetensors file: {have} bytes, its header describes "
+                f"{want}")
+    return None
+
+
+def nonfinite_problems(arrays: Any, path: str, what: str = "tensor") -> list[str]:
+    """``path: tensor NAME has K NaN/inf value(s)`` for each (name, numpy array) given."""
+    import numpy as np
+
+    out = []
+    for name, a in arrays:
+        a = np.asarray(a)
+        if a.dtype.kind in "fc":
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            if bad:
+                out.append(f"{path}: {what} {name!r} has {bad} NaN/inf value(s) of {a.size}; "
+                           "expected finite numbers")
+    return out
 
 
 def save_safetensors(
@@ -417,10 +557,22 @@ def load_safetensors(
         problems = check_json(describe_safetensors(path), load_schema(name, meta.version), path)
         if problems:
             raise InputError(_join(problems))
+    size = safetensors_size_problem(path)
+    if size is not None:
+        raise InputError(size)
+    try:
+        tensors = load_file(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise InputError(f"{path}: corrupt safetensors file: {exc}") from None
+    if name is not None and load_schema(name, meta.version).get("x-dolm", {}).get("finite"):
+        problems = nonfinite_problems(
+            ((k, v.float().numpy()) for k, v in tensors.items()), path)
+        if problems:
+            raise InputError(_join(problems))
     meta.sha256 = sha256_file(path)
     if run is not None:
         run.add_input(path, meta)
-    return load_file(path), meta
+    return tensors, meta
 
 
 # ---------------------------------------------------------------- any file
@@ -447,21 +599,35 @@ def sniff(path: str) -> str:
 
 
 def validate_file(
-    path: str | os.PathLike, schema: str | None = None
+    path: str | os.PathLike, schema: str | None = None, quick: bool = False
 ) -> tuple[str | None, list[str]]:
-    """Validate any dolm file; return (schema name, problems). No problems = valid."""
+    """Validate any dolm file; return (schema name, problems). No problems = valid.
+
+    Reads everything a consumer would: every row of a table, every HDF5 dataset chunk
+    and every safetensors tensor (NaN/inf where the schema says ``finite``), a DAG's
+    graph. ``quick``: HDF5 layout and metadata only, no dataset is read.
+    """
     path = str(path)
     try:
         kind = sniff(path)
-        if kind in ("parquet", "csv"):
-            if kind == "parquet" and schema is None and read_meta(path).schema is None:
+        if kind == "csv":
+            if schema is None:
+                return None, [f"{path}: a {Path(path).suffix[1:].upper()} file carries no "
+                              "dolm schema; pass --schema NAME to check it against one"]
+            _, meta = read_table(path, schema=schema)
+            return schema, []
+        if kind == "parquet":
+            if schema is None and read_meta(path).schema is None:
                 return None, [f"{path}: Parquet file without dolm metadata (no 'dolm.schema')"]
             _, meta = read_table(path, schema=schema)
             return meta.schema or schema, []
         if kind == "hdf5":
-            from dolm.formats.h5 import check_h5
+            from dolm.formats.h5 import check_h5, check_h5_data
 
-            return check_h5(path, schema)
+            name, problems = check_h5(path, schema)
+            if not problems and not quick:
+                problems = check_h5_data(path, name)
+            return name, problems
         if kind == "json":
             meta = read_meta(path)
             if meta.schema is None and schema is None:

@@ -3,6 +3,10 @@
 Every dolm file carries ``dolm.provenance``: the chain of its inputs' entries followed by
 the entry of the tool run that wrote it (tool, version, argv, inputs with sha256, model
 spec with revision and weights hash, seed, start time, duration).
+
+Paths of the machine are not recorded: the executable by its name, a model folder relative
+to the working folder (or as ``<hf-cache>/...`` inside the Hugging Face cache).
+``DOLM_ABSOLUTE_PATHS=1`` keeps them absolute.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class Run:
     def __init__(self, tool: str, argv: list[str] | None = None, seed: int | None = None):
         self.tool = tool
         self.argv = list(sys.argv if argv is None else argv)
+        if self.argv and os.path.isabs(self.argv[0]) and not _absolute_paths():
+            self.argv[0] = os.path.basename(self.argv[0])
         self.seed = seed
         self.id = uuid.uuid4().hex[:16]
         self.started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
@@ -85,6 +91,9 @@ class Run:
     def set_model(self, info: dict[str, Any]) -> None:
         """Record the model spec, revision and weights hash used by this run."""
         self.model = {k: v for k, v in info.items() if _jsonable(v)}
+        for key in ("spec", "path"):
+            if isinstance(self.model.get(key), str):
+                self.model[key] = portable_path(self.model[key])
 
     def entry(self) -> dict[str, Any]:
         return {
@@ -103,6 +112,27 @@ class Run:
     def chain(self) -> list[dict[str, Any]]:
         """The inputs' chains (deduplicated, in order) followed by this run's entry."""
         return [*self._parents, self.entry()]
+
+
+def _absolute_paths() -> bool:
+    return os.environ.get("DOLM_ABSOLUTE_PATHS", "") not in ("", "0")
+
+
+def portable_path(path: str) -> str:
+    """An absolute path as recorded in provenance: inside the Hugging Face cache as
+    ``<hf-cache>/...``, elsewhere relative to the working folder; other strings as given."""
+    if not os.path.isabs(path) or _absolute_paths():
+        return path
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                  "huggingface"), "hub")
+    real, cache = os.path.realpath(path), os.path.realpath(cache)
+    if real == cache or real.startswith(cache + os.sep):
+        return "<hf-cache>/" + os.path.relpath(real, cache)
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # pragma: no cover - another drive on Windows
+        return path
 
 
 def _jsonable(v: Any) -> bool:
