@@ -53,3 +53,21 @@ def test_text_and_index_intended_option_mean_the_same_in_patch_lens_dla(tiny_lm)
     assert seen["index"][0] == seen["text"][0] == [" Paris", " Rome", " Paris"]
     assert seen["index"][1] == seen["text"][1] == [0, 1, 0]
     assert seen["index"][2] == seen["text"][2]
+
+
+def test_frame_orders_and_types_columns_from_the_schema():
+    from dolm.formats import frame, load_schema
+
+    rows = [{"value": 1.5, "metric": "m", "prompt_id": "a", "tool": "t", "intervention": "i",
+             "layer": 3, "alpha": None, "site": None, "mine": "x"},
+            {"value": None, "metric": "m", "prompt_id": "b", "tool": "t", "intervention": "i",
+             "layer": None, "alpha": 2, "site": "resid_pre.0", "mine": "y"}]
+    df = frame(rows, "effects")
+    props = [c for c in load_schema("effects")["properties"] if c != "generation"]
+    assert list(df.columns) == props + ["mine"]  # optional 'generation' only when present
+    assert str(df["layer"].dtype) == "Int64" and df["layer"].isna().tolist() == [False, True]
+    assert df["alpha"].dtype == "float64" and np.isnan(df["alpha"][0]) and df["alpha"][1] == 2
+    assert df["site"].tolist() == [None, "resid_pre.0"] and df["window"].isna().all()
+    assert "generation" in frame([{**rows[0], "generation": "g"}], "effects").columns
+    assert list(frame(rows, "effects", columns=["prompt_id", "value"]).columns) == [
+        "prompt_id", "value", "mine"]

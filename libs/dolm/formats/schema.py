@@ -75,12 +75,15 @@ def frame(rows: Any, schema: str, columns: list[str] | None = None) -> Any:
     table schema ``schema``: integers as nullable ``Int64``, numbers as ``float64``,
     booleans as ``boolean``, strings as objects with None for missing. ``columns``: the
     schema columns to keep (default: every one; absent ones are null); columns that the
-    schema does not name follow in their own order."""
+    schema does not name follow in their own order. Columns the schema marks optional
+    (``x-dolm.optional``) are written only when the rows have them."""
     import pandas as pd
 
-    props = load_schema(schema)["properties"]
+    sch = load_schema(schema)
+    props = sch["properties"]
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
-    names = [c for c in props if columns is None or c in columns]
+    optional = set(sch["x-dolm"].get("optional", ())) - set(df.columns)
+    names = [c for c in props if (c in columns if columns is not None else c not in optional)]
     extra = [c for c in df.columns if c not in props]
     out = {}
     for c in names:
