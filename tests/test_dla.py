@@ -253,7 +253,8 @@ def test_token_ids_override_column_and_null():
     from types import SimpleNamespace
 
     from dolm.errors import InputError
-    from dolm.tokens import TokenIds, is_null
+    from dolm.metrics import is_missing
+    from dolm.tokens import TokenIds
 
     class Stub:
         def token_id(self, s):
@@ -271,4 +272,5 @@ def test_token_ids_override_column_and_null():
     row.target = " a b"
     with pytest.raises(InputError, match=r"^f.parquet: prompt p1, column 'target': token"):
         ids.cell(row, "target", None, "f.parquet")
-    assert is_null(pd.NA) and is_null(None) and is_null(float("nan")) and not is_null("x")
+    assert is_missing(pd.NA) and is_missing(None) and is_missing(float("nan"))
+    assert not is_missing("x")

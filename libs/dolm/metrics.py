@@ -141,18 +141,26 @@ def read_logits(logits, ids):
     return torch.cat([got, lse, mx], dim=1).double().cpu()
 
 
+def logit_diff(read: np.ndarray) -> np.ndarray:
+    """Target logit minus foil logit of :func:`read_logits` rows (R, K + 2)."""
+    return read[:, 0] - read[:, 1]
+
+
+def prob_target(read: np.ndarray) -> np.ndarray:
+    """Softmax probability of the target from :func:`read_logits` rows (R, K + 2)."""
+    return np.exp(read[:, 0] - read[:, read.shape[1] - 2])
+
+
 def prompt_metrics(read: np.ndarray, t: Targets) -> dict[str, np.ndarray]:
     """Per-row metrics of one prompt from its read rows (R, K + 2) (R variants).
 
     ``order_drift`` is not here (it needs the prompt's group: :func:`add_order_drift`).
     """
     read = np.asarray(read, dtype=np.float64)
-    k = read.shape[1] - 2
-    lt, lf, lse = read[:, 0], read[:, 1], read[:, k]
     out: dict[str, np.ndarray] = {}
     if t.foil_id is not None:
-        out["logit_diff"] = lt - lf
-    out["prob_target"] = np.exp(lt - lse)
+        out["logit_diff"] = logit_diff(read)
+    out["prob_target"] = prob_target(read)
     if t.choice_ids:
         ch = read[:, 2:2 + len(t.choice_ids)]
         ch = ch - ch.max(axis=1, keepdims=True)
@@ -206,6 +214,34 @@ def metric_order(names) -> list[str]:
     order = BASIC_METRICS + CHOICE_METRICS + BAYES_METRICS
     known = [m for m in order if m in names]
     return known + sorted(m for m in names if m not in order)
+
+
+def effect_frames(prompt_ids, values: dict, clean: dict, fields: dict,
+                  extra: dict | None = None) -> list:
+    """Effects rows of one intervention, one DataFrame per metric (the order of
+    :func:`metric_order`): ``prompt_id``, ``metric``, ``value``, ``clean_value`` per prompt
+    whose value is finite, and the intervention's ``fields`` (constant columns). ``extra``:
+    per-prompt columns (arrays over all prompts, e.g. generations). Build the table with
+    ``dolm.formats.frame(pd.concat(frames), "effects")``."""
+    import pandas as pd
+
+    pids = np.asarray(prompt_ids, dtype=object)
+    out = []
+    for m in metric_order(clean):
+        if m not in values:
+            continue
+        v = np.asarray(values[m])
+        keep = np.isfinite(v)
+        if not keep.any():
+            continue
+        d = pd.DataFrame({"prompt_id": pids[keep], "metric": m, "value": v[keep],
+                          "clean_value": np.asarray(clean[m])[keep]})
+        for k, val in fields.items():
+            d[k] = [val] * len(d)
+        for k, arr in (extra or {}).items():
+            d[k] = np.asarray(arr, dtype=object)[keep]
+        out.append(d)
+    return out
 
 
 def select_prompts(df, where: str | None, limit: int | None, path: str):

@@ -10,13 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from dolm.errors import InputError
-
-
-def is_null(v: Any) -> bool:
-    """None, pandas NA, or a float NaN: a missing cell."""
-    if v is None or type(v).__name__ == "NAType":
-        return True
-    return isinstance(v, float) and v != v
+from dolm.metrics import is_missing
 
 
 class TokenIds:
@@ -47,7 +41,7 @@ class TokenIds:
         """``(string, id)`` of ``row.<column>``, or of ``override`` (``--<column>``) when given;
         ``(None, None)`` when that is missing."""
         v = override if override is not None else getattr(row, column, None)
-        if is_null(v):
+        if is_missing(v):
             return None, None
         where = f"--{column} {v!r}" if override is not None else \
             f"{path}: prompt {row.prompt_id}, column '{column}'"

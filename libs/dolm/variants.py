@@ -7,11 +7,13 @@ metric reads at each prompt's last token, the residual stream at the entry of th
 variants start at, and any site the caller asks for (e.g. the activations a mean or
 resample ablation writes). :func:`run_variants` then runs the variants in batches: each
 starts at its first intervened layer from the cached ``resid_pre`` (the layers below are
-unchanged by the intervention) and only the last position is unembedded.
+unchanged by the intervention) through :func:`dolm.engine.run_rows`, the one engine
+(rows join the batch at their own start layer), and only the last position is unembedded.
 
 The caller's ``make_writes(rows, t)`` returns ``{site: fn(act, batch_index)}`` for one
 batch (``rows``: the variant indices of the batch rows, in order; ``t``: its padded
-length). The write functions must only change their own rows.
+length), made with :func:`dolm.engine.row_writer`. The write functions must only change
+their own rows.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dolm.engine import entry_site, run_rows, unembed
 from dolm.metrics import read_logits
 
 
@@ -36,20 +39,6 @@ class Clean:
     acts: dict[str, torch.Tensor] = field(default_factory=dict)  # site -> (N, T, w)
 
 
-def start_layer(lm, site: str) -> int:
-    """First layer a run intervening at ``site`` has to compute (its hook's layer)."""
-    s = lm.parse_site(site)
-    if s.kind == "embed":
-        return 0
-    if s.kind in ("final_norm", "logits"):
-        return lm.n_layers
-    return int(s.layer)
-
-
-def _entry_site(lm, layer: int) -> str:
-    return f"resid_pre.{layer}" if layer < lm.n_layers else f"resid_post.{lm.n_layers - 1}"
-
-
 @torch.no_grad()
 def clean_pass(lm, enc, ids: np.ndarray, starts=(), sites=(), batch_size="auto",
                needs_embed: bool = False) -> Clean:
@@ -62,7 +51,7 @@ def clean_pass(lm, enc, ids: np.ndarray, starts=(), sites=(), batch_size="auto",
 
     ids_t = torch.as_tensor(ids, dtype=torch.long)
     starts = sorted({int(s) for s in starts} - ({0} if needs_embed else set()))
-    entry_sites = {lyr: _entry_site(lm, lyr) for lyr in starts}
+    entry_sites = {lyr: entry_site(lm, lyr) for lyr in starts}
     read_sites = list(dict.fromkeys(list(entry_sites.values()) + list(sites)))
     n = len(enc)
     reads, store = [], {s: [] for s in read_sites}
@@ -105,30 +94,22 @@ def run_variants(lm, clean: Clean, prompts: np.ndarray, starts: np.ndarray,
     out = np.empty((v_count, clean.ids.shape[1] + 2), dtype=np.float64)
     enc = clean.enc
     lengths = np.asarray(enc.lengths)
+    contexts: dict = {}
 
     @torch.no_grad()
     def fn(a: int, z: int):
         rows = order[a:z]
         p = prompts[rows]
         t = int(lengths[p].max())
-        start = int(starts[rows].min())
-        mask = enc.attention_mask[p][:, :t].to(lm.device)
-        last = enc.last_index[p].to(lm.device)
         writes = make_writes(rows, t)
-        if start in clean.entry:
-            hidden = clean.entry[start][p][:, :t].to(device=lm.device, dtype=lm.dtype)
-            if start < lm.n_layers:
-                logits = lm.run_from_layer(hidden, start, attention_mask=mask, positions=last,
-                                           write=writes or None)
-            else:  # final_norm / logits writes see every position
-                full = lm.run_from_layer(hidden, start, attention_mask=mask,
-                                         write=writes or None)
-                logits = full[torch.arange(len(p), device=full.device), last]
-        else:
-            with lm.trace(write=writes or {}):
-                res = lm.model(input_ids=enc.input_ids[p][:, :t].to(lm.device),
-                               attention_mask=mask, use_cache=False)
-            logits = res.logits[torch.arange(len(p), device=lm.device), last]
+        tokens = None if 0 in clean.entry else enc.input_ids[p][:, :t]
+
+        def entry(layer: int, j: int, k: int) -> torch.Tensor:
+            return clean.entry[layer][p[j:k]]
+
+        h = run_rows(lm, starts[rows].tolist(), entry, t, writes, tokens=tokens,
+                     contexts=contexts)
+        logits = unembed(lm, h, enc.last_index[p], writes=writes)
         return read_logits(logits, clean.ids[p])
 
     for a, z, res in iter_batched(v_count, fn, batch_size, max_batch_size=max_batch_size):
@@ -136,28 +117,3 @@ def run_variants(lm, clean: Clean, prompts: np.ndarray, starts: np.ndarray,
         if progress is not None:
             progress(z - a)
     return out
-
-
-def row_writer(rows_mask: np.ndarray, positions: torch.Tensor | None, value_fn):
-    """A write function changing only the batch rows where ``rows_mask`` is True.
-
-    ``positions``: (B, T) bool mask of the positions to change (None: all);
-    ``value_fn(act_rows, rows)`` -> new values for those rows (same shape as
-    ``act_rows``; ``rows`` are their indices in the batch).
-    """
-    sel = torch.as_tensor(np.flatnonzero(rows_mask), dtype=torch.long)
-
-    def fn(act, batch_index):
-        if len(sel) == 0:
-            return act
-        r = sel.to(act.device)
-        out = act.clone()
-        new = value_fn(act[r], sel).to(device=act.device, dtype=act.dtype)
-        if positions is not None and act.dim() == 3:
-            m = positions[sel][:, : act.shape[1]].to(act.device)[..., None]
-            new = torch.where(m, new, act[r])
-        out[r] = new
-        return out
-
-    return fn
-

@@ -25,14 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from dolm.engine import row_writer, rows_start, writes_embed
 from dolm.errors import InputError
-from dolm.metrics import Targets, ids_matrix, metric_order, metrics_table
-from dolm.variants import clean_pass, row_writer, run_variants, start_layer
+from dolm.metrics import Targets, effect_frames, ids_matrix, metrics_table
+from dolm.variants import clean_pass, run_variants
 from dolm_tools.ablate.components import KINDS, ComponentSet  # noqa: F401
-
-COLUMNS = ["prompt_id", "tool", "intervention", "site", "layer", "position", "head", "window",
-           "kind", "alpha", "component", "sample", "metric", "value", "clean_value",
-           "corrupt_value"]
 
 
 @dataclass
@@ -119,13 +116,14 @@ class Ablator:
         lm, conds = self.lm, self.conditions
         n = len(self.targets)
         sites = list(dict.fromkeys(s for c in conds for s in c.cset.sites))
-        cond_start = [min(start_layer(lm, s) for s in c.cset.sites) for c in conds]
+        cond_start = [rows_start(lm, c.cset.sites) for c in conds]
         kinds = {c.kind for c in conds}
         need_vals = sites if kinds & {"mean", "resample"} else []
         own_ref = self.ref_texts is None
         ids = ids_matrix(self.targets)
         clean = clean_pass(lm, self.enc, ids, starts=set(cond_start),
-                           sites=need_vals if own_ref else [], batch_size=self.batch_size)
+                           sites=need_vals if own_ref else [], batch_size=self.batch_size,
+                           needs_embed=writes_embed(lm, sites))
         t_max = self.enc.input_ids.shape[1]
         lengths = torch.as_tensor(self.enc.lengths)
         steps = torch.arange(t_max)
@@ -192,7 +190,8 @@ class Ablator:
                         new[r] = refs[s][d[:, None], gidx[p, :tt]]
                     return new
 
-                writes[s] = row_writer(hit, pos_mask[v_prompt[rows]][:, :t], value_fn)
+                writes[s] = row_writer(np.flatnonzero(hit), pos_mask[v_prompt[rows[hit]]][:, :t],
+                                       value_fn)
             return writes
 
         bar = self.progress(len(v_cond)) if self.progress else None
@@ -209,41 +208,16 @@ def effects_rows(lm, targets: list[Targets], conds: list[Condition], clean: dict
                  per: list[dict], positions_label: str):
     """The tidy effects table: baseline rows, then one block per condition."""
     import pandas as pd
+    from dolm.formats import frame
 
     pids = [t.prompt_id for t in targets]
-    frames = []
-    names = metric_order(clean)
-
-    def block(values: dict, base: dict, cl: dict):
-        for m in names:
-            if m not in values:
-                continue
-            v, cv = values[m], cl[m]
-            keep = np.isfinite(v)
-            if not keep.any():
-                continue
-            d = {k: [val] * int(keep.sum()) for k, val in base.items()}
-            d.update(prompt_id=np.asarray(pids)[keep], metric=m, value=v[keep],
-                     clean_value=cv[keep])
-            frames.append(pd.DataFrame(d))
-
-    block(clean, dict(tool="ablate", intervention="baseline", site=None, layer=None,
-                      position=None, head=None, window=None, kind="none", alpha=None,
-                      component=None, sample=None, corrupt_value=None), clean)
+    frames = effect_frames(pids, clean, clean, dict(tool="ablate", intervention="baseline",
+                                                    kind="none"))
     for c, vals in zip(conds, per, strict=True):
         at = "" if positions_label == "all" else f"@{positions_label}"
         sample_txt = f" #{c.sample}" if c.sample is not None else ""
-        base = dict(tool="ablate", intervention=f"{c.kind} {c.cset.name}{at}{sample_txt}",
-                    site=c.cset.site, layer=c.cset.layer(lm), position=None,
-                    head=c.cset.head(lm), window=None, kind=c.kind, alpha=None,
-                    component=c.cset.label, sample=c.sample, corrupt_value=None)
-        block(vals, base, clean)
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
-    df = df[COLUMNS]
-    for col in ("layer", "position", "head", "window", "sample"):
-        df[col] = df[col].astype("Int64")
-    for col in ("alpha", "value", "clean_value", "corrupt_value"):
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    for col in ("site", "kind", "component"):
-        df[col] = df[col].astype(object).where(df[col].notna(), None)
-    return df
+        fields = dict(tool="ablate", intervention=f"{c.kind} {c.cset.name}{at}{sample_txt}",
+                      site=c.cset.site, layer=c.cset.layer(lm), head=c.cset.head(lm),
+                      kind=c.kind, component=c.cset.label, sample=c.sample)
+        frames += effect_frames(pids, vals, clean, fields)
+    return frame(pd.concat(frames, ignore_index=True) if frames else [], "effects")

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from dolm.errors import InputError
+from dolm.metrics import is_missing
 from dolm_tools.collect_acts import positions as pos
 
 ENCODE_CHUNK = 256
@@ -69,19 +69,6 @@ class Item:
 
 
 # ---------------------------------------------------------------- planning
-
-
-def _is_null(v: Any) -> bool:
-    if v is None:
-        return True
-    if isinstance(v, float) and math.isnan(v):
-        return True
-    try:
-        import pandas as pd
-
-        return v is pd.NA or v is pd.NaT
-    except ImportError:  # pragma: no cover
-        return False
 
 
 def continuation_ids(tokenizer: Any, text: str) -> list[int]:
@@ -157,7 +144,7 @@ def plan_items(
         input_ids = _np(enc.input_ids)
         offsets = enc.offsets
         n_prefix = list(getattr(enc, "n_prefix", None) or [0] * len(texts))
-        chunk_targets = [None if _is_null(t) else str(t) for t in targets[lo : lo + ENCODE_CHUNK]]
+        chunk_targets = [None if is_missing(t) else str(t) for t in targets[lo : lo + ENCODE_CHUNK]]
         with _quiet_transformers():
             chunk_t_ids = target_ids_batch(
                 tok,
@@ -187,7 +174,7 @@ def plan_items(
                 )
             c_ids = None
             ch = choices[i]
-            if not _is_null(ch):
+            if not is_missing(ch):
                 ch = tuple(str(c) for c in ch)
                 if ch:
                     if ch not in choice_cache:
@@ -228,7 +215,7 @@ def plan_items(
                     target=target,
                     target_ids=t_ids,
                     choice_ids=c_ids,
-                    family=None if _is_null(fam) else str(fam),
+                    family=None if is_missing(fam) else str(fam),
                     act_pos=np.concatenate(act_pos) if act_pos else np.zeros(0, np.int64),
                     act_label=act_label,
                     attn_pos=attn_pos,

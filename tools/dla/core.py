@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from dolm.errors import DolmRuntimeError, InputError
-from dolm.tokens import TokenIds, is_null
+from dolm.metrics import is_missing
+from dolm.tokens import TokenIds
 
 SCHEMA = "attributions"
 
@@ -128,7 +129,7 @@ def resolve(lm: Any, df: Any, path: str, *, metric: str, target: str | None,
         t_str.append(t or "")
         ch = getattr(row, "choices", None) if has_choices else None
         pair = None
-        if not is_null(ch) and ch is not None and len(ch) == 2:
+        if not is_missing(ch) and ch is not None and len(ch) == 2:
             a = one(str(ch[0]), f"{path}: prompt {pid}, column 'choices'")
             b = one(str(ch[1]), f"{path}: prompt {pid}, column 'choices'")
             if a == b:

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from dolm.errors import InputError
-from dolm.tokens import TokenIds, is_null
+from dolm.metrics import is_missing
+from dolm.readout import intended_choice
+from dolm.tokens import TokenIds
 
 
 @dataclass
@@ -44,7 +46,7 @@ def resolve(
         targets.append(tid)
         ch = row.choices if has_choices else None
         cids = None
-        if ch is not None and not is_null(ch) and len(ch) >= 2:
+        if ch is not None and not is_missing(ch) and len(ch) >= 2:
             ch = [str(c) for c in ch]
             try:
                 cids = [int(x) for x in lm.choice_token_ids(ch, first_token=first_token)]
@@ -56,8 +58,8 @@ def resolve(
         if cids is not None:
             if tid is not None and tid in cids:
                 ix = cids.index(tid)
-            elif has_intended and not is_null(df["intended_option"].iloc[i]):
-                k = int(df["intended_option"].iloc[i]) - 1
-                ix = k if 0 <= k < len(cids) else None
+            elif has_intended:
+                named = intended_choice(df["intended_option"].iloc[i], ch)
+                ix = None if named is None else ch.index(named)
         intended.append(ix)
     return PromptTokens(target=targets, choices=choices, intended=intended)

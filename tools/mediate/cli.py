@@ -226,8 +226,8 @@ def interventional(run, prompts, model_opts, sites, treatment, pair_by, control_
     log(f"dolm-mediate: {len(pairs)} pairs ({desc['control_value']} -> "
         f"{desc['treat_value']}), {len(site_list)} site(s), position {position}")
 
-    def bar(it):
-        return progress(it, total=len(it), desc="pairs", unit="batch")
+    def bar(total):
+        return progress(total=total, desc="pairs", unit="pair")
 
     res = iv.run_pairs(lm, prep, site_list, model_opts.batch_size, progress=bar)
     m = iv.METRICS.index(metric)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from dolm.errors import InputError
+from dolm.metrics import is_missing
 
 METRICS = ("target_logprob", "target_correct")
 EFFECTS = ("acme_control", "acme_treated", "acme_average", "ade_control", "ade_treated",
@@ -66,20 +67,11 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
 
 
-def _null(v: Any) -> bool:
-    if v is None:
-        return True
-    try:
-        return bool(pd.isna(v))
-    except (TypeError, ValueError):
-        return False
-
-
 def _context(row: pd.Series, text_column: str | None, target: str, pid: str) -> str:
     if not text_column:
         return str(row["prompt"])
     text = row[text_column]
-    if _null(text):
+    if is_missing(text):
         return str(row["prompt"])
     text = str(text)
     if not text.endswith(target):
@@ -90,9 +82,10 @@ def _context(row: pd.Series, text_column: str | None, target: str, pid: str) -> 
 
 def _side(row: pd.Series, text_column: str | None, cf: bool = False) -> dict:
     pid = str(row["prompt_id"])
-    tcol = "cf_target" if cf and "cf_target" in row and not _null(row["cf_target"]) else "target"
+    has_cf = cf and "cf_target" in row and not is_missing(row["cf_target"])
+    tcol = "cf_target" if has_cf else "target"
     target = row.get(tcol)
-    if _null(target) or not str(target):
+    if is_missing(target) or not str(target):
         raise InputError(f"prompts: prompt {pid}: column {tcol!r} is empty; the interventional "
                          "analysis scores the teacher-forced target")
     target = str(target)
@@ -104,7 +97,7 @@ def _side(row: pd.Series, text_column: str | None, cf: bool = False) -> dict:
         prompt = str(row["prompt"])
         context = _context(row, text_column, target, pid)
         spans = row.get("spans")
-    spans = {} if _null(spans) else json.loads(spans)
+    spans = {} if is_missing(spans) else json.loads(spans)
     return {"prompt": prompt, "context": context, "target": target, "spans": spans}
 
 
@@ -287,72 +280,117 @@ def _score(logits: Any, reads: list[int], tgts: list[list[int]]) -> np.ndarray:
     return out
 
 
-def _forward(lm: Any, ids: list[list[int]], write: dict | None = None, read=()):
+def _forward(lm: Any, ids: list[list[int]], read=()):
     from dolm.models import pad_right
 
-    pad = lm.pad_id if getattr(lm, "pad_id", None) is not None else 0
-    input_ids, mask = pad_right(ids, pad, lm.device)
-    with lm.trace(read=list(read), write=write) as tr:
+    input_ids, mask = pad_right(ids, lm.pad_id, lm.device)
+    with lm.trace(read=list(read)) as tr:
         logits = lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-    vals = {s: tr[s] for s in read}
-    return logits, vals
+    return logits, {s: tr[s].clone() for s in read}
+
+
+@dataclass
+class _Side:
+    """The clean runs of one side (control or treated) of a block of pairs."""
+
+    ids: list[list[int]]
+    reads: list[int]
+    tgts: list[list[int]]
+    pos: list[list[int]]
+    vals: dict  # site -> (pairs, T, d) clean activations (mediators and entry states)
+
+
+def _clean_side(lm: Any, prep: Prepared, key: str, idx: range, sites: list[str]):
+    """Clean forward of one side for pairs ``idx``: (scores, _Side)."""
+    def pick(xs):
+        return [xs[i] for i in idx]
+
+    ids = pick(prep.ids_c if key == "c" else prep.ids_t)
+    side = _Side(ids, pick(prep.read_c if key == "c" else prep.read_t),
+                 pick(prep.tgt_c if key == "c" else prep.tgt_t),
+                 pick(prep.pos_c if key == "c" else prep.pos_t), {})
+    logits, side.vals = _forward(lm, ids, read=sites)
+    return _score(logits, side.reads, side.tgts), side
+
+
+def _patched(lm: Any, base: _Side, donor: _Side, rows: list[tuple[int, int]], sites: list[str],
+             starts: list[int], contexts: dict) -> np.ndarray:
+    """Scores of the rows (site index, pair index in the block), sorted by start layer:
+    ``base`` runs with the mediator values of ``donor`` written at the aligned positions.
+    Each row starts at its site's layer from ``base``'s cached entry state."""
+    import torch
+    from dolm.engine import entry_site, row_writer, run_rows, unembed
+
+    t = max(len(base.ids[j]) for _, j in rows)
+    writes = {}
+    for si in sorted({si for si, _ in rows}):
+        mine = [r for r, (sj, _) in enumerate(rows) if sj == si]
+        site = sites[si]
+        width = base.vals[site].shape[-1]
+        value = torch.zeros(len(mine), t, width, dtype=base.vals[site].dtype)
+        mask = torch.zeros(len(mine), t, dtype=torch.bool)
+        for q, r in enumerate(mine):
+            j = rows[r][1]
+            value[q, base.pos[j]] = donor.vals[site][j, donor.pos[j]].cpu()
+            mask[q, base.pos[j]] = True
+        writes[site] = row_writer(mine, mask, value)
+    pairs = [j for _, j in rows]
+
+    def entry(layer: int, a: int, z: int):
+        return base.vals[entry_site(lm, layer)][pairs[a:z]]
+
+    h = run_rows(lm, [starts[si] for si, _ in rows], entry, t, writes, contexts=contexts)
+    reads = [base.reads[j] for j in pairs]
+    tgts = [base.tgts[j] for j in pairs]
+    width = max(len(g) for g in tgts)
+    at = torch.tensor([[min(r + q, t - 1) for q in range(width)] for r in reads])
+    return _score(unembed(lm, h, at, writes=writes), [0] * len(rows), tgts)
 
 
 def run_pairs(lm: Any, prep: Prepared, sites: list[str], batch_size: int | str = "auto",
               progress=None) -> dict[str, np.ndarray]:
     """Returns C, T (pairs, 2) and CM1, TM0 (pairs, sites, 2) outcome arrays
-    (last axis: target_logprob, target_correct)."""
+    (last axis: target_logprob, target_correct).
+
+    Pairs go in blocks (``auto``: up to 16, halved on out-of-memory); each patched run
+    (site, pair) starts at the site's first layer from the clean run's cached state
+    (:func:`dolm.engine.run_rows`). ``progress(total)``: a bar with ``update(k)``.
+    """
     import torch
+    from dolm.engine import entry_site, start_layer
+    from dolm.models.batching import iter_batched
 
     n, s_n = len(prep.pairs), len(sites)
-    bs = 16 if batch_size == "auto" else int(batch_size)
+    starts = [start_layer(lm, s) for s in sites]
+    reads = list(dict.fromkeys(list(sites) + [entry_site(lm, x) for x in sorted(set(starts))]))
+    order = sorted(range(s_n), key=lambda si: (starts[si], si))
     C, T = np.zeros((n, 2)), np.zeros((n, 2))
     CM1, TM0 = np.zeros((n, s_n, 2)), np.zeros((n, s_n, 2))
-    blocks = list(range(0, n, bs))
-    it = progress(blocks) if progress else blocks
-    with torch.no_grad():
-        for lo in it:
-            idx = list(range(lo, min(n, lo + bs)))
-            lc, vc = _forward(lm, [prep.ids_c[i] for i in idx], read=sites)
-            lt, vt = _forward(lm, [prep.ids_t[i] for i in idx], read=sites)
-            C[idx] = _score(lc, [prep.read_c[i] for i in idx], [prep.tgt_c[i] for i in idx])
-            T[idx] = _score(lt, [prep.read_t[i] for i in idx], [prep.tgt_t[i] for i in idx])
-            # mediator values at the aligned positions: (k_i, d) per pair
-            mc = {s: [vc[s][j, prep.pos_c[i]].clone() for j, i in enumerate(idx)] for s in sites}
-            mt = {s: [vt[s][j, prep.pos_t[i]].clone() for j, i in enumerate(idx)] for s in sites}
-            del vc, vt
-            # rows (site, pair) batched; each site's write touches only its own rows
-            rows = [(si, j) for si in range(s_n) for j in range(len(idx))]
-            for r0 in range(0, len(rows), bs):
-                chunk = rows[r0: r0 + bs]
-                for base, tgt_side in (("c", "t"), ("t", "c")):
-                    ids = [(prep.ids_c if base == "c" else prep.ids_t)[idx[j]] for _, j in chunk]
-                    pos = prep.pos_c if base == "c" else prep.pos_t
-                    donor = mt if tgt_side == "t" else mc
-                    write = {}
-                    for si in sorted({si for si, _ in chunk}):
-                        mine = [(r, j) for r, (sj, j) in enumerate(chunk) if sj == si]
-                        write[sites[si]] = _writer(mine, [pos[idx[j]] for _, j in mine],
-                                                   [donor[sites[si]][j] for _, j in mine])
-                    logits, _ = _forward(lm, ids, write=write)
-                    reads = [(prep.read_c if base == "c" else prep.read_t)[idx[j]]
-                             for _, j in chunk]
-                    tg = [(prep.tgt_c if base == "c" else prep.tgt_t)[idx[j]] for _, j in chunk]
-                    sc = _score(logits, reads, tg)
-                    dest = CM1 if base == "c" else TM0
-                    for r, (si, j) in enumerate(chunk):
-                        dest[idx[j], si] = sc[r]
+    contexts: dict = {}
+
+    @torch.no_grad()
+    def block(a: int, z: int):
+        idx = range(a, z)
+        sc_c, side_c = _clean_side(lm, prep, "c", idx, reads)
+        sc_t, side_t = _clean_side(lm, prep, "t", idx, reads)
+        rows = [(si, j) for si in order for j in range(z - a)]
+        cm1, tm0 = np.zeros((z - a, s_n, 2)), np.zeros((z - a, s_n, 2))
+        for r0 in range(0, len(rows), z - a):
+            chunk = rows[r0: r0 + z - a]
+            for base, donor, dest in ((side_c, side_t, cm1), (side_t, side_c, tm0)):
+                sc = _patched(lm, base, donor, chunk, sites, starts, contexts)
+                for r, (si, j) in enumerate(chunk):
+                    dest[j, si] = sc[r]
+        return sc_c, sc_t, cm1, tm0
+
+    bar = progress(n) if progress else None
+    for a, z, (sc_c, sc_t, cm1, tm0) in iter_batched(n, block, batch_size, max_batch_size=16):
+        C[a:z], T[a:z], CM1[a:z], TM0[a:z] = sc_c, sc_t, cm1, tm0
+        if bar is not None:
+            bar.update(z - a)
+    if bar is not None:
+        bar.close()
     return {"C": C, "T": T, "CM1": CM1, "TM0": TM0}
-
-
-def _writer(rows, positions, values):
-    def fn(act, batch_index):
-        act = act.clone()
-        for (r, _), pos, v in zip(rows, positions, values, strict=True):
-            act[r, pos] = v.to(act.device, act.dtype)
-        return act
-
-    return fn
 
 
 # -------------------------------------------------------------------------------- tables
@@ -450,10 +488,9 @@ def effects_table(prep: Prepared, res: dict[str, np.ndarray], sites: list[str],
                         "clean_value": float(res["C"][i, m]),
                         "corrupt_value": float(res["T"][i, m]),
                     })
-    df = pd.DataFrame(rows)
-    for c in ("layer", "head", "position"):
-        df[c] = df[c].astype("Int64")
-    return df
+    from dolm.formats import frame
+
+    return frame(rows, "effects", columns=list(rows[0]) if rows else None)
 
 
 _ATTN_NAME = re.compile(r"^attn_to\.[^.]+\.L(\d+)\.H(\d+)$")

@@ -72,7 +72,7 @@ def main(run, prompts, mode, sites, positions, head_positions, joint_positions, 
     import pandas as pd
     from dolm.cli import load_model, log, progress
     from dolm.errors import InputError
-    from dolm.formats import read_table, write_table
+    from dolm.formats import frame, read_table, write_table
     from dolm_tools.patch.prepare import choose_metric, read_prompts
     from dolm_tools.patch.run import Options, Patcher
 
@@ -108,9 +108,7 @@ def main(run, prompts, mode, sites, positions, head_positions, joint_positions, 
     if mode == "noise":
         extra.update(span=span, samples=samples, noise_scale=noise_scale,
                      noise_std=patcher.o.noise_scale * patcher.embed_std)
-    effects = pd.DataFrame(rows, columns=EFFECT_COLUMNS)
-    for col in ("layer", "position", "head", "window", "sample"):
-        effects[col] = effects[col].astype("Int64")
+    effects = frame(rows, "effects")
     write_table(effects, output, schema="effects", run=run, force=force, extra=extra)
     if summary is not None:
         sdf = pd.DataFrame(summ, columns=SUMMARY_COLUMNS)
@@ -120,9 +118,6 @@ def main(run, prompts, mode, sites, positions, head_positions, joint_positions, 
         write_table(sdf, summary, schema="patch_summary", run=run, force=force, extra=extra)
 
 
-EFFECT_COLUMNS = ["prompt_id", "tool", "intervention", "site", "layer", "position", "head",
-                  "window", "kind", "alpha", "component", "sample", "metric", "value",
-                  "clean_value", "corrupt_value"]
 SUMMARY_COLUMNS = ["prompt_id", "grid", "window", "kind", "mode", "method", "metric",
                    "clean_value", "corrupt_value", "n_cells", "peak_layer", "peak_position",
                    "peak_head", "peak_value", "peak_effect", "num_choice_flips",

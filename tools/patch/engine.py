@@ -33,18 +33,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from dolm.models.hooks import _first
-
-IN_BLOCK = ("resid_mid", "attn_out", "mlp_out", "head")
-
-
-def entry_layer(kind: str, layer: int) -> int | None:
-    """Layer at whose entry a residual-stream site is written (None: inside a block)."""
-    if kind == "resid_pre":
-        return layer
-    if kind == "resid_post":
-        return layer + 1
-    return None
+from dolm.engine import entry_layer, entry_site, row_writer, rows_start, run_rows
+from dolm.engine import unembed as unembed_at
+from dolm.metrics import read_logits
 
 
 @dataclass
@@ -81,30 +72,17 @@ class Runs:
     contexts: dict[int, object] = field(default_factory=dict)
 
 
-def cell_start(lm, sites) -> int:
-    """First layer a cell's run has to compute."""
-    start = lm.n_layers
-    for name in sites:
-        s = lm.parse_site(name)
-        e = entry_layer(s.kind, s.layer)
-        start = min(start, e if e is not None else s.layer)
-    return start
-
-
 def src_key(lm, name: str) -> str:
-    s = lm.parse_site(name)
-    e = entry_layer(s.kind, s.layer)
+    e = entry_layer(lm, name)
     return f"entry.{e}" if e is not None else name
 
 
 def cache_sites(lm, keys) -> list[str]:
     """Site names to read in a run for these source keys / base entry layers."""
     out = []
-    n = lm.n_layers
     for k in keys:
         if isinstance(k, int) or k.startswith("entry."):
-            lyr = k if isinstance(k, int) else int(k.split(".")[1])
-            out.append(f"resid_pre.{lyr}" if lyr < n else f"resid_post.{n - 1}")
+            out.append(entry_site(lm, k if isinstance(k, int) else int(k.split(".")[1])))
         else:
             out.append(k)
     return list(dict.fromkeys(out))
@@ -112,23 +90,6 @@ def cache_sites(lm, keys) -> list[str]:
 
 def site_for_key(lm, key) -> str:
     return cache_sites(lm, [key])[0]
-
-
-def read_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(B, V) logits -> (B, K + 2): logits at ``ids``, logsumexp, max logit (float64)."""
-    lf = logits.float()
-    got = lf.gather(1, ids.to(lf.device))
-    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
-    mx = lf.max(dim=-1, keepdim=True).values
-    return torch.cat([got, lse, mx], dim=1).double().cpu()
-
-
-def _context(lm, runs: Runs, t: int):
-    ctx = runs.contexts.get(t)
-    if ctx is None:
-        ctx = lm.layer_context(torch.ones(1, t, dtype=torch.long, device=lm.device))
-        runs.contexts[t] = ctx
-    return ctx
 
 
 def _gather_src(lm, runs: Runs, key: str, inst: torch.Tensor, t: int) -> torch.Tensor:
@@ -142,89 +103,36 @@ def _gather_src(lm, runs: Runs, key: str, inst: torch.Tensor, t: int) -> torch.T
     return src[rows[:, None], pos]
 
 
-def _writer(rows: torch.Tensor, src: torch.Tensor, mask: torch.Tensor):
-    m = mask[..., None]
-
-    def fn(act, batch_index):
-        r = rows.to(act.device)
-        out = act.clone()
-        out[r] = torch.where(m.to(act.device), src.to(device=act.device, dtype=act.dtype),
-                             act[r])
-        return out
-
-    return fn
-
-
 @torch.no_grad()
 def run_chunk(lm, runs: Runs, cells: list[Cell]) -> torch.Tensor:
     """Run one batch of cells (sorted by start layer); return ``read_logits`` rows."""
-    n = lm.n_layers
-    b = len(cells)
     inst = torch.tensor([c.inst for c in cells], dtype=torch.long)
-    starts = [c.start for c in cells]
     t = int(runs.t_base[inst].max())
     ar = torch.arange(t)
-    # group patches: entry layer -> rows; in-block site -> rows
-    entry_rows: dict[int, list[int]] = defaultdict(list)
-    block_rows: dict[str, list[int]] = defaultdict(list)
+    by_site: dict[str, list[int]] = defaultdict(list)  # site -> rows writing it
     for i, c in enumerate(cells):
         for name in c.sites:
-            key = src_key(lm, name)
-            if key.startswith("entry."):
-                entry_rows[int(key.split(".")[1])].append(i)
-            else:
-                block_rows[name].append(i)
+            by_site[name].append(i)
     lo = torch.tensor([c.lo for c in cells])
     hi = torch.tensor([c.hi for c in cells])
-
-    def patch_for(key: str, rows: list[int]):
+    writes = {}
+    for name, rows in by_site.items():
         r = torch.tensor(rows, dtype=torch.long)
-        src = _gather_src(lm, runs, key, inst[r], t)
+        src = _gather_src(lm, runs, src_key(lm, name), inst[r], t)
         mask = (ar[None, :] >= lo[r][:, None]) & (ar[None, :] < hi[r][:, None])
         for q, row in enumerate(rows):
             if cells[row].positions is not None:
                 mask[q] = False
                 mask[q, list(cells[row].positions)] = True
-        return r, src, mask
-
-    writes = {}
-    for name, rows in block_rows.items():
-        writes[name] = _writer(*patch_for(name, rows))
-    entries = {lyr: patch_for(f"entry.{lyr}", rows) for lyr, rows in entry_rows.items()}
-    ctx = _context(lm, runs, t)
-    layers = lm.adapter.layers
-    dev = lm.device
+        writes[name] = row_writer(r, mask, src)
     base_rows = runs.inst_base[inst]
-    tr = lm.trace(write=writes) if writes else None
-    if tr is not None:
-        tr.__enter__()
-    try:
-        h = None
-        j = 0
-        for lyr in range(min(starts), n + 1):
-            k = j
-            while k < b and starts[k] == lyr:
-                k += 1
-            if k > j:
-                new = runs.base_entry[lyr][base_rows[j:k].to(runs.base_entry[lyr].device), :t]
-                new = new.to(dev)
-                h = new if h is None else torch.cat([h.to(new.device), new], dim=0)
-                j = k
-            if lyr in entries:
-                r, src, mask = entries[lyr]
-                r = r.to(h.device)
-                h[r] = torch.where(mask[..., None].to(h.device),
-                                   src.to(device=h.device, dtype=h.dtype), h[r])
-            if lyr < n:
-                rest, kwargs = ctx.args[lyr]
-                h = _first(layers[lyr](h, *rest, **kwargs))
-    finally:
-        if tr is not None:
-            tr.__exit__(None, None, None)
-    pos = (runs.t_base[inst] - 1).to(h.device)
-    sel = h[torch.arange(b, device=h.device), pos]
-    logits = lm.adapter.unembed(lm.adapter.final_norm(sel))
-    return read_logits(logits, runs.ids[inst])
+
+    def entry(layer: int, j: int, k: int) -> torch.Tensor:
+        base = runs.base_entry[layer]
+        return base[base_rows[j:k].to(base.device)]
+
+    h = run_rows(lm, [c.start for c in cells], entry, t, writes, contexts=runs.contexts)
+    return read_logits(unembed_at(lm, h, runs.t_base[inst] - 1), runs.ids[inst])
 
 
 def run_cells(lm, runs: Runs, cells: list[Cell], batch_size, progress=None) -> torch.Tensor:
@@ -232,7 +140,7 @@ def run_cells(lm, runs: Runs, cells: list[Cell], batch_size, progress=None) -> t
     from dolm.models.batching import iter_batched
 
     for c in cells:
-        c.start = cell_start(lm, c.sites)
+        c.start = rows_start(lm, c.sites)
     order = sorted(range(len(cells)), key=lambda i: (cells[i].start, i))
     out = torch.empty(len(cells), runs.ids.shape[1] + 2, dtype=torch.float64)
 

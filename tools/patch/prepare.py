@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass, field
 
 from dolm.errors import InputError
-from dolm.metrics import is_missing
+from dolm.metrics import first_token, is_missing
+from dolm.readout import intended_choice
 
 MODES = ("counterfactual", "noise")
 DIRECTIONS = ("denoise", "noise")
@@ -93,11 +94,6 @@ def _parse_spans(raw, where: str) -> dict[str, list[int]]:
     return out
 
 
-def first_token(lm, s: str) -> int:
-    ids = lm.tokenizer(s, add_special_tokens=False)["input_ids"]
-    return int(ids[0]) if ids else -1
-
-
 def read_prompts(df, lm, *, mode: str, metric: str, path: str,
                  notes: list[str] | None = None) -> list[Prompt]:
     """Rows -> :class:`Prompt`; checks the columns the mode needs. Warnings that are
@@ -156,7 +152,8 @@ def read_prompts(df, lm, *, mode: str, metric: str, path: str,
                 raise InputError(f"{path}: prompt {pid}: {exc}") from None
         intended = None
         if "intended_option" in cols and not is_missing(row.get("intended_option")):
-            intended = _intended(row["intended_option"], choices, target, foil)
+            value = row["intended_option"]
+            intended = intended_choice(value, choices, (target, foil)) or str(value).strip()
         spans = _parse_spans(row.get("spans"), f"{path}: prompt {pid}: column 'spans'") \
             if "spans" in cols else {}
         cf_spans = _parse_spans(row.get("cf_spans"), f"{path}: prompt {pid}: column "
@@ -173,21 +170,6 @@ def read_prompts(df, lm, *, mode: str, metric: str, path: str,
             raise InputError(f"--metric logit_diff: prompt(s) {', '.join(nofoil[:5])} have no "
                              "foil (nor a cf_target to use as one)")
     return out
-
-
-def _intended(value, choices, target, foil) -> str:
-    """``intended_option`` -> the option's text: a choice whose text is the value
-    (dilemma: 1 -> ' 1'), else a 1-based index into choices, else the value itself."""
-    text = str(value).strip()
-    if isinstance(value, float) and value.is_integer():
-        text = str(int(value))
-    options = list(choices or []) + [x for x in (target, foil) if x]
-    for c in options:
-        if c.strip() == text:
-            return c
-    if choices and text.isdigit() and 1 <= int(text) <= len(choices):
-        return choices[int(text) - 1]
-    return text
 
 
 def choose_metric(prompts: list[Prompt], metric: str) -> str:

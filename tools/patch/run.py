@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from dolm.engine import rows_start
 from dolm.errors import InputError
+from dolm.metrics import ids_matrix, logit_diff, prob_target
 from dolm.positions import parse_positions
 from dolm_tools.patch import engine
 from dolm_tools.patch.prepare import Prompt, check_pairs, span_tokens
@@ -125,13 +127,7 @@ class Patcher:
                 span_tokens(self.enc, i, p.spans, self.o.span, p.prompt_id, "--span")
                 for i, p in enumerate(ps)
             ]
-        ids = np.zeros((len(ps), self.k_ids), dtype=np.int64)
-        for i, p in enumerate(ps):
-            row = [p.target_id, p.foil_id if p.foil_id is not None else p.target_id]
-            row += list(p.choice_ids or [])
-            row += [p.target_id] * (self.k_ids - len(row))
-            ids[i] = row
-        self.ids = ids
+        self.ids = ids_matrix(ps)
 
     def _lengths(self, i: int) -> tuple[int, int]:
         """(base length, source length) of prompt i."""
@@ -293,7 +289,7 @@ class Patcher:
         grid_sites = sorted({s for tp in templates for s in tp.sites})
         if o.method == "exact":
             for c in cells:
-                c.start = engine.cell_start(lm, c.sites)
+                c.start = rows_start(lm, c.sites)
             keys = {engine.src_key(lm, s) for s in grid_sites}
             starts = {c.start for c in cells}
             sites = engine.cache_sites(lm, sorted(keys) + sorted(starts))
@@ -335,10 +331,9 @@ class Patcher:
         """Primary metric values, logit diff, prob and choice logits from read rows."""
         k = self.k_ids
         p = self.prompts[g]
-        lt, lf = read[:, 0], read[:, 1]
-        lse, mx = read[:, k], read[:, k + 1]
-        prob = np.exp(lt - lse)
-        ld = lt - lf if p.foil_id is not None else np.full_like(lt, np.nan)
+        lt, mx = read[:, 0], read[:, k + 1]
+        prob = prob_target(read)
+        ld = logit_diff(read) if p.foil_id is not None else np.full_like(lt, np.nan)
         if p.choice_ids:
             ch = read[:, 2:2 + len(p.choice_ids)]
         elif p.foil_id is not None:

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from dolm.metrics import Targets, ids_matrix, metric_order, metrics_table
-from dolm.variants import clean_pass, row_writer, run_variants, start_layer
-
-COLUMNS = ["prompt_id", "tool", "intervention", "site", "layer", "position", "head", "window",
-           "kind", "alpha", "component", "sample", "metric", "value", "clean_value",
-           "corrupt_value"]
+from dolm.engine import row_writer, start_layer, writes_embed
+from dolm.metrics import Targets, effect_frames, ids_matrix, metrics_table
+from dolm.variants import clean_pass, run_variants
 
 
 def position_mask(enc, positions: str) -> torch.Tensor:
@@ -32,7 +29,7 @@ def position_mask(enc, positions: str) -> torch.Tensor:
 
 
 def steer_fn(mode: str, u: torch.Tensor):
-    """value_fn for :func:`dolm.variants.row_writer`: add alpha*u or remove the u part."""
+    """value for :func:`dolm.engine.row_writer`: add alpha*u or remove the u part."""
 
     def make(alphas: np.ndarray):
         def value_fn(act_rows, sel):
@@ -56,7 +53,7 @@ def run_steering(lm, targets: list[Targets], texts: list[str], site: str, direct
     enc = lm.encode(texts, names=names, device="cpu")
     n = len(targets)
     start = start_layer(lm, site)
-    needs_embed = lm.parse_site(site).kind == "embed"
+    needs_embed = writes_embed(lm, [site])
     clean = clean_pass(lm, enc, ids_matrix(targets), starts={start}, batch_size=batch_size,
                        needs_embed=needs_embed)
     u = torch.as_tensor(direction, dtype=torch.float32)
@@ -69,8 +66,7 @@ def run_steering(lm, targets: list[Targets], texts: list[str], site: str, direct
 
     def make_writes(rows: np.ndarray, t: int) -> dict:
         fn = make_value(v_alpha[rows])
-        return {site: row_writer(np.ones(len(rows), dtype=bool), pmask[v_prompt[rows]][:, :t],
-                                 fn)}
+        return {site: row_writer(np.arange(len(rows)), pmask[v_prompt[rows]][:, :t], fn)}
 
     bar = progress(len(v_prompt)) if progress else None
     reads = run_variants(lm, clean, v_prompt, v_start, make_writes, batch_size,
@@ -114,8 +110,7 @@ def generate(lm, texts: list[str], names: list[str], site: str, direction: np.nd
             pmask = torch.zeros(ids.shape, dtype=torch.bool)
             for r, s in enumerate(seqs):
                 pmask[r, (0 if positions == "all" else first[r]):len(s)] = True
-            write = {site: row_writer(np.ones(len(seqs), dtype=bool), pmask,
-                                      make_value(alpha_rows))}
+            write = {site: row_writer(np.arange(len(seqs)), pmask, make_value(alpha_rows))}
             with lm.trace(write=write):
                 res = lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
             last = torch.tensor([len(s) - 1 for s in seqs], device=res.logits.device)
@@ -140,47 +135,23 @@ def effects_rows(lm, targets: list[Targets], site: str, alphas: list, clean: dic
                  per: list[dict], mode: str, positions: str, label: str,
                  generations: list[list[str]] | None = None):
     import pandas as pd
+    from dolm.formats import frame
 
-    pids = np.asarray([t.prompt_id for t in targets], dtype=object)
+    pids = [t.prompt_id for t in targets]
     s = lm.parse_site(site)
     frames = []
-    names = metric_order(clean)
     for k, (alpha, vals) in enumerate(zip(alphas, per, strict=True)):
         if mode == "add":
             what = f"add {alpha:g} x {label} at {site}@{positions}"
         else:
             what = f"project out {label} at {site}@{positions}"
-        for m in names:
-            if m not in vals:
-                continue
-            v = vals[m]
-            keep = np.isfinite(v)
-            if not keep.any():
-                continue
-            d = pd.DataFrame({"prompt_id": pids[keep], "metric": m, "value": v[keep],
-                              "clean_value": clean[m][keep]})
-            d["tool"] = "steer"
-            d["intervention"] = what
-            d["site"] = site
-            d["layer"] = s.layer
-            d["position"] = None
-            d["head"] = s.head
-            d["window"] = None
-            d["kind"] = mode
-            d["alpha"] = alpha
-            d["component"] = label
-            d["sample"] = None
-            d["corrupt_value"] = None
-            if generations is not None:
-                d["generation"] = np.asarray(generations[k], dtype=object)[keep]
-            frames.append(d)
-    cols = COLUMNS + (["generation"] if generations is not None else [])
-    df = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
-    for col in ("layer", "position", "head", "window", "sample"):
-        df[col] = df[col].astype("Int64")
-    for col in ("alpha", "value", "clean_value", "corrupt_value"):
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    return df
+        fields = dict(tool="steer", intervention=what, site=site, layer=s.layer, head=s.head,
+                      kind=mode, alpha=alpha, component=label)
+        extra = {"generation": generations[k]} if generations is not None else None
+        frames += effect_frames(pids, vals, clean, fields, extra)
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["generation"] if generations is not None else [])
+    return frame(df, "effects")
 
 
 def slopes(df) -> dict[str, float]:

@@ -33,7 +33,7 @@ from dolm.formats.io import (
 )
 from dolm.formats.lock import output_locks
 from dolm.formats.provenance import FileMeta, Run, sha256_bytes, sha256_file
-from dolm.formats.schema import available_schemas, load_schema, schema_dir
+from dolm.formats.schema import available_schemas, frame, load_schema, schema_dir
 
 __all__ = [
     "FileMeta",
@@ -46,6 +46,7 @@ __all__ = [
     "describe_h5",
     "describe_safetensors",
     "finish_h5",
+    "frame",
     "json_safe",
     "load_safetensors",
     "load_schema",

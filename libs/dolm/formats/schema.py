@@ -70,6 +70,42 @@ def schema_kind(name: str) -> str:
 # ---------------------------------------------------------------- tables
 
 
+def frame(rows: Any, schema: str, columns: list[str] | None = None) -> Any:
+    """A DataFrame of ``rows`` (dicts or a DataFrame) in the column order and dtypes of
+    table schema ``schema``: integers as nullable ``Int64``, numbers as ``float64``,
+    booleans as ``boolean``, strings as objects with None for missing. ``columns``: the
+    schema columns to keep (default: every one; absent ones are null); columns that the
+    schema does not name follow in their own order. Columns the schema marks optional
+    (``x-dolm.optional``) are written only when the rows have them."""
+    import pandas as pd
+
+    sch = load_schema(schema)
+    props = sch["properties"]
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    optional = set(sch["x-dolm"].get("optional", ())) - set(df.columns)
+    names = [c for c in props if (c in columns if columns is not None else c not in optional)]
+    extra = [c for c in df.columns if c not in props]
+    out = {}
+    for c in names:
+        col = df[c] if c in df.columns else pd.Series([None] * len(df), dtype=object)
+        types = props[c].get("type", [])
+        types = [types] if isinstance(types, str) else list(types)
+        if "integer" in types:
+            col = col.astype("Int64")
+        elif "number" in types:
+            col = pd.to_numeric(col, errors="coerce").astype("float64")
+        elif "boolean" in types:
+            col = col.astype("boolean")
+        elif "string" in types:
+            col = col.astype(object).where(col.notna(), None)
+        out[c] = col.reset_index(drop=True)
+    for c in extra:
+        out[c] = df[c].reset_index(drop=True)
+    return pd.DataFrame(out, columns=names + extra)
+
+
+
+
 def _arrow_json_type(t: Any) -> str:
     import pyarrow as pa
 

@@ -10,7 +10,7 @@ import torch
 from dolm.errors import InputError
 from dolm.models.adapters import Adapter, ArchSpec
 from dolm.models.batching import pad_right
-from dolm.models.hooks import Trace, _first
+from dolm.models.hooks import Trace, _first, _input_of
 from dolm.models.sites import SiteSpace
 
 
@@ -80,6 +80,10 @@ class Encoding:
 
 
 # --------------------------------------------------------------------------- stepping
+class _EmbedDone(Exception):
+    """Raised at block 0's entry to end a forward once ``resid_pre.0`` is known."""
+
+
 class _Recorder(torch.nn.Module):
     """Stand-in for a block while the layer context is captured: records the
     arguments the model passes to block ``i`` and returns the input unchanged."""
@@ -421,13 +425,40 @@ class LoadedModel:
                 return self._run_from_layer(hidden, start_layer, context, positions)
         return self._run_from_layer(hidden, start_layer, context, positions)
 
-    def _run_from_layer(self, hidden, start_layer, context, positions):
+    def run_layers(self, h: torch.Tensor, lo: int, hi: int, context: LayerContext) -> torch.Tensor:
+        """Run blocks ``lo..hi-1`` on the hidden states ``h`` (``resid_pre.lo``), with the
+        per-block arguments of ``context`` (:meth:`layer_context`); returns
+        ``resid_pre.hi`` (``hi == n_layers``: the last block's output). Hooks of an
+        enclosing ``lm.trace`` fire as in a full forward."""
+        if not (0 <= lo <= hi <= self.n_layers):
+            raise InputError(f"run_layers: layers {lo}..{hi} out of range 0..{self.n_layers}")
         layers = self.adapter.layers
-        args = context.args
-        h = hidden
-        for i in range(start_layer, self.n_layers):
-            rest, kwargs = args[i]
+        for i in range(lo, hi):
+            rest, kwargs = context.args[i]
             h = _first(layers[i](h, *rest, **kwargs))
+        return h
+
+    def embed_resid(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """``resid_pre.0`` of these tokens, from the model's own embedding code (no block
+        runs). Hooks of an enclosing ``lm.trace`` on ``embed`` fire."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def stop(module, args, kwargs):
+            captured["h"] = _input_of(args, kwargs)
+            raise _EmbedDone
+
+        handle = self.adapter.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.adapter.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                    use_cache=False)
+        except _EmbedDone:
+            pass
+        finally:
+            handle.remove()
+        return captured["h"]
+
+    def _run_from_layer(self, hidden, start_layer, context, positions):
+        h = self.run_layers(hidden, start_layer, self.n_layers, context)
         if positions is not None:
             positions = torch.as_tensor(positions, device=h.device)
             rows = torch.arange(h.shape[0], device=h.device)
