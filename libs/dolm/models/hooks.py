@@ -13,7 +13,9 @@ A returned tensor is cast to the activation's dtype and device.
 Order inside one module: at the attention module ``attn_out.L`` is written first, then
 ``resid_mid.L`` (by adjusting ``attn_out.L`` to ``new_mid - resid_pre``). A read value
 is the value *after* any write at the same site (what flows downstream). Reads are
-references to the model's own tensors (detached unless ``detach=False``), no copies.
+copies taken at hook time (detached unless ``detach=False``): a model that later edits
+the tensor in place (Falcon adds the attention output into the MLP output with ``+=``)
+does not change what was read.
 
 transformers 5 quirks handled here: blocks return a tensor for most architectures but a
 tuple for some (GPT-J); attention modules return ``(out, weights)`` with ``weights``
@@ -28,6 +30,7 @@ from collections import defaultdict
 import torch
 
 from dolm.errors import DolmRuntimeError, InputError
+from dolm.models.adapters import apply_ops, invert_ops
 from dolm.models.sites import READ_ONLY_KINDS
 
 
@@ -113,6 +116,7 @@ class Trace:
             if site.kind == "resid_mid":
                 plan[("block_pre", site.layer)]  # noqa: B018 - ensure the group exists
         self.plan = dict(plan)
+        self.plan_keys = set(self.plan)
 
     @staticmethod
     def _group(site):
@@ -123,13 +127,43 @@ class Trace:
             return ("block_pre", site.layer)
         if kind == "resid_post":
             return ("block", site.layer)
-        if kind in ("attn_out", "resid_mid", "attn"):
+        if kind in ("attn_out", "resid_mid"):
             return ("attn", site.layer)
+        if kind == "attn":
+            return ("attn_pat", site.layer)
         if kind == "mlp_out":
             return ("mlp", site.layer)
+        if kind == "mixer_out":
+            return ("mixer", site.layer)
         if kind == "head":
             return ("attn_o", site.layer)
         raise AssertionError(kind)
+
+    def _contribution_maps(self, part: str):
+        """(to_site, from_site) between a block part's output (``part`` is ``attn``,
+        ``mlp`` or ``mixer``) and what the block adds to the residual (residual
+        multipliers, a residual added inside the module), or ``(None, None)`` when they
+        are the same tensor."""
+        ad = self.lm.adapter
+        scale = ad.residual_scale
+        inside = part in ad.spec.residual_inside
+        if scale is None and not inside:
+            return None, None
+
+        def residual(args, kwargs):
+            return args[1] if len(args) > 1 else kwargs["residual"]
+
+        def to_site(t, args, kwargs):
+            if inside:
+                t = t - residual(args, kwargs)
+            return t * scale if scale is not None else t
+
+        def from_site(t, args, kwargs):
+            if scale is not None:
+                t = t / scale
+            return t + residual(args, kwargs) if inside else t
+
+        return to_site, from_site
 
     # ---------------------------------------------------------------- helpers
     def _bidx(self, n: int, device) -> torch.Tensor:
@@ -167,23 +201,30 @@ class Trace:
         return new
 
     def _store(self, name, t):
-        self._values[name] = t.detach() if self.detach else t
+        # a copy: the model may edit this tensor in place after the hook (falcon's
+        # ``mlp_output += attention_output``); the read is the value at hook time
+        self._values[name] = (t.detach() if self.detach else t).clone()
 
     # ---------------------------------------------------------------- hook makers
-    def _simple_forward_hook(self, reads, writes):
-        """Forward hook for modules whose (first) output is the site."""
+    def _simple_forward_hook(self, reads, writes, to_site=None, from_site=None):
+        """Forward hook (``with_kwargs``) for modules whose (first) output is the site,
+        up to an invertible map ``to_site(t, args, kwargs)`` / ``from_site``."""
         read_names = [s.name for s in reads]
         write_fns = [(s.name, fn) for s, fn in writes]
         apply, store = self._apply, self._store
 
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             act = _first(output)
+            if to_site is not None:
+                act = to_site(act, args, kwargs)
             if write_fns:
                 for name, fn in write_fns:
                     act = apply(name, fn, act)
             for name in read_names:
                 store(name, act)
             if write_fns:
+                if from_site is not None:
+                    act = from_site(act, args, kwargs)
                 return _replace_first(output, act)
             return None
 
@@ -191,6 +232,7 @@ class Trace:
 
     def _block_pre_hook(self, layer, reads, writes):
         read_names = [s.name for s in reads]
+        needs_copy = ("attn", layer) in self.plan_keys  # resid_mid uses it after the block ran
         write_fns = [(s.name, fn) for s, fn in writes]
         apply, store, saved = self._apply, self._store, self._resid_pre
 
@@ -199,7 +241,7 @@ class Trace:
             if write_fns:
                 for name, fn in write_fns:
                     act = apply(name, fn, act)
-            saved[layer] = act
+            saved[layer] = act.clone() if needs_copy else act
             for name in read_names:
                 store(name, act)
             if write_fns:
@@ -211,14 +253,16 @@ class Trace:
     def _attn_hook(self, layer, reads, writes):
         out_reads = [s.name for s in reads if s.kind == "attn_out"]
         mid_reads = [s.name for s in reads if s.kind == "resid_mid"]
-        pat_reads = [s.name for s in reads if s.kind == "attn"]
         out_writes = [(s.name, fn) for s, fn in writes if s.kind == "attn_out"]
         mid_writes = [(s.name, fn) for s, fn in writes if s.kind == "resid_mid"]
         apply, store, saved = self._apply, self._store, self._resid_pre
         changed = bool(out_writes or mid_writes)
+        to_site, from_site = self._contribution_maps("attn")
 
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             act = _first(output)
+            if to_site is not None:
+                act = to_site(act, args, kwargs)
             for name, fn in out_writes:
                 act = apply(name, fn, act)
             if mid_reads or mid_writes:
@@ -234,18 +278,27 @@ class Trace:
                     store(name, mid)
             for name in out_reads:
                 store(name, act)
-            if pat_reads:
-                pattern = None if isinstance(output, torch.Tensor) or len(output) < 2 else output[1]
-                if pattern is None:
-                    raise DolmRuntimeError(
-                        f"layer {layer}: the attention module returned no attention pattern; "
-                        "it needs the eager attention implementation"
-                    )
-                for name in pat_reads:
-                    store(name, pattern)
             if changed:
+                if from_site is not None:
+                    act = from_site(act, args, kwargs)
                 return _replace_first(output, act)
             return None
+
+        return hook
+
+    def _pattern_hook(self, layer, reads):
+        names = [s.name for s in reads]
+        store = self._store
+
+        def hook(module, args, output):
+            pattern = None if isinstance(output, torch.Tensor) or len(output) < 2 else output[1]
+            if pattern is None:
+                raise DolmRuntimeError(
+                    f"layer {layer}: the attention module returned no attention pattern; "
+                    "it needs the eager attention implementation"
+                )
+            for name in names:
+                store(name, pattern)
 
         return hook
 
@@ -265,7 +318,7 @@ class Trace:
             for name, head, fn in write_items:
                 xv[..., head, :] = apply(name, fn, xv[..., head, :])
             if has_reads:
-                views[layer] = xv.detach() if detach else xv
+                views[layer] = (xv.detach() if detach else xv).clone()
             if write_items:
                 return _with_input(args, kwargs, x)
             return None
@@ -282,33 +335,44 @@ class Trace:
                 if cur != "eager":
                     self._saved_attn_impl = cur
                     model.set_attn_implementation("eager")
+            logit_ops = ad.logit_ops
             for key, group in self.plan.items():
                 reads, writes = group["read"], group["write"]
                 kind = key[0]
+                fwd = dict(with_kwargs=True)
                 if kind == "embed":
-                    h = ad.embed.register_forward_hook(self._simple_forward_hook(reads, writes))
+                    h = ad.embed.register_forward_hook(
+                        self._simple_forward_hook(reads, writes), **fwd)
                 elif kind == "final_norm":
                     h = ad.final_norm.register_forward_hook(
-                        self._simple_forward_hook(reads, writes)
-                    )
+                        self._simple_forward_hook(reads, writes), **fwd)
                 elif kind == "logits":
-                    h = ad.unembed.register_forward_hook(self._simple_forward_hook(reads, writes))
+                    maps = (None, None) if not logit_ops else (
+                        lambda t, a, k: apply_ops(t, logit_ops),
+                        lambda t, a, k: invert_ops(t, logit_ops))
+                    h = ad.unembed.register_forward_hook(
+                        self._simple_forward_hook(reads, writes, *maps), **fwd)
                 elif kind == "block_pre":
                     h = ad.block(key[1]).register_forward_pre_hook(
                         self._block_pre_hook(key[1], reads, writes), with_kwargs=True
                     )
                 elif kind == "block":
                     h = ad.block(key[1]).register_forward_hook(
-                        self._simple_forward_hook(reads, writes)
-                    )
+                        self._simple_forward_hook(reads, writes), **fwd)
                 elif kind == "attn":
+                    h = ad.attn_out_module(key[1]).register_forward_hook(
+                        self._attn_hook(key[1], reads, writes), **fwd)
+                elif kind == "attn_pat":
                     h = ad.block_module(key[1], "attn").register_forward_hook(
-                        self._attn_hook(key[1], reads, writes)
-                    )
+                        self._pattern_hook(key[1], reads))
                 elif kind == "mlp":
-                    h = ad.block_module(key[1], "mlp").register_forward_hook(
-                        self._simple_forward_hook(reads, writes)
-                    )
+                    maps = self._contribution_maps("mlp")
+                    h = ad.mlp_out_module(key[1]).register_forward_hook(
+                        self._simple_forward_hook(reads, writes, *maps), **fwd)
+                elif kind == "mixer":
+                    h = ad.block_module(key[1], "mixer").register_forward_hook(
+                        self._simple_forward_hook(reads, writes,
+                                                  *self._contribution_maps("mixer")), **fwd)
                 elif kind == "attn_o":
                     h = ad.block_module(key[1], "attn_o").register_forward_pre_hook(
                         self._attn_o_pre_hook(key[1], reads, writes), with_kwargs=True

@@ -173,6 +173,17 @@ def _cache_file() -> Path:
 _MEM_CACHE: dict[str, str] = {}
 
 
+def write_cache_json(path: Path, data: dict) -> None:
+    """Replace a JSON cache file atomically; a cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def _file_sha256(path: Path, disk: dict) -> tuple[str, bool]:
     real = path.resolve()
     if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
@@ -211,13 +222,7 @@ def weights_sha256(folder) -> str | None:
         hashes.append((f.name, digest))
         new |= fresh
     if new:
-        try:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(disk, indent=0, sort_keys=True))
-            os.replace(tmp, cache_path)
-        except OSError:
-            pass
+        write_cache_json(cache_path, disk)
     if len(hashes) == 1:
         return hashes[0][1]
     lines = "".join(f"{d}  {n}\n" for n, d in hashes)
@@ -292,14 +297,15 @@ def _load(spec, folder, source, resolved_rev, dtype, device, device_map, load_in
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from dolm.models.adapters import spec_for
+    from dolm.models.adapters import arch_for, refuse_config
     from dolm.models.loaded import LoadedModel
+    from dolm.models.verify import ensure_verified
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise InputError(f"--model {spec!r}: cannot read {folder}/config.json: {exc}") from None
-    arch = spec_for(getattr(config, "model_type", None), where=f"--model {spec!r}")
+    refuse_config(config, where=f"--model {spec!r}")
 
     dev = pick_device(device)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
@@ -349,6 +355,10 @@ def _load(spec, folder, source, resolved_rev, dtype, device, device_map, load_in
     model.eval()
     model.requires_grad_(False)
     try:
+        arch = arch_for(model)
+    except InputError as exc:
+        raise InputError(f"--model {spec!r}: {exc}") from None
+    try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise InputError(
@@ -372,4 +382,6 @@ def _load(spec, folder, source, resolved_rev, dtype, device, device_map, load_in
         "device": dev if device_map is None else f"device_map={device_map}",
         "n_params": n_params,
     }
-    return LoadedModel(model, tokenizer, arch, info)
+    lm = LoadedModel(model, tokenizer, arch, info)
+    ensure_verified(lm, where=f"--model {spec!r}")
+    return lm

@@ -10,6 +10,8 @@ site               what                                          shape
 ``resid_post.L``   output of block L                             (batch, seq, d_model)
 ``attn_out.L``     attention output added to the residual        (batch, seq, d_model)
 ``mlp_out.L``      MLP output added to the residual              (batch, seq, d_model)
+``mixer_out.L``    state-space mixer output added to the         (batch, seq, d_model)
+                   residual (Mamba-style blocks only)
 ``head.L.H``       head H's slice of the input of the attention  (batch, seq, d_head)
                    output projection (before the projection)
 ``attn.L``         attention pattern, read-only                  (batch, heads, q, k)
@@ -20,6 +22,13 @@ site               what                                          shape
 Patterns put ``*`` for an index: ``resid_post.*``, ``head.3.*``, ``head.*.*``.
 For parallel-residual blocks (GPT-NeoX, GPT-J) ``resid_mid.L`` is still defined as
 ``resid_pre.L + attn_out.L`` although the MLP reads ``resid_pre.L``.
+
+Sites are always what the block adds to the residual stream: with a post-output norm
+(Gemma 2) ``attn_out.L`` is the norm's output, with a residual multiplier (Granite)
+it is the scaled output, and ``logits`` are the model's own (after Cohere's scale or
+Gemma 2's soft-cap). Heads are the input of the attention output projection, so on
+post-norm models they sum (through the projection) to the attention output *before*
+its post-norm. A kind an architecture lacks (heads on Mamba) is refused with the reason.
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ from typing import NamedTuple
 from dolm.errors import InputError
 
 GLOBAL_KINDS = ("embed", "final_norm", "logits")
-LAYER_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn")
+LAYER_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn",
+               "mixer_out")
 HEAD_KINDS = ("head",)
 READ_ONLY_KINDS = ("attn",)
 ALL_KINDS = GLOBAL_KINDS[:1] + LAYER_KINDS + HEAD_KINDS + GLOBAL_KINDS[1:]
@@ -51,24 +61,29 @@ class Site(NamedTuple):
         return f"{self.kind}.{self.layer}.{self.head}"
 
 
-def valid_forms(n_layers: int, n_heads: int) -> str:
-    return (
-        "valid sites: embed, resid_pre.L, resid_mid.L, resid_post.L, attn_out.L, mlp_out.L, "
-        f"attn.L (L in 0..{n_layers - 1} or *), head.L.H (H in 0..{n_heads - 1} or *), "
-        "final_norm, logits"
-    )
+def valid_forms(n_layers: int, n_heads: int, unavailable=()) -> str:
+    layer = [k for k in LAYER_KINDS if k not in unavailable]
+    text = "valid sites: embed, " + ", ".join(f"{k}.L" for k in layer)
+    text += f" (L in 0..{n_layers - 1} or *)"
+    heads = [k for k in HEAD_KINDS if k not in unavailable]
+    if heads and n_heads:
+        text += ", " + ", ".join(f"{k}.L.H" for k in heads) + f" (H in 0..{n_heads - 1} or *)"
+    return text + ", final_norm, logits"
 
 
 class SiteSpace:
     """Parses and expands site names for a model with ``n_layers`` and ``n_heads``."""
 
-    def __init__(self, n_layers: int, n_heads: int):
+    def __init__(self, n_layers: int, n_heads: int, unavailable: dict | None = None):
         self.n_layers = n_layers
         self.n_heads = n_heads
+        # kind -> why this architecture has no such site
+        self.unavailable = dict(unavailable or {})
         self._cache: dict[str, Site] = {}
 
     def _bad(self, site: str, why: str) -> InputError:
-        return InputError(f"site {site!r}: {why}; {valid_forms(self.n_layers, self.n_heads)}")
+        forms = valid_forms(self.n_layers, self.n_heads, self.unavailable)
+        return InputError(f"site {site!r}: {why}; {forms}")
 
     def _index(self, site: str, text: str, n: int, what: str) -> int | None:
         """Parse one index; ``None`` for ``*``."""
@@ -87,6 +102,8 @@ class SiteSpace:
             raise InputError(f"site {site!r}: expected a string")
         parts = site.strip().split(".")
         kind = parts[0]
+        if kind in self.unavailable:
+            raise self._bad(site, f"this model has no {kind} sites: {self.unavailable[kind]}")
         if kind in GLOBAL_KINDS:
             if len(parts) != 1:
                 raise self._bad(site, f"{kind} takes no index")
