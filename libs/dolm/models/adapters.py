@@ -220,11 +220,17 @@ def supported_model_types() -> list[str]:
     return sorted(_BY_MODEL_TYPE)
 
 
+def _seq2seq_types() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+
 def refuse_config(config, where: str = "") -> None:
     """InputError for configs dolm never serves: encoder-decoder and encoder-only types."""
     pre = f"{where}: " if where else ""
     mt = getattr(config, "model_type", None)
-    if getattr(config, "is_encoder_decoder", False):
+    if getattr(config, "is_encoder_decoder", False) or mt in _seq2seq_types():
         raise InputError(f"{pre}model_type {mt!r} is an encoder-decoder model; dolm serves "
                          "decoder-only causal language models")
     if mt in ENCODER_TYPES:

@@ -113,7 +113,9 @@ def build(model_type: str, out_dir: Path, seed: int = 0) -> Path:
     from dolm.models.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer("gpt", vocab_size=200)
-    ids = torch.tensor([tok("- the cat sat on the mat.")["input_ids"]])
+    ids = torch.tensor([tok("- the cat sat on the mat.")["input_ids"]] * 2)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # a padded row, as dolm runs it
     problem = None
     # grouped-query attention first; some attention kinds (MLA) need as many kv heads
     for extra in ({}, {"num_key_value_heads": 4, "num_kv_heads": 4}):
@@ -129,7 +131,7 @@ def build(model_type: str, out_dir: Path, seed: int = 0) -> Path:
         model.eval()
         try:  # the model's own forward must run before dolm is asked anything
             with torch.no_grad():
-                model(input_ids=ids)
+                model(input_ids=ids, attention_mask=mask)
             problem = None
             break
         except Exception as exc:

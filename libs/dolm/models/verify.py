@@ -241,3 +241,26 @@ def _verify(lm, texts, checks):
         single = lm.forward(one).logits[0]
         k = enc.lengths[i]
         check(f"padding: prompt {i} alone = its padded row", logits[i, :k], single[:k], None)
+
+
+def validate_model(spec: str, quiet: bool = False, echo=None) -> int:
+    """``dolm-validate --model SPEC``: load without the cached verdict, run every
+    identity, print one line each (failures always); 0 when all hold, else 3."""
+    import sys
+
+    from dolm.models.loading import load
+
+    echo = echo or (lambda text: print(text, file=sys.stderr))
+    lm = load(spec, verify=False)
+    checks = verify(lm)
+    failed = [c for c in checks if not c.ok]
+    for c in checks:
+        if not c.ok or not quiet:
+            echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    if failed:
+        echo(f"dolm-validate: error: {failure_message(lm, failed, f'--model {spec!r}')}")
+        return 3
+    _write_cache(cache_key(lm))
+    print(f"--model {spec}: ok ({lm.info.get('model_type')}, adapter {lm.adapter.name}: "
+          f"{lm.adapter.describe()}; {len(checks)} identities hold)")
+    return 0
