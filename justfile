@@ -39,7 +39,7 @@ lint:
     ruff check .
 
 # Every causal-LM type of the installed transformers, built tiny and loaded through dolm:
-# SUPPORTED / REFUSED / SKIPPED into docs/models.md (about 4.5 minutes on one core).
+# SUPPORTED / REFUSED / SKIPPED into docs/models.md (about 5 minutes on one busy core).
 census:
     OMP_NUM_THREADS=1 python -m dolm.models.census --out docs/models.md
 

@@ -3,7 +3,7 @@ the identities of ``dolm.models.verify`` before a model is served.
 
 A fast subset of the census (one type per layout dolm knows, plus the refusals) runs here;
 the whole census over every causal-LM type of the installed transformers is
-``just census`` (about 4.5 minutes on one core; it writes docs/models.md).
+``just census`` (about 5 minutes on one core; it writes docs/models.md).
 """
 
 from __future__ import annotations

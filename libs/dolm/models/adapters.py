@@ -477,6 +477,29 @@ def invert_ops(x, ops):
     return x
 
 
+def _qkv_problem(attn) -> str | None:
+    """Why q/k/v/pattern sites cannot be served on this attention module (None: they can):
+    they need the module to call transformers' attention interface and its modeling file
+    to define the eager attention function."""
+    import sys
+
+    mods = [attn] + [m for m in attn.children() if "att" in type(m).__name__.lower()]
+    for mod in mods:
+        try:
+            src = inspect.getsource(type(mod).forward)
+        except (OSError, TypeError):
+            continue
+        if "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src:
+            eager = getattr(sys.modules.get(type(mod).__module__), "eager_attention_forward",
+                            None)
+            if eager is None:
+                return (f"{type(mod).__name__}'s modeling file defines no eager attention "
+                        "function to compute q/k/v and patterns through")
+            return None
+    return (f"{type(attn).__name__} does not call transformers' attention interface, where "
+            "dolm reads queries, keys, values and patterns")
+
+
 class Adapter:
     """An :class:`ArchSpec` bound to one loaded model: resolves paths to modules.
 
@@ -513,6 +536,11 @@ class Adapter:
         self.pre_unembed = tuple((op, _config_value(cfg, v)) for op, v in spec.pre_unembed)
         self.logit_ops = tuple((op, _config_value(cfg, v)) for op, v in spec.logit_ops)
         self.unavailable = dict(spec.unavailable)
+        if spec.attn is not None and "q" not in self.unavailable:
+            why = _qkv_problem(self.layers[0].get_submodule(spec.attn))
+            if why:
+                for kind in ("q", "k", "v", "pattern"):
+                    self.unavailable[kind] = why
         if spec.mixer is None:
             self.unavailable["mixer_out"] = ("its blocks have attention and an MLP "
                                              "(mixer_out is for state-space blocks)")

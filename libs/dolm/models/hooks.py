@@ -17,6 +17,11 @@ copies taken at hook time (detached unless ``detach=False``): a model that later
 the tensor in place (Falcon adds the attention output into the MLP output with ``+=``)
 does not change what was read.
 
+``q``/``k``/``v``/``pattern`` sites run inside the attention function: the trace switches
+the model to ``dolm_eager`` (registered with transformers' attention and mask interfaces),
+which calls the model's own eager attention function with the trace's reads and writes
+applied to its inputs and probabilities, and restores the implementation on exit.
+
 transformers 5 quirks handled here: blocks return a tensor for most architectures but a
 tuple for some (GPT-J); attention modules return ``(out, weights)`` with ``weights``
 ``None`` unless the eager implementation runs; hidden states may be passed
@@ -32,6 +37,41 @@ import torch
 from dolm.errors import DolmRuntimeError, InputError
 from dolm.models.adapters import apply_ops, invert_ops
 from dolm.models.sites import READ_ONLY_KINDS
+
+QKV_KINDS = ("q", "k", "v", "pattern")
+ATTN_IMPL = "dolm_eager"
+"""The attention implementation a trace with q/k/v/pattern sites switches to: the model's
+own eager attention function, called through :func:`_dolm_attention`."""
+_HANDLERS: dict[int, object] = {}  # id(attention module) -> handler of the active trace
+_REGISTERED = False
+
+
+def eager_function(module):
+    """The eager attention function of ``module``'s modeling file, or None."""
+    import sys
+
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def _dolm_attention(module, query, key, value, attention_mask, **kwargs):
+    eager = eager_function(module)
+    handler = _HANDLERS.get(id(module))
+    if handler is None:
+        return eager(module, query, key, value, attention_mask, **kwargs)
+    return handler(eager, module, query, key, value, attention_mask, **kwargs)
+
+
+def register_attention() -> None:
+    """Register :data:`ATTN_IMPL` with transformers (eager masks, :func:`_dolm_attention`)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTN_IMPL, _dolm_attention)
+    AttentionMaskInterface.register(ATTN_IMPL, eager_mask)
+    _REGISTERED = True
 
 
 def _first(output):
@@ -105,6 +145,8 @@ class Trace:
                     "resid_mid.L or head.L.H instead"
                 )
         self.needs_eager = any(s.kind == "attn" for s in reads)
+        self.needs_fn = any(s.kind in QKV_KINDS for s in reads + [w for w, _ in writes])
+        self._fn_modules: list[int] = []
         # group by module: key -> {"read": [...], "write": [...]}
         plan: dict[tuple, dict[str, list]] = defaultdict(lambda: {"read": [], "write": []})
         for site in reads:
@@ -137,6 +179,8 @@ class Trace:
             return ("mixer", site.layer)
         if kind == "head":
             return ("attn_o", site.layer)
+        if kind in QKV_KINDS:
+            return ("attn_fn", site.layer)
         raise AssertionError(kind)
 
     def _contribution_maps(self, part: str):
@@ -302,6 +346,44 @@ class Trace:
 
         return hook
 
+    def _attn_fn_handler(self, layer, reads, writes):
+        """Handler run by :func:`_dolm_attention` for layer ``layer``: q/k/v reads and
+        writes on the attention function's inputs, pattern reads and writes on its
+        probabilities (a pattern write adds ``(new - old) @ V`` to the output: the
+        output is linear in the probabilities)."""
+        apply, store = self._apply, self._store
+        qkv_writes = [(s, fn) for s, fn in writes if s.kind != "pattern"]
+        pat_writes = [(s, fn) for s, fn in writes if s.kind == "pattern"]
+        qkv_reads = [s for s in reads if s.kind != "pattern"]
+        pat_reads = [s for s in reads if s.kind == "pattern"]
+
+        def handler(eager, module, query, key, value, attention_mask, **kwargs):
+            group = query.shape[1] // key.shape[1]
+            ts = {"q": query, "k": key, "v": value}
+            for kind in {s.kind for s, _ in qkv_writes}:
+                ts[kind] = ts[kind].clone()
+            for site, fn in qkv_writes:
+                t = ts[site.kind]
+                idx = site.head if site.kind == "q" else site.head // group
+                t[:, idx] = apply(site.name, fn, t[:, idx])
+            for site in qkv_reads:
+                idx = site.head if site.kind == "q" else site.head // group
+                store(site.name, ts[site.kind][:, idx])
+            out, weights = eager(module, ts["q"], ts["k"], ts["v"], attention_mask, **kwargs)
+            if pat_writes:
+                new = weights.clone()
+                for site, fn in pat_writes:
+                    new[:, site.head] = apply(site.name, fn, new[:, site.head])
+                vrep = ts["v"].repeat_interleave(group, dim=1) if group > 1 else ts["v"]
+                delta = (new - weights).to(vrep.dtype) @ vrep  # (B, H, q, d)
+                out = out + delta.transpose(1, 2).to(out.dtype)
+                weights = new
+            for site in pat_reads:
+                store(site.name, weights[:, site.head])
+            return out, weights
+
+        return handler
+
     def _attn_o_pre_hook(self, layer, reads, writes):
         n_heads = self.lm.n_heads
         for s in reads:
@@ -330,11 +412,14 @@ class Trace:
         ad = self.lm.adapter
         model = self.lm.model
         try:
-            if self.needs_eager:
+            want = ATTN_IMPL if self.needs_fn else ("eager" if self.needs_eager else None)
+            if want is not None:
                 cur = model.config._attn_implementation
-                if cur != "eager":
+                if cur != want:
+                    if want == ATTN_IMPL:
+                        register_attention()
                     self._saved_attn_impl = cur
-                    model.set_attn_implementation("eager")
+                    model.set_attn_implementation(want)
             logit_ops = ad.logit_ops
             for key, group in self.plan.items():
                 reads, writes = group["read"], group["write"]
@@ -373,6 +458,12 @@ class Trace:
                     h = ad.block_module(key[1], "mixer").register_forward_hook(
                         self._simple_forward_hook(reads, writes,
                                                   *self._contribution_maps("mixer")), **fwd)
+                elif kind == "attn_fn":
+                    handler = self._attn_fn_handler(key[1], reads, writes)
+                    for m in ad.block_module(key[1], "attn").modules():
+                        _HANDLERS[id(m)] = handler
+                        self._fn_modules.append(id(m))
+                    continue
                 elif kind == "attn_o":
                     h = ad.block_module(key[1], "attn_o").register_forward_pre_hook(
                         self._attn_o_pre_hook(key[1], reads, writes), with_kwargs=True
@@ -389,6 +480,9 @@ class Trace:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for key in self._fn_modules:
+            _HANDLERS.pop(key, None)
+        self._fn_modules.clear()
         self._resid_pre.clear()
         if self._saved_attn_impl is not None:
             self.lm.model.set_attn_implementation(self._saved_attn_impl)

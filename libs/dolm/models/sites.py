@@ -14,6 +14,17 @@ site               what                                          shape
                    residual (Mamba-style blocks only)
 ``head.L.H``       head H's slice of the input of the attention  (batch, seq, d_head)
                    output projection (before the projection)
+``q.L.H``          query of head H as the attention function     (batch, seq, d_qk)
+                   receives it (after the projection, any q/k
+                   norm and rotary embedding)
+``k.L.H``          key of the kv head serving query head H:      (batch, seq, d_qk)
+                   under grouped-query attention (n_kv_heads <
+                   n_heads) kv head ``H // (n_heads/n_kv_heads)``;
+                   writing it changes that kv head for every
+                   query head of its group
+``v.L.H``          value, mapped as ``k.L.H``                    (batch, seq, d_head)
+``pattern.L.H``    attention probabilities of head H (read and   (batch, q, k)
+                   write; runs the model's own eager attention)
 ``attn.L``         attention pattern, read-only                  (batch, heads, q, k)
 ``final_norm``     final norm output                             (batch, seq, d_model)
 ``logits``         unembedding output                            (batch, seq, d_vocab)
@@ -40,7 +51,7 @@ from dolm.errors import InputError
 GLOBAL_KINDS = ("embed", "final_norm", "logits")
 LAYER_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn",
                "mixer_out")
-HEAD_KINDS = ("head",)
+HEAD_KINDS = ("head", "q", "k", "v", "pattern")
 READ_ONLY_KINDS = ("attn",)
 ALL_KINDS = GLOBAL_KINDS[:1] + LAYER_KINDS + HEAD_KINDS + GLOBAL_KINDS[1:]
 
@@ -67,7 +78,9 @@ def valid_forms(n_layers: int, n_heads: int, unavailable=()) -> str:
     text += f" (L in 0..{n_layers - 1} or *)"
     heads = [k for k in HEAD_KINDS if k not in unavailable]
     if heads and n_heads:
-        text += ", " + ", ".join(f"{k}.L.H" for k in heads) + f" (H in 0..{n_heads - 1} or *)"
+        text += f", {heads[0]}.L.H (H in 0..{n_heads - 1} or *)"
+        if heads[1:]:
+            text += ", " + ", ".join(f"{k}.L.H" for k in heads[1:]) + " (same H)"
     return text + ", final_norm, logits"
 
 
@@ -114,7 +127,7 @@ class SiteSpace:
             return kind, self._index(site, parts[1], self.n_layers, "layer"), None
         if kind in HEAD_KINDS:
             if len(parts) != 3:
-                raise self._bad(site, "head takes two indices (layer and head)")
+                raise self._bad(site, f"{kind} takes two indices (layer and head)")
             layer = self._index(site, parts[1], self.n_layers, "layer")
             head = self._index(site, parts[2], self.n_heads, "head")
             return kind, layer, head
