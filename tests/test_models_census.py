@@ -27,6 +27,7 @@ CASES = {
     "bloom": ("SUPPORTED", "residual inside attn+mlp"),
     "mpt": ("SUPPORTED", "residual inside mlp"),
     "biogpt": ("SUPPORTED", "no-mlp-module"),
+    "opt": ("SUPPORTED", "no-mlp-module"),  # its MLP runs on (batch * seq, d)
     "mixtral": ("SUPPORTED", "sequential"),
     "deepseek_v3": ("SUPPORTED", "sequential"),
     "mamba": ("SUPPORTED", "ssm"),
@@ -159,3 +160,16 @@ def test_identity_failure_refuses_on_load(built, monkeypatch):
     monkeypatch.setattr(adapters, "EXTRAS", broken)
     with pytest.raises(InputError, match="identity 'resid_post.0 = resid_pre \\+ attn_out"):
         load(path)
+
+
+def test_dla_refuses_nonlinear_logits_and_post_norm_heads(built):
+    from dolm.models import load
+    from dolm_tools.dla.core import check_decomposable
+
+    gemma2 = load(str(built("gemma2")))
+    with pytest.raises(InputError, match="softcap 30"):
+        check_decomposable(gemma2, heads=False)
+    olmo2 = load(str(built("olmo2")))
+    check_decomposable(olmo2, heads=False)  # post-norm outputs still sum linearly
+    with pytest.raises(InputError, match="--heads: olmo2 .*post-norm"):
+        check_decomposable(olmo2, heads=True)

@@ -346,6 +346,25 @@ class Trace:
 
         return hook
 
+    def _unflatten_maps(self, layer):
+        """OPT-style blocks run the MLP on (batch * seq, d): the site is reshaped to the
+        block input's (batch, seq, d), recorded by a pre-hook on the block."""
+        shapes: dict[int, torch.Size] = {}
+
+        def record(module, args, kwargs):
+            shapes[layer] = _input_of(args, kwargs).shape
+
+        self._handles.append(self.lm.adapter.block(layer).register_forward_pre_hook(
+            record, with_kwargs=True))
+
+        def to_site(t, args, kwargs):
+            return t.reshape(shapes[layer]) if t.dim() == 2 else t
+
+        def from_site(t, args, kwargs):
+            return t.reshape(-1, t.shape[-1]) if _first(args).dim() == 2 else t
+
+        return to_site, from_site
+
     def _attn_fn_handler(self, layer, reads, writes):
         """Handler run by :func:`_dolm_attention` for layer ``layer``: q/k/v reads and
         writes on the attention function's inputs, pattern reads and writes on its
@@ -452,6 +471,8 @@ class Trace:
                         self._pattern_hook(key[1], reads))
                 elif kind == "mlp":
                     maps = self._contribution_maps("mlp")
+                    if maps == (None, None):
+                        maps = self._unflatten_maps(key[1])
                     h = ad.mlp_out_module(key[1]).register_forward_hook(
                         self._simple_forward_hook(reads, writes, *maps), **fwd)
                 elif kind == "mixer":
