@@ -173,3 +173,28 @@ def test_dla_refuses_nonlinear_logits_and_post_norm_heads(built):
     check_decomposable(olmo2, heads=False)  # post-norm outputs still sum linearly
     with pytest.raises(InputError, match="--heads: olmo2 .*post-norm"):
         check_decomposable(olmo2, heads=True)
+
+
+def test_moe_router_sites(built):
+    from dolm.models import load
+
+    lm = load(str(built("mixtral")))
+    enc = lm.encode(["the cat sat on the mat", "a dog"])
+    gate = lm.adapter.block_module(1, "router")
+    seen = {}
+    h = gate.register_forward_hook(lambda m, a, o: seen.__setitem__("logits", o[0].clone()))
+    try:
+        with torch.no_grad(), lm.trace(read=["router.1", "mlp_out.1"]) as tr:
+            lm.forward(enc)
+    finally:
+        h.remove()
+    b, s = enc.input_ids.shape
+    n_experts = lm.config.num_local_experts
+    assert tr["router.1"].shape == (b, s, n_experts)
+    assert torch.equal(tr["router.1"].reshape(b * s, n_experts), seen["logits"])
+    with pytest.raises(InputError, match="read-only"):
+        lm.trace(write={"router.0": lambda a, i: a})
+    with pytest.raises(InputError, match="fused"):
+        lm.expand_sites("expert.0.1")
+    with pytest.raises(InputError, match="not a mixture of experts"):
+        load(str(built("olmo"))).expand_sites("router.0")

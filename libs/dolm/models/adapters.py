@@ -88,6 +88,7 @@ class ArchSpec:
     residual_inside: tuple = ()  # parts ("attn", "mlp") that add their residual argument
     pre_unembed: tuple = ()
     logit_ops: tuple = ()
+    router: str | None = None  # mixture-of-experts router inside a block (router.L)
     unavailable: tuple = field(default=())  # ((kind, reason), ...)
 
     @property
@@ -405,12 +406,16 @@ def detect(model) -> ArchSpec:
     if o_name is None:
         unavailable.append(("head", f"the attention module {type(attn_mod).__name__} has no "
                                     "output projection dolm can split into heads"))
+    mlp_mod = block.get_submodule(mlp)
+    router = next((f"{mlp}.{n}" for n in ("gate", "router")
+                   if "router" in type(_child(mlp_mod, n)).__name__.lower()), None)
     residual_inside = tuple(part for part, mod in (("attn", attn_mod),
                                                    ("mlp", block.get_submodule(mlp)))
                             if _takes(mod, "residual"))
     return ArchSpec(
         name=mt, attn=attn, attn_o=f"{attn}.{o_name}" if o_name else None, mlp=mlp, ln1=ln1,
         ln2=ln2, post_attn_norm=post_attn, post_mlp_norm=post_mlp, parallel=parallel,
+        router=router,
         residual_inside=residual_inside, unavailable=tuple(unavailable), **common,
     )
 
@@ -541,6 +546,15 @@ class Adapter:
             if why:
                 for kind in ("q", "k", "v", "pattern"):
                     self.unavailable[kind] = why
+        if spec.router is None:
+            self.unavailable.setdefault("router", "its MLP is not a mixture of experts with a "
+                                                  "router module")
+            self.unavailable.setdefault("expert", self.unavailable["router"])
+        else:
+            experts = _child(self.layers[0], spec.router.rpartition(".")[0] + ".experts")
+            self.unavailable["expert"] = (
+                f"the experts are fused into one {type(experts).__name__} module, so one "
+                "expert's output is no module's output; read router.L or mlp_out.L")
         if spec.mixer is None:
             self.unavailable["mixer_out"] = ("its blocks have attention and an MLP "
                                              "(mixer_out is for state-space blocks)")
@@ -562,7 +576,7 @@ class Adapter:
 
     def block_module(self, layer: int, part: str):
         """``part``: ``attn``, ``attn_o``, ``mlp``, ``ln1``, ``ln2``, ``post_attn_norm``,
-        ``post_mlp_norm``, ``mixer``."""
+        ``post_mlp_norm``, ``mixer``, ``router``."""
         path = getattr(self.spec, part)
         if path is None:
             raise InputError(f"architecture {self.spec.name!r} has no {part} module")

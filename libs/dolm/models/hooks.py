@@ -140,9 +140,11 @@ class Trace:
         writes = [(space.parse(n), fn) for n, fn in write_items]
         for site, _ in writes:
             if site.kind in READ_ONLY_KINDS:
+                what = "router logits: routing is decided inside the MoE block" \
+                    if site.kind == "router" else "attention pattern; write pattern.L.H"
                 raise InputError(
-                    f"site {site.name!r} is read-only (attention pattern); write attn_out.L, "
-                    "resid_mid.L or head.L.H instead"
+                    f"site {site.name!r} is read-only ({what}); write attn_out.L, "
+                    "resid_mid.L, mlp_out.L or head.L.H instead"
                 )
         self.needs_eager = any(s.kind == "attn" for s in reads)
         self.needs_fn = any(s.kind in QKV_KINDS for s in reads + [w for w, _ in writes])
@@ -177,6 +179,8 @@ class Trace:
             return ("mlp", site.layer)
         if kind == "mixer_out":
             return ("mixer", site.layer)
+        if kind == "router":
+            return ("router", site.layer)
         if kind == "head":
             return ("attn_o", site.layer)
         if kind in QKV_KINDS:
@@ -358,7 +362,7 @@ class Trace:
             record, with_kwargs=True))
 
         def to_site(t, args, kwargs):
-            return t.reshape(shapes[layer]) if t.dim() == 2 else t
+            return t.reshape(*shapes[layer][:-1], t.shape[-1]) if t.dim() == 2 else t
 
         def from_site(t, args, kwargs):
             return t.reshape(-1, t.shape[-1]) if _first(args).dim() == 2 else t
@@ -475,6 +479,10 @@ class Trace:
                         maps = self._unflatten_maps(key[1])
                     h = ad.mlp_out_module(key[1]).register_forward_hook(
                         self._simple_forward_hook(reads, writes, *maps), **fwd)
+                elif kind == "router":
+                    to_site, _ = self._unflatten_maps(key[1])
+                    h = ad.block_module(key[1], "router").register_forward_hook(
+                        self._simple_forward_hook(reads, [], to_site), **fwd)
                 elif kind == "mixer":
                     h = ad.block_module(key[1], "mixer").register_forward_hook(
                         self._simple_forward_hook(reads, writes,

@@ -26,6 +26,10 @@ site               what                                          shape
 ``pattern.L.H``    attention probabilities of head H (read and   (batch, q, k)
                    write; runs the model's own eager attention)
 ``attn.L``         attention pattern, read-only                  (batch, heads, q, k)
+``router.L``       router logits of a mixture-of-experts MLP,     (batch, seq, experts)
+                   read-only (``mlp_out.L`` stays the whole MoE
+                   output; ``expert.L.E`` is refused: transformers
+                   5 fuses the experts into one module)
 ``final_norm``     final norm output                             (batch, seq, d_model)
 ``logits``         unembedding output                            (batch, seq, d_vocab)
 =================  ===========================================  =========================
@@ -50,9 +54,9 @@ from dolm.errors import InputError
 
 GLOBAL_KINDS = ("embed", "final_norm", "logits")
 LAYER_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn",
-               "mixer_out")
+               "mixer_out", "router")
 HEAD_KINDS = ("head", "q", "k", "v", "pattern")
-READ_ONLY_KINDS = ("attn",)
+READ_ONLY_KINDS = ("attn", "router")
 ALL_KINDS = GLOBAL_KINDS[:1] + LAYER_KINDS + HEAD_KINDS + GLOBAL_KINDS[1:]
 
 
