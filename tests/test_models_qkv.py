@@ -172,3 +172,15 @@ def test_q_k_v_pattern_grids_equal_transformer_lens(tiny_lm):
                     ours[layer, h] = metric(lm.model(input_ids=corrupt).logits)
         assert ours.abs().max() > 1e-4
         assert torch.allclose(ours, ref.float(), atol=1e-4), kind
+
+
+def test_site_widths_match_reads(tiny_lm):
+    from dolm.errors import InputError
+    from dolm_tools.collect_acts.collect import widths
+
+    lm = tiny_lm("llama")
+    names = ["q.1.0", "k.1.3", "v.1.2", "head.0.1", "resid_post.2", "logits"]
+    _, tr = _logits(lm, read=names)
+    assert widths(lm, names) == {n: tr[n].shape[-1] for n in names}
+    with pytest.raises(InputError, match="not one vector per token"):
+        widths(lm, ["pattern.1.0"])

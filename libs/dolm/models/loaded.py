@@ -194,6 +194,27 @@ class LoadedModel:
         """``Site(kind, layer, head)`` for a concrete site name."""
         return self.sites.parse(site)
 
+    def site_width(self, site: str) -> int:
+        """Width of the last axis of a per-position site (``d_model``, ``d_head``, ...);
+        InputError for sites that are not one vector per position (``attn.L``,
+        ``pattern.L.H``: (query, key) matrices)."""
+        kind = self.parse_site(site).kind
+        cfg = self.config
+        if kind in ("attn", "pattern"):
+            raise InputError(f"site {site!r} is a (query, key) matrix per prompt, not one "
+                             "vector per token position")
+        if kind == "head":
+            return int(self.d_head)
+        if kind in ("q", "k"):
+            return int(_cfg(cfg, "qk_head_dim", "head_dim") or self.d_head)
+        if kind == "v":
+            return int(_cfg(cfg, "v_head_dim", "head_dim") or self.d_head)
+        if kind == "router":
+            return int(_cfg(cfg, "num_local_experts", "num_experts", "n_routed_experts"))
+        if kind == "logits":
+            return int(self.d_vocab)
+        return int(self.d_model)
+
     def trace(self, read=(), write=None, *, batch_index=None, detach: bool = True) -> Trace:
         """Context manager reading ``read`` sites and applying ``write`` functions.
 
