@@ -63,6 +63,11 @@ lock:
 lint:
     ruff check .
 
+# Every causal-LM type of the installed transformers, built tiny and loaded through dolm:
+# SUPPORTED / REFUSED / SKIPPED into docs/models.md (about 5 minutes on one busy core).
+census:
+    OMP_NUM_THREADS=1 python -m dolm.models.census --out docs/models.md
+
 # The main job on the embedded model: prompts -> outcomes -> validate for every family,
 # every study at demo size, then one HTML report (runs/demo/report.html).
 demo:

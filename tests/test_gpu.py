@@ -74,3 +74,44 @@ def test_cuda_loading_keeps_invariants(tiny_model_dir, family, mode):
     logits = lm.run_from_layer(tr["resid_pre.1"], 1, enc.attention_mask.to(lm.device))
     diff = (logits.float().cpu() - out.logits.float().cpu())[m].abs().max()
     assert diff < (1e-4 if mode in ("fp32", "device_map") else 5e-2)
+
+
+# One architecture per layout beyond the named rows: post-norm + soft-cap (Gemma 2),
+# parallel with an in-place add (Falcon), MoE (Mixtral), state-space (Mamba). Built tiny
+# by the census; the identities of dolm.models.verify must hold as loaded on the GPU.
+LAYOUTS = ["gemma2", "falcon", "mixtral", "mamba"]
+
+
+@pytest.fixture(scope="module")
+def census_model(tmp_path_factory):
+    from dolm.models import census
+
+    built = {}
+
+    def get(model_type):
+        if model_type not in built:
+            built[model_type] = census.build(model_type,
+                                             tmp_path_factory.mktemp("gpu") / model_type)
+        return built[model_type]
+
+    return get
+
+
+@pytest.mark.parametrize("model_type", LAYOUTS)
+@pytest.mark.parametrize("mode", ["fp16", "device_map", "4bit"])
+def test_cuda_layouts_keep_identities(census_model, model_type, mode):
+    from dolm.models import load
+    from dolm.models.verify import verify
+
+    kw = {
+        "fp16": dict(device="cuda", dtype="float16"),
+        "device_map": dict(device_map="auto"),
+        "4bit": dict(device_map="auto", load_in_4bit=True),
+    }[mode]
+    if mode == "4bit":
+        pytest.importorskip("bitsandbytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = load(str(census_model(model_type)), verify=False, **kw)
+    failed = [(c.name, c.detail) for c in verify(lm) if not c.ok]
+    assert not failed, failed

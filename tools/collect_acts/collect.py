@@ -70,16 +70,8 @@ def model_fingerprint(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def widths(lm: Any, sites: list[str]) -> dict[str, int]:
-    out = {}
-    for s in sites:
-        kind = s.split(".")[0]
-        if kind == "head":
-            out[s] = int(lm.d_head)
-        elif kind == "logits":
-            out[s] = int(lm.d_vocab)
-        else:
-            out[s] = int(lm.d_model)
-    return out
+    """Per-position width of each site (InputError for pattern sites)."""
+    return {s: lm.site_width(s) for s in sites}
 
 
 def _same_file(a: str, b: str) -> bool:

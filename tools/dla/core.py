@@ -86,6 +86,23 @@ def final_norm_linear(lm: Any) -> NormLinear:
     return NormLinear(gamma=g, beta=b, eps=float(eps), centre=centre, name=cls)
 
 
+def check_decomposable(lm: Any, heads: bool) -> None:
+    """InputError when this model's logits or heads are not linear in the components:
+    a logit multiplier or soft-cap after the unembedding (Cohere, Granite, Gemma 2), or
+    heads that pass through a post-norm before the residual stream (Gemma 2/3, OLMo 2)."""
+    ad = lm.adapter
+    ops = [f"{op} {val:g}" for op, val in ad.pre_unembed + ad.logit_ops]
+    if ops:
+        raise InputError(
+            f"--model: {lm.info.get('model_type')} transforms the unembedding's output "
+            f"({', '.join(ops)}); dolm-dla attributes logits linearly and does not serve it")
+    if heads and ad.post_norm:
+        raise InputError(
+            f"--heads: {lm.info.get('model_type')} normalises the attention output after "
+            "the heads are summed (a post-norm), so heads do not add up to attn.L; run "
+            "without --heads")
+
+
 def unembed_matrix(lm: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W_U as (vocab, d) on its device, bias or None)."""
     m = lm.adapter.unembed
@@ -393,6 +410,7 @@ def run_dla(run: Any, *, df: Any, prompts: str, model_opts: Any, output: str, fo
     from dolm.models import iter_batched
 
     lm = load_model(model_opts, run=run)
+    check_decomposable(lm, heads)
     req = resolve(lm, df, prompts, metric=metric, target=target, foil=foil,
                   first_token=first_token)
     norm = final_norm_linear(lm)

@@ -1,5 +1,8 @@
 """``dolm-validate FILE...``: check dolm files against their schemas.
 
+``dolm-validate --model X`` loads model X and runs dolm's identities on it
+(:mod:`dolm.models.verify`), printing each; exit 3 when one fails.
+
 Every dataset, row and tensor is read (``--quick``: HDF5 layout only). Exit 0 when
 every file is valid, 3 when any is invalid (the first problems are named:
 file, column or dataset, expected vs found). A truncated or corrupt Parquet or HDF5
@@ -17,16 +20,27 @@ from dolm.cli import CONTEXT_SETTINGS, DolmCommand
 
 
 @click.command(name="dolm-validate", cls=DolmCommand, context_settings=CONTEXT_SETTINGS)
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("files", nargs=-1, required=False, type=click.Path(dir_okay=False))
 @click.option("--schema", default=None, help="Check against this schema instead of the file's own.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only problems.")
 @click.option("--quick", is_flag=True,
               help="HDF5: check layout and metadata only, without reading the datasets.")
-def main(files: tuple[str, ...], schema: str | None, quiet: bool, quick: bool) -> None:
+@click.option("--model", "model", default=None,
+              help="Load this model (toy, folder, hub id) and check dolm's identities on it.")
+def main(files: tuple[str, ...], schema: str | None, quiet: bool, quick: bool,
+         model: str | None) -> None:
     """Validate FILES against their dolm schemas, reading all their data (every table
     row, HDF5 chunk and tensor; NaN/inf where the schema forbids them; a DAG's graph).
-    A CSV/TSV file carries no schema: name one with --schema."""
+    A CSV/TSV file carries no schema: name one with --schema. With --model X, check a
+    model's identities instead."""
     from dolm.formats import validate_file
+
+    if model is not None:
+        from dolm.models.verify import validate_model
+
+        sys.exit(validate_model(model, quiet=quiet))
+    if not files:
+        raise click.UsageError("give FILES to validate, or --model X")
 
     bad = 0
     for path in files:

@@ -34,7 +34,12 @@ Batching: ``run_batched(n_items, fn, batch_size="auto"|int, *, max_batch_size=64
 ``iter_batched(...)`` (yields ``(start, stop, result)``), ``is_oom(exc)``,
 ``parse_batch_size(value)``.
 
-Sites: see :mod:`dolm.models.sites`. Adapters: :mod:`dolm.models.adapters`.
+Sites: see :mod:`dolm.models.sites` (also ``q.L.H``, ``k.L.H``, ``v.L.H``, ``pattern.L.H``
+inside the attention, ``mixer_out.L`` on state-space blocks). Adapters:
+:mod:`dolm.models.adapters` (named rows, else detected from the module structure).
+Verify, then trust: :mod:`dolm.models.verify` (identities run on first load, cached;
+``load(..., verify=False)`` skips them). The census of every causal-LM type:
+:mod:`dolm.models.census` (``just census`` -> docs/models.md).
 Tiny random models for tests/demos: :mod:`dolm.models.tiny`
 (``build_tiny_model(out_dir, family)``).
 """

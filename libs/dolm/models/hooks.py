@@ -13,7 +13,14 @@ A returned tensor is cast to the activation's dtype and device.
 Order inside one module: at the attention module ``attn_out.L`` is written first, then
 ``resid_mid.L`` (by adjusting ``attn_out.L`` to ``new_mid - resid_pre``). A read value
 is the value *after* any write at the same site (what flows downstream). Reads are
-references to the model's own tensors (detached unless ``detach=False``), no copies.
+copies taken at hook time (detached unless ``detach=False``): a model that later edits
+the tensor in place (Falcon adds the attention output into the MLP output with ``+=``)
+does not change what was read.
+
+``q``/``k``/``v``/``pattern`` sites run inside the attention function: the trace switches
+the model to ``dolm_eager`` (registered with transformers' attention and mask interfaces),
+which calls the model's own eager attention function with the trace's reads and writes
+applied to its inputs and probabilities, and restores the implementation on exit.
 
 transformers 5 quirks handled here: blocks return a tensor for most architectures but a
 tuple for some (GPT-J); attention modules return ``(out, weights)`` with ``weights``
@@ -28,7 +35,43 @@ from collections import defaultdict
 import torch
 
 from dolm.errors import DolmRuntimeError, InputError
+from dolm.models.adapters import apply_ops, invert_ops
 from dolm.models.sites import READ_ONLY_KINDS
+
+QKV_KINDS = ("q", "k", "v", "pattern")
+ATTN_IMPL = "dolm_eager"
+"""The attention implementation a trace with q/k/v/pattern sites switches to: the model's
+own eager attention function, called through :func:`_dolm_attention`."""
+_HANDLERS: dict[int, object] = {}  # id(attention module) -> handler of the active trace
+_REGISTERED = False
+
+
+def eager_function(module):
+    """The eager attention function of ``module``'s modeling file, or None."""
+    import sys
+
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def _dolm_attention(module, query, key, value, attention_mask, **kwargs):
+    eager = eager_function(module)
+    handler = _HANDLERS.get(id(module))
+    if handler is None:
+        return eager(module, query, key, value, attention_mask, **kwargs)
+    return handler(eager, module, query, key, value, attention_mask, **kwargs)
+
+
+def register_attention() -> None:
+    """Register :data:`ATTN_IMPL` with transformers (eager masks, :func:`_dolm_attention`)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTN_IMPL, _dolm_attention)
+    AttentionMaskInterface.register(ATTN_IMPL, eager_mask)
+    _REGISTERED = True
 
 
 def _first(output):
@@ -97,11 +140,15 @@ class Trace:
         writes = [(space.parse(n), fn) for n, fn in write_items]
         for site, _ in writes:
             if site.kind in READ_ONLY_KINDS:
+                what = "router logits: routing is decided inside the MoE block" \
+                    if site.kind == "router" else "attention pattern; write pattern.L.H"
                 raise InputError(
-                    f"site {site.name!r} is read-only (attention pattern); write attn_out.L, "
-                    "resid_mid.L or head.L.H instead"
+                    f"site {site.name!r} is read-only ({what}); write attn_out.L, "
+                    "resid_mid.L, mlp_out.L or head.L.H instead"
                 )
         self.needs_eager = any(s.kind == "attn" for s in reads)
+        self.needs_fn = any(s.kind in QKV_KINDS for s in reads + [w for w, _ in writes])
+        self._fn_modules: list[int] = []
         # group by module: key -> {"read": [...], "write": [...]}
         plan: dict[tuple, dict[str, list]] = defaultdict(lambda: {"read": [], "write": []})
         for site in reads:
@@ -113,6 +160,7 @@ class Trace:
             if site.kind == "resid_mid":
                 plan[("block_pre", site.layer)]  # noqa: B018 - ensure the group exists
         self.plan = dict(plan)
+        self.plan_keys = set(self.plan)
 
     @staticmethod
     def _group(site):
@@ -123,13 +171,47 @@ class Trace:
             return ("block_pre", site.layer)
         if kind == "resid_post":
             return ("block", site.layer)
-        if kind in ("attn_out", "resid_mid", "attn"):
+        if kind in ("attn_out", "resid_mid"):
             return ("attn", site.layer)
+        if kind == "attn":
+            return ("attn_pat", site.layer)
         if kind == "mlp_out":
             return ("mlp", site.layer)
+        if kind == "mixer_out":
+            return ("mixer", site.layer)
+        if kind == "router":
+            return ("router", site.layer)
         if kind == "head":
             return ("attn_o", site.layer)
+        if kind in QKV_KINDS:
+            return ("attn_fn", site.layer)
         raise AssertionError(kind)
+
+    def _contribution_maps(self, part: str):
+        """(to_site, from_site) between a block part's output (``part`` is ``attn``,
+        ``mlp`` or ``mixer``) and what the block adds to the residual (residual
+        multipliers, a residual added inside the module), or ``(None, None)`` when they
+        are the same tensor."""
+        ad = self.lm.adapter
+        scale = ad.residual_scale
+        inside = part in ad.spec.residual_inside
+        if scale is None and not inside:
+            return None, None
+
+        def residual(args, kwargs):
+            return args[1] if len(args) > 1 else kwargs["residual"]
+
+        def to_site(t, args, kwargs):
+            if inside:
+                t = t - residual(args, kwargs)
+            return t * scale if scale is not None else t
+
+        def from_site(t, args, kwargs):
+            if scale is not None:
+                t = t / scale
+            return t + residual(args, kwargs) if inside else t
+
+        return to_site, from_site
 
     # ---------------------------------------------------------------- helpers
     def _bidx(self, n: int, device) -> torch.Tensor:
@@ -167,23 +249,30 @@ class Trace:
         return new
 
     def _store(self, name, t):
-        self._values[name] = t.detach() if self.detach else t
+        # a copy: the model may edit this tensor in place after the hook (falcon's
+        # ``mlp_output += attention_output``); the read is the value at hook time
+        self._values[name] = (t.detach() if self.detach else t).clone()
 
     # ---------------------------------------------------------------- hook makers
-    def _simple_forward_hook(self, reads, writes):
-        """Forward hook for modules whose (first) output is the site."""
+    def _simple_forward_hook(self, reads, writes, to_site=None, from_site=None):
+        """Forward hook (``with_kwargs``) for modules whose (first) output is the site,
+        up to an invertible map ``to_site(t, args, kwargs)`` / ``from_site``."""
         read_names = [s.name for s in reads]
         write_fns = [(s.name, fn) for s, fn in writes]
         apply, store = self._apply, self._store
 
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             act = _first(output)
+            if to_site is not None:
+                act = to_site(act, args, kwargs)
             if write_fns:
                 for name, fn in write_fns:
                     act = apply(name, fn, act)
             for name in read_names:
                 store(name, act)
             if write_fns:
+                if from_site is not None:
+                    act = from_site(act, args, kwargs)
                 return _replace_first(output, act)
             return None
 
@@ -191,6 +280,7 @@ class Trace:
 
     def _block_pre_hook(self, layer, reads, writes):
         read_names = [s.name for s in reads]
+        needs_copy = ("attn", layer) in self.plan_keys  # resid_mid uses it after the block ran
         write_fns = [(s.name, fn) for s, fn in writes]
         apply, store, saved = self._apply, self._store, self._resid_pre
 
@@ -199,7 +289,7 @@ class Trace:
             if write_fns:
                 for name, fn in write_fns:
                     act = apply(name, fn, act)
-            saved[layer] = act
+            saved[layer] = act.clone() if needs_copy else act
             for name in read_names:
                 store(name, act)
             if write_fns:
@@ -211,14 +301,16 @@ class Trace:
     def _attn_hook(self, layer, reads, writes):
         out_reads = [s.name for s in reads if s.kind == "attn_out"]
         mid_reads = [s.name for s in reads if s.kind == "resid_mid"]
-        pat_reads = [s.name for s in reads if s.kind == "attn"]
         out_writes = [(s.name, fn) for s, fn in writes if s.kind == "attn_out"]
         mid_writes = [(s.name, fn) for s, fn in writes if s.kind == "resid_mid"]
         apply, store, saved = self._apply, self._store, self._resid_pre
         changed = bool(out_writes or mid_writes)
+        to_site, from_site = self._contribution_maps("attn")
 
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             act = _first(output)
+            if to_site is not None:
+                act = to_site(act, args, kwargs)
             for name, fn in out_writes:
                 act = apply(name, fn, act)
             if mid_reads or mid_writes:
@@ -234,20 +326,86 @@ class Trace:
                     store(name, mid)
             for name in out_reads:
                 store(name, act)
-            if pat_reads:
-                pattern = None if isinstance(output, torch.Tensor) or len(output) < 2 else output[1]
-                if pattern is None:
-                    raise DolmRuntimeError(
-                        f"layer {layer}: the attention module returned no attention pattern; "
-                        "it needs the eager attention implementation"
-                    )
-                for name in pat_reads:
-                    store(name, pattern)
             if changed:
+                if from_site is not None:
+                    act = from_site(act, args, kwargs)
                 return _replace_first(output, act)
             return None
 
         return hook
+
+    def _pattern_hook(self, layer, reads):
+        names = [s.name for s in reads]
+        store = self._store
+
+        def hook(module, args, output):
+            pattern = None if isinstance(output, torch.Tensor) or len(output) < 2 else output[1]
+            if pattern is None:
+                raise DolmRuntimeError(
+                    f"layer {layer}: the attention module returned no attention pattern; "
+                    "it needs the eager attention implementation"
+                )
+            for name in names:
+                store(name, pattern)
+
+        return hook
+
+    def _unflatten_maps(self, layer):
+        """OPT-style blocks run the MLP on (batch * seq, d): the site is reshaped to the
+        block input's (batch, seq, d), recorded by a pre-hook on the block."""
+        shapes: dict[int, torch.Size] = {}
+
+        def record(module, args, kwargs):
+            shapes[layer] = _input_of(args, kwargs).shape
+
+        self._handles.append(self.lm.adapter.block(layer).register_forward_pre_hook(
+            record, with_kwargs=True))
+
+        def to_site(t, args, kwargs):
+            return t.reshape(*shapes[layer][:-1], t.shape[-1]) if t.dim() == 2 else t
+
+        def from_site(t, args, kwargs):
+            return t.reshape(-1, t.shape[-1]) if _first(args).dim() == 2 else t
+
+        return to_site, from_site
+
+    def _attn_fn_handler(self, layer, reads, writes):
+        """Handler run by :func:`_dolm_attention` for layer ``layer``: q/k/v reads and
+        writes on the attention function's inputs, pattern reads and writes on its
+        probabilities (a pattern write adds ``(new - old) @ V`` to the output: the
+        output is linear in the probabilities)."""
+        apply, store = self._apply, self._store
+        qkv_writes = [(s, fn) for s, fn in writes if s.kind != "pattern"]
+        pat_writes = [(s, fn) for s, fn in writes if s.kind == "pattern"]
+        qkv_reads = [s for s in reads if s.kind != "pattern"]
+        pat_reads = [s for s in reads if s.kind == "pattern"]
+
+        def handler(eager, module, query, key, value, attention_mask, **kwargs):
+            group = query.shape[1] // key.shape[1]
+            ts = {"q": query, "k": key, "v": value}
+            for kind in {s.kind for s, _ in qkv_writes}:
+                ts[kind] = ts[kind].clone()
+            for site, fn in qkv_writes:
+                t = ts[site.kind]
+                idx = site.head if site.kind == "q" else site.head // group
+                t[:, idx] = apply(site.name, fn, t[:, idx])
+            for site in qkv_reads:
+                idx = site.head if site.kind == "q" else site.head // group
+                store(site.name, ts[site.kind][:, idx])
+            out, weights = eager(module, ts["q"], ts["k"], ts["v"], attention_mask, **kwargs)
+            if pat_writes:
+                new = weights.clone()
+                for site, fn in pat_writes:
+                    new[:, site.head] = apply(site.name, fn, new[:, site.head])
+                vrep = ts["v"].repeat_interleave(group, dim=1) if group > 1 else ts["v"]
+                delta = (new - weights).to(vrep.dtype) @ vrep  # (B, H, q, d)
+                out = out + delta.transpose(1, 2).to(out.dtype)
+                weights = new
+            for site in pat_reads:
+                store(site.name, weights[:, site.head])
+            return out, weights
+
+        return handler
 
     def _attn_o_pre_hook(self, layer, reads, writes):
         n_heads = self.lm.n_heads
@@ -265,7 +423,7 @@ class Trace:
             for name, head, fn in write_items:
                 xv[..., head, :] = apply(name, fn, xv[..., head, :])
             if has_reads:
-                views[layer] = xv.detach() if detach else xv
+                views[layer] = (xv.detach() if detach else xv).clone()
             if write_items:
                 return _with_input(args, kwargs, x)
             return None
@@ -277,38 +435,64 @@ class Trace:
         ad = self.lm.adapter
         model = self.lm.model
         try:
-            if self.needs_eager:
+            want = ATTN_IMPL if self.needs_fn else ("eager" if self.needs_eager else None)
+            if want is not None:
                 cur = model.config._attn_implementation
-                if cur != "eager":
+                if cur != want:
+                    if want == ATTN_IMPL:
+                        register_attention()
                     self._saved_attn_impl = cur
-                    model.set_attn_implementation("eager")
+                    model.set_attn_implementation(want)
+            logit_ops = ad.logit_ops
             for key, group in self.plan.items():
                 reads, writes = group["read"], group["write"]
                 kind = key[0]
+                fwd = dict(with_kwargs=True)
                 if kind == "embed":
-                    h = ad.embed.register_forward_hook(self._simple_forward_hook(reads, writes))
+                    h = ad.embed.register_forward_hook(
+                        self._simple_forward_hook(reads, writes), **fwd)
                 elif kind == "final_norm":
                     h = ad.final_norm.register_forward_hook(
-                        self._simple_forward_hook(reads, writes)
-                    )
+                        self._simple_forward_hook(reads, writes), **fwd)
                 elif kind == "logits":
-                    h = ad.unembed.register_forward_hook(self._simple_forward_hook(reads, writes))
+                    maps = (None, None) if not logit_ops else (
+                        lambda t, a, k: apply_ops(t, logit_ops),
+                        lambda t, a, k: invert_ops(t, logit_ops))
+                    h = ad.unembed.register_forward_hook(
+                        self._simple_forward_hook(reads, writes, *maps), **fwd)
                 elif kind == "block_pre":
                     h = ad.block(key[1]).register_forward_pre_hook(
                         self._block_pre_hook(key[1], reads, writes), with_kwargs=True
                     )
                 elif kind == "block":
                     h = ad.block(key[1]).register_forward_hook(
-                        self._simple_forward_hook(reads, writes)
-                    )
+                        self._simple_forward_hook(reads, writes), **fwd)
                 elif kind == "attn":
+                    h = ad.attn_out_module(key[1]).register_forward_hook(
+                        self._attn_hook(key[1], reads, writes), **fwd)
+                elif kind == "attn_pat":
                     h = ad.block_module(key[1], "attn").register_forward_hook(
-                        self._attn_hook(key[1], reads, writes)
-                    )
+                        self._pattern_hook(key[1], reads))
                 elif kind == "mlp":
-                    h = ad.block_module(key[1], "mlp").register_forward_hook(
-                        self._simple_forward_hook(reads, writes)
-                    )
+                    maps = self._contribution_maps("mlp")
+                    if maps == (None, None):
+                        maps = self._unflatten_maps(key[1])
+                    h = ad.mlp_out_module(key[1]).register_forward_hook(
+                        self._simple_forward_hook(reads, writes, *maps), **fwd)
+                elif kind == "router":
+                    to_site, _ = self._unflatten_maps(key[1])
+                    h = ad.block_module(key[1], "router").register_forward_hook(
+                        self._simple_forward_hook(reads, [], to_site), **fwd)
+                elif kind == "mixer":
+                    h = ad.block_module(key[1], "mixer").register_forward_hook(
+                        self._simple_forward_hook(reads, writes,
+                                                  *self._contribution_maps("mixer")), **fwd)
+                elif kind == "attn_fn":
+                    handler = self._attn_fn_handler(key[1], reads, writes)
+                    for m in ad.block_module(key[1], "attn").modules():
+                        _HANDLERS[id(m)] = handler
+                        self._fn_modules.append(id(m))
+                    continue
                 elif kind == "attn_o":
                     h = ad.block_module(key[1], "attn_o").register_forward_pre_hook(
                         self._attn_o_pre_hook(key[1], reads, writes), with_kwargs=True
@@ -325,6 +509,9 @@ class Trace:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for key in self._fn_modules:
+            _HANDLERS.pop(key, None)
+        self._fn_modules.clear()
         self._resid_pre.clear()
         if self._saved_attn_impl is not None:
             self.lm.model.set_attn_implementation(self._saved_attn_impl)

@@ -14,6 +14,31 @@ from dolm.models.hooks import Trace, _first, _input_of
 from dolm.models.sites import SiteSpace
 
 
+def _cfg(cfg, *names):
+    for name in names:
+        val = getattr(cfg, name, None)
+        if isinstance(val, int) and not isinstance(val, bool) and val > 0:
+            return val
+    return None
+
+
+def _head_width(ad, n_heads: int, cfg, d_model: int) -> int:
+    """Width of one head at the output projection's input: its input width over the
+    number of heads (MLA models such as DeepSeek-V2/V3 use ``v_head_dim`` there, not
+    ``head_dim``); the config's ``head_dim`` when the projection is not a plain linear."""
+    if not n_heads:
+        return 0
+    if ad.spec.attn_o is not None:
+        proj = ad.block_module(0, "attn_o")
+        width = getattr(proj, "in_features", None)
+        if width is None and type(proj).__name__ == "Conv1D":
+            width = proj.weight.shape[0]
+        if isinstance(width, int) and width % n_heads == 0:
+            return width // n_heads
+    hd = getattr(cfg, "head_dim", None)
+    return int(hd) if hd else d_model // n_heads
+
+
 # --------------------------------------------------------------------------- encoding
 @dataclass
 class Encoding:
@@ -127,20 +152,23 @@ class LoadedModel:
         self.adapter = Adapter(arch, model)
         self.info = info
         cfg = model.config
-        self.n_layers = len(self.adapter.layers)
-        self.n_heads = int(cfg.num_attention_heads)
-        self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
-        self.d_model = int(cfg.hidden_size)
-        hd = getattr(cfg, "head_dim", None)
-        self.d_head = int(hd) if hd else self.d_model // self.n_heads
+        ad = self.adapter
+        self.n_layers = len(ad.layers)
+        self.n_heads = 0 if ad.spec.attn is None else int(
+            _cfg(cfg, "num_attention_heads", "n_head", "num_heads") or 0)
+        self.n_kv_heads = int(_cfg(cfg, "num_key_value_heads", "num_kv_heads",
+                                   "multi_query_group_num") or self.n_heads)
+        self.d_model = int(_cfg(cfg, "hidden_size", "n_embd", "d_model")
+                           or ad.embed.weight.shape[-1])
+        self.d_head = _head_width(ad, self.n_heads, cfg, self.d_model)
         d_mlp = (getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
                  or 4 * self.d_model)
         self.d_mlp = int(d_mlp)
-        unembed = self.adapter.unembed
+        unembed = ad.unembed
         self.d_vocab = int(getattr(unembed, "out_features", None) or cfg.vocab_size)
         self.n_ctx = int(getattr(cfg, "max_position_embeddings", None)
                          or getattr(cfg, "n_positions", 0) or 0) or None
-        self.sites = SiteSpace(self.n_layers, self.n_heads)
+        self.sites = SiteSpace(self.n_layers, self.n_heads, ad.unavailable)
         self._prepends_bos: bool | None = None
         info.setdefault("n_layers", self.n_layers)
 
@@ -169,6 +197,27 @@ class LoadedModel:
     def parse_site(self, site: str):
         """``Site(kind, layer, head)`` for a concrete site name."""
         return self.sites.parse(site)
+
+    def site_width(self, site: str) -> int:
+        """Width of the last axis of a per-position site (``d_model``, ``d_head``, ...);
+        InputError for sites that are not one vector per position (``attn.L``,
+        ``pattern.L.H``: (query, key) matrices)."""
+        kind = self.parse_site(site).kind
+        cfg = self.config
+        if kind in ("attn", "pattern"):
+            raise InputError(f"site {site!r} is a (query, key) matrix per prompt, not one "
+                             "vector per token position")
+        if kind == "head":
+            return int(self.d_head)
+        if kind in ("q", "k"):
+            return int(_cfg(cfg, "qk_head_dim", "head_dim") or self.d_head)
+        if kind == "v":
+            return int(_cfg(cfg, "v_head_dim", "head_dim") or self.d_head)
+        if kind == "router":
+            return int(_cfg(cfg, "num_local_experts", "num_experts", "n_routed_experts"))
+        if kind == "logits":
+            return int(self.d_vocab)
+        return int(self.d_model)
 
     def trace(self, read=(), write=None, *, batch_index=None, detach: bool = True) -> Trace:
         """Context manager reading ``read`` sites and applying ``write`` functions.
@@ -463,5 +512,4 @@ class LoadedModel:
             positions = torch.as_tensor(positions, device=h.device)
             rows = torch.arange(h.shape[0], device=h.device)
             h = h[rows, positions] if positions.dim() == 1 else h[rows[:, None], positions]
-        h = self.adapter.final_norm(h)
-        return self.adapter.unembed(h)
+        return self.adapter.logits_from_final_norm(self.adapter.final_norm(h))

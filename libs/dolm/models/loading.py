@@ -173,6 +173,17 @@ def _cache_file() -> Path:
 _MEM_CACHE: dict[str, str] = {}
 
 
+def write_cache_json(path: Path, data: dict) -> None:
+    """Replace a JSON cache file atomically; a cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def _file_sha256(path: Path, disk: dict) -> tuple[str, bool]:
     real = path.resolve()
     if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
@@ -211,13 +222,7 @@ def weights_sha256(folder) -> str | None:
         hashes.append((f.name, digest))
         new |= fresh
     if new:
-        try:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(disk, indent=0, sort_keys=True))
-            os.replace(tmp, cache_path)
-        except OSError:
-            pass
+        write_cache_json(cache_path, disk)
     if len(hashes) == 1:
         return hashes[0][1]
     lines = "".join(f"{d}  {n}\n" for n, d in hashes)
@@ -256,6 +261,7 @@ def load(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     trust_remote_code: bool = False,
+    verify: bool = True,
 ):
     """Load a causal LM and its tokenizer and wrap them in a :class:`LoadedModel`.
 
@@ -267,6 +273,11 @@ def load(
     bitsandbytes quantization (nf4 / LLM.int8), placed on ``device`` unless
     ``device_map`` says otherwise. The model is put in eval mode with parameters frozen
     (``requires_grad=False``); activations can still require grad.
+
+    Before a (transformers version, model type, adapter row) is served the first time,
+    :mod:`dolm.models.verify` checks its identities on a short prompt (the verdict is
+    cached); a failure is an InputError naming the identity. ``verify=False`` skips it
+    (``dolm-validate --model`` then runs it itself).
     """
     if dtype not in DTYPES:
         raise InputError(f"--dtype: expected one of {', '.join(DTYPES)}, found {dtype!r}")
@@ -282,7 +293,7 @@ def load(
     transformers.logging.set_verbosity_error()  # loading chatter off; restored below
     try:
         return _load(spec, folder, source, resolved_rev, dtype, device, device_map,
-                     load_in_4bit, load_in_8bit, trust_remote_code)
+                     load_in_4bit, load_in_8bit, trust_remote_code, verify)
     finally:
         transformers.logging.set_verbosity(verbosity)
 
@@ -328,18 +339,19 @@ def check_quantized_layers(model, quant: str, spec: str) -> None:
 
 
 def _load(spec, folder, source, resolved_rev, dtype, device, device_map, load_in_4bit,
-          load_in_8bit, trust_remote_code):
+          load_in_8bit, trust_remote_code, verify=True):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from dolm.models.adapters import spec_for
+    from dolm.models.adapters import arch_for, refuse_config
     from dolm.models.loaded import LoadedModel
+    from dolm.models.verify import ensure_verified
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise InputError(f"--model {spec!r}: cannot read {folder}/config.json: {exc}") from None
-    arch = spec_for(getattr(config, "model_type", None), where=f"--model {spec!r}")
+    refuse_config(config, where=f"--model {spec!r}")
 
     dev = pick_device(device)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
@@ -391,6 +403,10 @@ def _load(spec, folder, source, resolved_rev, dtype, device, device_map, load_in
     if quant is not None:
         check_quantized_layers(model, quant, spec)
     try:
+        arch = arch_for(model)
+    except InputError as exc:
+        raise InputError(f"--model {spec!r}: {exc}") from None
+    try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise InputError(
@@ -414,4 +430,7 @@ def _load(spec, folder, source, resolved_rev, dtype, device, device_map, load_in
         "device": dev if device_map is None else f"device_map={device_map}",
         "n_params": n_params,
     }
-    return LoadedModel(model, tokenizer, arch, info)
+    lm = LoadedModel(model, tokenizer, arch, info)
+    if verify:
+        ensure_verified(lm, where=f"--model {spec!r}")
+    return lm

@@ -10,9 +10,26 @@ site               what                                          shape
 ``resid_post.L``   output of block L                             (batch, seq, d_model)
 ``attn_out.L``     attention output added to the residual        (batch, seq, d_model)
 ``mlp_out.L``      MLP output added to the residual              (batch, seq, d_model)
+``mixer_out.L``    state-space mixer output added to the         (batch, seq, d_model)
+                   residual (Mamba-style blocks only)
 ``head.L.H``       head H's slice of the input of the attention  (batch, seq, d_head)
                    output projection (before the projection)
+``q.L.H``          query of head H as the attention function     (batch, seq, d_qk)
+                   receives it (after the projection, any q/k
+                   norm and rotary embedding)
+``k.L.H``          key of the kv head serving query head H:      (batch, seq, d_qk)
+                   under grouped-query attention (n_kv_heads <
+                   n_heads) kv head ``H // (n_heads/n_kv_heads)``;
+                   writing it changes that kv head for every
+                   query head of its group
+``v.L.H``          value, mapped as ``k.L.H``                    (batch, seq, d_head)
+``pattern.L.H``    attention probabilities of head H (read and   (batch, q, k)
+                   write; runs the model's own eager attention)
 ``attn.L``         attention pattern, read-only                  (batch, heads, q, k)
+``router.L``       router logits of a mixture-of-experts MLP,     (batch, seq, experts)
+                   read-only (``mlp_out.L`` stays the whole MoE
+                   output; ``expert.L.E`` is refused: transformers
+                   5 fuses the experts into one module)
 ``final_norm``     final norm output                             (batch, seq, d_model)
 ``logits``         unembedding output                            (batch, seq, d_vocab)
 =================  ===========================================  =========================
@@ -20,6 +37,13 @@ site               what                                          shape
 Patterns put ``*`` for an index: ``resid_post.*``, ``head.3.*``, ``head.*.*``.
 For parallel-residual blocks (GPT-NeoX, GPT-J) ``resid_mid.L`` is still defined as
 ``resid_pre.L + attn_out.L`` although the MLP reads ``resid_pre.L``.
+
+Sites are always what the block adds to the residual stream: with a post-output norm
+(Gemma 2) ``attn_out.L`` is the norm's output, with a residual multiplier (Granite)
+it is the scaled output, and ``logits`` are the model's own (after Cohere's scale or
+Gemma 2's soft-cap). Heads are the input of the attention output projection, so on
+post-norm models they sum (through the projection) to the attention output *before*
+its post-norm. A kind an architecture lacks (heads on Mamba) is refused with the reason.
 """
 
 from __future__ import annotations
@@ -29,9 +53,10 @@ from typing import NamedTuple
 from dolm.errors import InputError
 
 GLOBAL_KINDS = ("embed", "final_norm", "logits")
-LAYER_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn")
-HEAD_KINDS = ("head",)
-READ_ONLY_KINDS = ("attn",)
+LAYER_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn",
+               "mixer_out", "router")
+HEAD_KINDS = ("head", "q", "k", "v", "pattern")
+READ_ONLY_KINDS = ("attn", "router")
 ALL_KINDS = GLOBAL_KINDS[:1] + LAYER_KINDS + HEAD_KINDS + GLOBAL_KINDS[1:]
 
 
@@ -51,24 +76,31 @@ class Site(NamedTuple):
         return f"{self.kind}.{self.layer}.{self.head}"
 
 
-def valid_forms(n_layers: int, n_heads: int) -> str:
-    return (
-        "valid sites: embed, resid_pre.L, resid_mid.L, resid_post.L, attn_out.L, mlp_out.L, "
-        f"attn.L (L in 0..{n_layers - 1} or *), head.L.H (H in 0..{n_heads - 1} or *), "
-        "final_norm, logits"
-    )
+def valid_forms(n_layers: int, n_heads: int, unavailable=()) -> str:
+    layer = [k for k in LAYER_KINDS if k not in unavailable]
+    text = "valid sites: embed, " + ", ".join(f"{k}.L" for k in layer)
+    text += f" (L in 0..{n_layers - 1} or *)"
+    heads = [k for k in HEAD_KINDS if k not in unavailable]
+    if heads and n_heads:
+        text += f", {heads[0]}.L.H (H in 0..{n_heads - 1} or *)"
+        if heads[1:]:
+            text += ", " + ", ".join(f"{k}.L.H" for k in heads[1:]) + " (same H)"
+    return text + ", final_norm, logits"
 
 
 class SiteSpace:
     """Parses and expands site names for a model with ``n_layers`` and ``n_heads``."""
 
-    def __init__(self, n_layers: int, n_heads: int):
+    def __init__(self, n_layers: int, n_heads: int, unavailable: dict | None = None):
         self.n_layers = n_layers
         self.n_heads = n_heads
+        # kind -> why this architecture has no such site
+        self.unavailable = dict(unavailable or {})
         self._cache: dict[str, Site] = {}
 
     def _bad(self, site: str, why: str) -> InputError:
-        return InputError(f"site {site!r}: {why}; {valid_forms(self.n_layers, self.n_heads)}")
+        forms = valid_forms(self.n_layers, self.n_heads, self.unavailable)
+        return InputError(f"site {site!r}: {why}; {forms}")
 
     def _index(self, site: str, text: str, n: int, what: str) -> int | None:
         """Parse one index; ``None`` for ``*``."""
@@ -87,6 +119,8 @@ class SiteSpace:
             raise InputError(f"site {site!r}: expected a string")
         parts = site.strip().split(".")
         kind = parts[0]
+        if kind in self.unavailable:
+            raise self._bad(site, f"this model has no {kind} sites: {self.unavailable[kind]}")
         if kind in GLOBAL_KINDS:
             if len(parts) != 1:
                 raise self._bad(site, f"{kind} takes no index")
@@ -97,7 +131,7 @@ class SiteSpace:
             return kind, self._index(site, parts[1], self.n_layers, "layer"), None
         if kind in HEAD_KINDS:
             if len(parts) != 3:
-                raise self._bad(site, "head takes two indices (layer and head)")
+                raise self._bad(site, f"{kind} takes two indices (layer and head)")
             layer = self._index(site, parts[1], self.n_layers, "layer")
             head = self._index(site, parts[2], self.n_heads, "head")
             return kind, layer, head
