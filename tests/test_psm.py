@@ -305,3 +305,90 @@ def test_refuters_run_on_our_estimator():
     assert abs(got["placebo_treatment"]["new_effect"]) < 0.5
     assert got["random_common_cause"]["new_effect"] == pytest.approx(
         got["random_common_cause"]["estimate"], abs=0.5)
+
+
+def _brute_nearest(d_focal, d_pool, rank_pool, order, k, cal):
+    """Greedy nearest without replacement, by brute force: each focal unit in ``order``
+    takes the nearest free pool unit (ties: the smaller rank), k rounds."""
+    free = np.ones(len(d_pool), dtype=bool)
+    out = {}
+    for _ in range(k):
+        for i in order:
+            if not free.any():
+                break
+            dist = np.where(free, np.abs(d_pool - d_focal[i]), np.inf)
+            best = np.flatnonzero(dist == dist.min())
+            j = best[np.argmin(rank_pool[best])]
+            if dist[j] <= cal:
+                out.setdefault(int(i), set()).add(int(j))
+                free[j] = False
+    return out
+
+
+@pytest.mark.parametrize("m_order", ["largest", "smallest", "data", "random"])
+def test_matchit_rule_takes_the_nearest_free_unit(m_order):
+    # continuous scores (no ties): MatchIt's left/right walk is greedy nearest-free matching
+    from dolm_tools.psm import nearest
+
+    rng = np.random.default_rng(4)
+    df, dp = rng.normal(size=60), rng.normal(size=200)
+    rf, rp = rng.permutation(260)[:60], rng.permutation(260)[60:]
+    order = nearest.focal_order(df, rf, m_order, np.random.default_rng(1))
+    for k, cal in ((1, np.inf), (2, np.inf), (2, 0.05)):
+        m = nearest.match_scalar(df, dp, rf, rp, order, k, False, None if cal == np.inf else cal)
+        got = {}
+        for f, p in zip(m.focal, m.pool, strict=True):
+            got.setdefault(int(f), set()).add(int(p))
+        assert got == _brute_nearest(df, dp, rp, order, k, cal)
+        assert np.all(m.distance <= cal)
+        mr = nearest.match_scalar(df, dp, rf, rp, order, k, True, None if cal == np.inf else cal)
+        for f in range(60):  # with replacement: the k nearest within the caliper
+            near = np.argsort(np.abs(dp - df[f]), kind="stable")[:k]
+            near = {int(j) for j in near if abs(dp[j] - df[f]) <= cal}
+            assert set(mr.pool[mr.focal == f].tolist()) == near
+
+
+def test_atc_with_fifty_controls_per_treated_targets_the_controls():
+    # 60 treated, 3000 controls; the effect grows with x, and the treated have larger x, so
+    # the ATT (about 1.6) and ATC (about 1.0) differ. Without replacement only 60 controls
+    # could be matched: the default matches the ATC direction with replacement instead.
+    rng = np.random.default_rng(12)
+    n = 3060
+    x = rng.normal(size=n)
+    t = np.zeros(n, dtype=int)
+    p = np.exp(0.8 * x)
+    t[rng.choice(n, 60, replace=False, p=p / p.sum())] = 1
+    tau = 1.0 + 0.8 * x
+    y = x + tau * t + rng.normal(scale=0.5, size=n)
+    df = pd.DataFrame({"x": x, "t": t, "y": y})
+    assert (t == 0).sum() == 50 * (t == 1).sum()
+    u = prepare(df, "t", "y", ["x"])
+    kw = dict(refute=False, caliper=None, common_support="none")
+    res = run_psm(u, Options(**kw))
+    c = res.summary["contrasts"][0]
+    eff = {e["estimand"]: e for e in c["effects"]}
+    assert eff["ATC"]["population"] == "control" and eff["ATC"]["n_population"] == 3000
+    assert eff["ATC"]["n_focal_matched"] == 3000 and eff["ATC"]["n_sets"] == 3000
+    assert c["matching"]["directions"]["ATC"]["replace"] is True
+    assert "3000 control units" in c["matching"]["directions"]["ATC"]["pool_short"]
+    true_atc, true_att = tau[t == 0].mean(), tau[t == 1].mean()
+    assert eff["ATC"]["ci_low"] <= true_atc <= eff["ATC"]["ci_high"], (eff["ATC"], true_atc)
+    assert abs(eff["ATC"]["estimate"] - true_atc) < abs(eff["ATC"]["estimate"] - true_att)
+    assert eff["ATE"]["n_sets"] == n and eff["ATE"]["population_covered"] == 1.0
+    true_ate = tau.mean()
+    assert eff["ATE"]["ci_low"] <= true_ate <= eff["ATE"]["ci_high"]
+    # MatchIt's behaviour, reported honestly: 60 of 3000 controls
+    sub = run_psm(u, Options(**kw, pool_short="subset")).summary["contrasts"][0]
+    atc = next(e for e in sub["effects"] if e["estimand"] == "ATC")
+    assert atc["n_focal_matched"] == 60 and atc["population_covered"] == pytest.approx(0.02)
+    with pytest.raises(InputError, match="3000 control units x ratio 1 > 60 treated"):
+        run_psm(u, Options(**kw, pool_short="refuse"))
+
+
+def test_exact_stratum_without_controls_is_named():
+    df = confounded(300, 1)
+    df["site"] = np.where(df.x1 > 1.2, "far", "near")
+    df.loc[(df.site == "far"), "t"] = 1  # no control in the 'far' stratum
+    u = prepare(df, "t", "y", ["x1", "x2"], extra={"--exact": ["site"]})
+    with pytest.raises(InputError, match=r"--exact site: stratum \(site\) = \(far\).*no control"):
+        run_psm(u, Options(refute=False, exact=("site",), estimands=("ATT",)))

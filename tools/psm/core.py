@@ -6,6 +6,7 @@ balance, units) and the summary dict; the CLI only reads, calls and writes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,13 @@ class Options:
     refute: bool = True
     refute_sims: int = 50
     positivity_eps: float = 0.01
+    distance: str = "logit"  # ps | logit | mahalanobis | robust-mahalanobis
+    m_order: str | None = None  # largest | smallest | random | data; None = MatchIt's default
+    ties: str = "canonical"  # canonical (row-order free) | data (MatchIt) | matchit-4.5.1
+    exact: tuple[str, ...] = ()  # columns matched exactly
+    mahvars: tuple[str, ...] = ()  # Mahalanobis on these within the propensity caliper
+    caliper_on: tuple[tuple[str, float], ...] = ()  # (column, SDs of the column)
+    pool_short: str = "replace"  # replace | subset | refuse: pool smaller than ratio x focal
 
 
 @dataclass
@@ -59,6 +67,7 @@ class Matched:
     pairs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
     unmatched: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    direction_info: dict[str, Any] = field(default_factory=dict)
 
 
 def model_matrix(X: np.ndarray, names: list[str], drop: list[bool]) -> tuple[np.ndarray, list[str]]:
@@ -67,25 +76,113 @@ def model_matrix(X: np.ndarray, names: list[str], drop: list[bool]) -> tuple[np.
     return X[:, cols], [names[j] for j in cols]
 
 
+def default_m_order(opt: Options, direction: str) -> str:
+    """MatchIt's default: data order for a pure Mahalanobis distance, else the largest
+    distance first for the ATT and the smallest first for the ATC."""
+    if opt.m_order is not None:
+        return opt.m_order
+    if opt.distance in ("mahalanobis", "robust-mahalanobis"):
+        return "data"
+    return "largest" if direction == "ATT" else "smallest"
+
+
+@dataclass
+class Extra:
+    """What MatchIt-style options need beyond the propensity model (contrast-local rows)."""
+
+    data_rank: np.ndarray  # input row order (MatchIt's data order)
+    X_all: np.ndarray | None = None  # every covariate, all levels (Mahalanobis distance)
+    X_mah: np.ndarray | None = None  # --mahvars design
+    strata: np.ndarray | None = None  # --exact stratum codes
+    strata_names: list[str] | None = None
+    cal_cols: np.ndarray | None = None  # --caliper-on columns (n, c)
+    label: str = ""
+
+
 def match_contrast(
     X: np.ndarray, names: list[str], t: np.ndarray, rank: np.ndarray, opt: Options,
-    directions: tuple[str, ...],
+    directions: tuple[str, ...], extra: Extra | None = None,
 ) -> Matched:
+    from dolm_tools.psm import nearest
+
     ps, info = fit_propensity(X, t, names, opt.method, opt.seed)
     lg = logit(ps)
-    s1 = np.var(lg[t == 1], ddof=1) if np.sum(t == 1) > 1 else 0.0
-    s0 = np.var(lg[t == 0], ddof=1) if np.sum(t == 0) > 1 else 0.0
-    sd = float(np.sqrt((s1 + s0) / 2))
-    width = None if opt.caliper is None else opt.caliper * sd
     keep = common_support(ps, t, opt.common_support)
+    scalar = ps if opt.distance == "ps" else lg
+    # the caliper is in SDs of the distance over the kept units, as MatchIt computes it
+    sd = float(np.std(scalar[keep], ddof=1)) if keep.sum() > 1 else 0.0
+    width = None if opt.caliper is None else opt.caliper * sd
     m = Matched(ps=ps, lg=lg, keep=keep, caliper_width=width, sd_logit=sd, info=info)
-    tr = np.flatnonzero((t == 1) & keep)
-    co = np.flatnonzero((t == 0) & keep)
+    ex = extra or Extra(data_rank=rank)
+    tie_rank = ex.data_rank if opt.ties != "canonical" else rank
+    Z = None
+    if opt.distance in ("mahalanobis", "robust-mahalanobis") or opt.mahvars:
+        base = ex.X_mah if opt.mahvars else ex.X_all
+        Z = nearest.mahalanobis_transform(base, t, keep,
+                                          robust=opt.distance == "robust-mahalanobis")
+    cal_w = None
+    if ex.cal_cols is not None and opt.caliper_on:
+        cal_w = np.array([c * np.std(ex.cal_cols[keep, j], ddof=1)
+                          for j, (_, c) in enumerate(opt.caliper_on)])
+    tr_all = np.flatnonzero((t == 1) & keep)
+    co_all = np.flatnonzero((t == 0) & keep)
+    strata = ex.strata if ex.strata is not None else np.zeros(len(t), dtype=np.int64)
+    rng = np.random.default_rng([opt.seed, 23])
     for dname in directions:
-        focal, pool = (tr, co) if dname == "ATT" else (co, tr)
-        res = match(lg[focal], lg[pool], rank[focal], rank[pool], opt.ratio, opt.replace, width)
-        m.pairs[dname] = (focal[res.focal], pool[res.pool], res.distance)
-        m.unmatched[dname] = focal[res.unmatched]
+        focal_all, pool_all = (tr_all, co_all) if dname == "ATT" else (co_all, tr_all)
+        replace = opt.replace
+        reason = None
+        if not replace and len(focal_all) * opt.ratio > len(pool_all):
+            who, other = ("treated", "control") if dname == "ATT" else ("control", "treated")
+            reason = (f"{len(focal_all)} {who} units x ratio {opt.ratio} > {len(pool_all)} "
+                      f"{other} units: without replacement only some {who} units could be "
+                      f"matched, which estimates the effect for a subset, not the {dname}")
+            if opt.pool_short == "refuse":
+                raise InputError(
+                    f"contrast {ex.label!r}: {reason}; pass --replace, or --pool-short "
+                    "replace (match this direction with replacement) or subset (MatchIt's "
+                    "behaviour)")
+            if opt.pool_short == "replace":
+                replace = True
+        e = np.zeros(0, dtype=np.int64)
+        fs, ps_, ds, unmatched = [e], [e], [np.zeros(0)], [e]
+        for s in np.unique(strata[focal_all]):
+            focal = focal_all[strata[focal_all] == s]
+            pool = pool_all[strata[pool_all] == s]
+            if ex.strata is not None and len(pool) == 0:
+                who, other = ("treated", "control") if dname == "ATT" else ("control", "treated")
+                raise InputError(
+                    f"--exact {','.join(opt.exact)}: stratum {ex.strata_names[s]} of contrast "
+                    f"{ex.label!r} has {len(focal)} {who} and no {other} units (after "
+                    f"--discard {opt.common_support}), so its {who} units cannot be matched "
+                    f"for the {dname}; coarsen or drop an --exact column, or leave out "
+                    f"the {dname}")
+            order = nearest.focal_order(scalar[focal], tie_rank[focal],
+                                        default_m_order(opt, dname), rng)
+            cf = ex.cal_cols[focal] if cal_w is not None else None
+            cp = ex.cal_cols[pool] if cal_w is not None else None
+            if Z is not None:
+                res = nearest.match_matrix(
+                    Z[focal], Z[pool], tie_rank[pool], order, opt.ratio, replace,
+                    width if (opt.mahvars or opt.caliper is not None) else None,
+                    scalar[focal], scalar[pool], cf, cp, cal_w)
+            elif opt.ties != "canonical" or cal_w is not None:
+                res = nearest.match_scalar(scalar[focal], scalar[pool], tie_rank[focal],
+                                           tie_rank[pool], order, opt.ratio, replace, width,
+                                           cf, cp, cal_w, matchit451=opt.ties == "matchit-4.5.1")
+            else:
+                res = match(scalar[focal], scalar[pool], rank[focal], rank[pool], opt.ratio,
+                            replace, width, order=order)
+            fs.append(focal[res.focal])
+            ps_.append(pool[res.pool])
+            ds.append(res.distance)
+            unmatched.append(focal[res.unmatched])
+        m.pairs[dname] = (np.concatenate(fs), np.concatenate(ps_), np.concatenate(ds))
+        m.unmatched[dname] = np.concatenate(unmatched)
+        m.direction_info[dname] = {
+            "m_order": default_m_order(opt, dname), "replace": replace,
+            "pool_short": reason,
+        }
     return m
 
 
@@ -99,7 +196,12 @@ def _directions(estimands: tuple[str, ...]) -> tuple[str, ...]:
 def point_estimate(X, names, t, y, rank, opt: Options, estimand: str) -> float:
     """The matching estimate alone (used by DoWhy's refuters)."""
     dirs = _directions((estimand,))
-    m = match_contrast(X, names, t, rank, opt, dirs)
+    # refuters re-run the propensity matching only: no exact strata, Mahalanobis parts or
+    # covariate calipers (they would need the extra columns of every resampled table)
+    simple = dataclasses.replace(
+        opt, exact=(), mahvars=(), caliper_on=(),
+        distance=opt.distance if opt.distance in ("ps", "logit") else "logit")
+    m = match_contrast(X, names, t, rank, simple, dirs)
     sets = []
     for dname in dirs:
         pf, pm, _ = m.pairs[dname]
@@ -120,6 +222,37 @@ def _weights(n: int, sets: list[eff.SetDiffs]) -> np.ndarray:
 
 def _fmt(v: Any) -> str:
     return str(v)
+
+
+def _extra(units: Units, sel: np.ndarray, rows: np.ndarray, label: str, opt: Options) -> Extra:
+    from dolm_tools.psm.data import encode_covariates
+
+    df = units.df.iloc[sel]
+    ex = Extra(data_rank=rows.astype(np.int64), label=label)
+    if opt.distance in ("mahalanobis", "robust-mahalanobis"):
+        ex.X_all = units.design.X[sel]
+    if opt.mahvars:
+        ex.X_mah = encode_covariates(df, list(opt.mahvars)).X
+    if opt.exact:
+        key = df[list(opt.exact)].astype(str).agg(", ".join, axis=1)
+        codes, uniq = pd.factorize(key, sort=True)
+        ex.strata = codes.astype(np.int64)
+        names = ", ".join(opt.exact)
+        ex.strata_names = [f"({names}) = ({u})" for u in uniq]
+    if opt.caliper_on:
+        ex.cal_cols = np.column_stack([df[c].to_numpy(dtype=float) for c, _ in opt.caliper_on])
+    return ex
+
+
+def _population(est: str, sets: dict, t: np.ndarray, m: Matched) -> dict[str, Any]:
+    """Who the estimate is about: the estimand's population and how much of it was matched
+    (a focal unit without a match, discarded or outside the caliper, is not covered)."""
+    group = {"ATT": "treated", "ATC": "control", "ATE": "all"}[est]
+    pop = {"ATT": t == 1, "ATC": t == 0, "ATE": np.ones(len(t), dtype=bool)}[est]
+    covered = sum(len(sets[d].focal) for d in _directions((est,)))
+    n_pop = int(pop.sum())
+    return {"population": group, "n_population": n_pop, "n_focal_matched": int(covered),
+            "population_covered": covered / n_pop if n_pop else 0.0}
 
 
 def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, list, list]:
@@ -147,7 +280,7 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
             "control units; expected at least 2 of each"
         )
     dirs = _directions(opt.estimands)
-    m = match_contrast(Xm, mnames, t, rank, opt, dirs)
+    m = match_contrast(Xm, mnames, t, rank, opt, dirs, _extra(units, sel, rows, label, opt))
     n = len(t)
 
     # positivity
@@ -187,8 +320,8 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
             who = "treated" if dname == "ATT" else "control"
             raise InputError(
                 f"contrast {label!r}: no {who} unit has a match within the caliper "
-                f"({opt.caliper} SD of the logit propensity = {m.caliper_width:.4g}); widen "
-                "--caliper or check the overlap"
+                f"({opt.caliper} SD of the distance = {m.caliper_width or 0:.4g}) and the "
+                "other restrictions (--exact, --caliper-on); widen them or check the overlap"
             )
         sets[dname] = eff.set_diffs(y, pf, pm, dname == "ATT")
 
@@ -201,7 +334,7 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
     for est in opt.estimands:
         use = [sets[d] for d in _directions((est,))]
         r = eff.estimate(use, n, sigma2, opt.se, opt.n_boot, rng)
-        r = {"estimand": est, **r}
+        r = {"estimand": est, **r, **_population(est, sets, t, m)}
         effects.append(r)
         w = _weights(n, use)
         weights[est] = w
@@ -292,14 +425,19 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         "n_control": n0,
         "propensity": m.info,
         "matching": {
-            "distance": "logit of the propensity score",
+            "method": "nearest",
+            "distance": _DISTANCE[opt.distance] + (
+                f"; Mahalanobis on {', '.join(opt.mahvars)} within the caliper"
+                if opt.mahvars else ""),
             "ratio": opt.ratio,
             "replace": opt.replace,
-            "order": "largest propensity first (MatchIt m.order='largest')" if not opt.replace
-            else "independent per focal unit",
+            "ties": opt.ties,
+            "exact": list(opt.exact),
+            "directions": m.direction_info,
             "caliper_sd": opt.caliper,
             "caliper_width": m.caliper_width,
-            "sd_logit_pooled": m.sd_logit,
+            "sd_distance": m.sd_logit,
+            "caliper_on": {c: w for c, w in opt.caliper_on},
         },
         "positivity": positivity,
         "counts": counts,
@@ -314,6 +452,13 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         summary["refutation"] = refute_all(Xm, mnames, t, y, rank, opt, est, main)
     return summary, pair_rows, bal_rows, [unit_df]
 
+
+_DISTANCE = {
+    "ps": "propensity score",
+    "logit": "logit of the propensity score",
+    "mahalanobis": "Mahalanobis distance on the covariates",
+    "robust-mahalanobis": "rank-based robust Mahalanobis distance on the covariates",
+}
 
 PAIR_COLS = ["contrast", "estimand", "set_id", "treated_row", "control_row", "treated_id",
              "control_id", "treated_ps", "control_ps", "distance", "weight", "treated_outcome",
@@ -348,6 +493,9 @@ def run_psm(units: Units, opt: Options) -> PSMResult:
         "outcome_binary": units.outcome_binary,
         "options": {
             "propensity": opt.method, "ratio": opt.ratio, "replace": opt.replace,
+            "distance": opt.distance, "m_order": opt.m_order, "ties": opt.ties,
+            "exact": list(opt.exact), "mahvars": list(opt.mahvars),
+            "caliper_on": {c: w for c, w in opt.caliper_on}, "pool_short": opt.pool_short,
             "caliper": opt.caliper, "common_support": opt.common_support,
             "estimands": list(opt.estimands), "se": opt.se, "n_boot": opt.n_boot,
             "seed": opt.seed, "refute": opt.refute, "refute_sims": opt.refute_sims,

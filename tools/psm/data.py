@@ -139,11 +139,23 @@ def prepare(
     reference: str | None = None,
     id_column: str | None = None,
     dropna: bool = False,
+    extra: dict[str, list[str]] | None = None,
 ) -> Units:
-    """Check the table and return the units in canonical order with the encoded design."""
+    """Check the table and return the units in canonical order with the encoded design.
+
+    ``extra``: option -> further columns to keep and check for missing values (``--exact``,
+    ``--mahvars``, ``--caliper-on``); they join the canonical sort keys after the covariates.
+    """
     check_columns(df, [treatment], "--treatment", path)
     check_columns(df, [outcome], "--outcome", path)
     check_columns(df, covariates, "--covariates", path)
+    extra_cols: list[str] = []
+    for option, names in (extra or {}).items():
+        check_columns(df, names, option, path)
+        for c in names:
+            if c in (treatment, outcome):
+                raise InputError(f"{option}: {c!r} is the treatment or outcome column")
+        extra_cols += names
     if id_column is not None:
         check_columns(df, [id_column], "--id", path)
     if not covariates:
@@ -151,7 +163,7 @@ def prepare(
     for c in covariates:
         if c in (treatment, outcome):
             raise InputError(f"--covariates: {c!r} is the treatment or outcome column")
-    used = list(dict.fromkeys([treatment, outcome, *covariates]))
+    used = list(dict.fromkeys([treatment, outcome, *covariates, *extra_cols]))
     work = df[used + ([id_column] if id_column and id_column not in used else [])].copy()
     work["_row"] = np.arange(len(df), dtype=np.int64)
 
