@@ -392,3 +392,111 @@ def test_exact_stratum_without_controls_is_named():
     u = prepare(df, "t", "y", ["x1", "x2"], extra={"--exact": ["site"]})
     with pytest.raises(InputError, match=r"--exact site: stratum \(site\) = \(far\).*no control"):
         run_psm(u, Options(refute=False, exact=("site",), estimands=("ATT",)))
+
+
+def test_optimal_pairs_equal_brute_force():
+    import itertools
+
+    from dolm_tools.psm import optimal as om
+
+    rng = np.random.default_rng(5)
+    for n1, n0, k in ((5, 7, 1), (3, 7, 2), (4, 4, 1)):
+        D = rng.random((n1, n0))
+        f, p = om.optimal_pairs(D, k)
+        best = min(itertools.permutations(range(n0), n1 * k),
+                   key=lambda perm: sum(D[i // k, j] for i, j in enumerate(perm)))
+        want = sorted((i // k, j) for i, j in enumerate(best))
+        assert sorted(zip(f.tolist(), p.tolist(), strict=True)) == want
+    # a caliper forbids pairs: units without an allowed partner stay unmatched
+    D = np.array([[0.1, np.inf], [np.inf, np.inf], [0.3, 0.2]])
+    f, p = om.optimal_pairs(D)
+    assert sorted(zip(f.tolist(), p.tolist(), strict=True)) == [(0, 0), (2, 1)]
+
+
+def test_full_matching_is_the_minimum_edge_cover():
+    import itertools
+
+    from dolm_tools.psm import optimal as om
+    from scipy.optimize import linprog
+
+    rng = np.random.default_rng(8)
+    for n1, n0 in ((3, 4), (2, 5), (4, 3)):
+        D = rng.random((n1, n0))
+        t_e, c_e = om.full_matching(D)
+        cost = D[t_e, c_e].sum()
+        # every unit once, stars only (each edge has an end of degree 1)
+        assert set(t_e.tolist()) == set(range(n1)) and set(c_e.tolist()) == set(range(n0))
+        dt, dc = np.bincount(t_e, minlength=n1), np.bincount(c_e, minlength=n0)
+        assert np.all((dt[t_e] == 1) | (dc[c_e] == 1))
+        edges = list(itertools.product(range(n1), range(n0)))
+        brute = min(sum(D[e] for e in sub) for r in range(1, len(edges) + 1)
+                    for sub in itertools.combinations(edges, r)
+                    if {a for a, _ in sub} == set(range(n1))
+                    and {b for _, b in sub} == set(range(n0))) if len(edges) <= 12 else None
+        A = np.zeros((n1 + n0, len(edges)))
+        for j, (a, b) in enumerate(edges):
+            A[a, j] = A[n1 + b, j] = 1
+        lp = linprog([D[e] for e in edges], A_ub=-A, b_ub=-np.ones(n1 + n0), bounds=(0, 1))
+        assert cost == pytest.approx(lp.fun, abs=1e-9)
+        if brute is not None:
+            assert cost == pytest.approx(brute, abs=1e-12)
+    # a larger problem against the LP (the bipartite edge-cover polytope is integral)
+    D = rng.random((30, 45))
+    t_e, c_e = om.full_matching(D)
+    edges = list(itertools.product(range(30), range(45)))
+    A = np.zeros((75, len(edges)))
+    for j, (a, b) in enumerate(edges):
+        A[a, j] = A[30 + b, j] = 1
+    lp = linprog([D[e] for e in edges], A_ub=-A, b_ub=-np.ones(75), bounds=(0, 1))
+    assert D[t_e, c_e].sum() == pytest.approx(lp.fun, abs=1e-8)
+
+
+@pytest.mark.parametrize("method", ["optimal", "full"])
+def test_optimal_and_full_matching_estimate_the_att(method):
+    u = prepare(confounded(500, 3), "t", "y", ["x1", "x2", "x3"])
+    kw = dict(refute=False, caliper=None, common_support="none", estimands=("ATT", "ATE"))
+    res = run_psm(u, Options(match_method=method, **kw))
+    eff = {e["estimand"]: e for e in res.summary["contrasts"][0]["effects"]}
+    naive = eff["naive"]["estimate"]
+    assert abs(eff["ATT"]["estimate"] - TRUE_ATT) < abs(naive - TRUE_ATT) / 2, eff["ATT"]
+    p = res.pairs[res.pairs.estimand == "ATT"]
+    if method == "optimal":  # 1:1 without replacement, every treated unit matched
+        assert p.control_row.is_unique and len(p) == int(u.df.t.sum())
+        greedy = run_psm(u, Options(**kw)).pairs
+        assert p.distance.sum() <= greedy[greedy.estimand == "ATT"].distance.sum()
+    else:  # every unit in exactly one set; a set has one treated or one control unit
+        assert eff["ATE"]["population_covered"] == 1.0
+        nt = p.groupby("control_row").treated_row.nunique()
+        nc = p.groupby("treated_row").control_row.nunique()
+        shared = nt[nt > 1].index
+        assert nc[p[p.control_row.isin(shared)].treated_row].eq(1).all()
+
+
+def test_full_matching_refuses_a_problem_over_budget():
+    u = prepare(confounded(400, 3), "t", "y", ["x1", "x2", "x3"])
+    with pytest.raises(InputError, match="--method full: .* exceed the solver's budget"):
+        run_psm(u, Options(refute=False, match_method="full", max_pairs=1000))
+
+
+def test_regression_adjustment_cluster_se_equals_statsmodels():
+    sm = pytest.importorskip("statsmodels.api")
+    from dolm_tools.psm import estimators as E
+
+    rng = np.random.default_rng(2)
+    n = 300
+    X = rng.normal(size=(n, 2))
+    t = (rng.random(n) < 0.4).astype(float)
+    y = X @ [1.0, -0.5] + 2 * t + rng.normal(size=n)
+    w = rng.uniform(0.5, 2, n)
+    cl = rng.integers(0, 60, n)
+    r = E.wls_effect(y, t, w, target="ATE", cluster=cl)
+    fit = sm.WLS(y, sm.add_constant(t), weights=w).fit(cov_type="cluster",
+                                                       cov_kwds={"groups": cl})
+    assert r["estimate"] == pytest.approx(fit.params[1], rel=1e-10)
+    assert r["se"] == pytest.approx(fit.bse[1], rel=1e-8)
+    r = E.wls_effect(y, t, w, X=X, target="ATE", cluster=None)
+    Xc = X - np.average(X, axis=0, weights=w)
+    D = sm.add_constant(np.column_stack([t, Xc, Xc * t[:, None]]))
+    fit = sm.WLS(y, D, weights=w).fit(cov_type="HC1")
+    assert r["estimate"] == pytest.approx(fit.params[1], rel=1e-10)
+    assert r["se"] == pytest.approx(fit.bse[1], rel=1e-8)

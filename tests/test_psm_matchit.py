@@ -30,7 +30,8 @@ pytestmark = pytest.mark.skipif(not _has_matchit(), reason="needs Rscript and R 
 
 LALONDE_COVS = ["age", "educ", "race", "married", "nodegree", "re74", "re75"]
 COVS = {"lalonde": LALONDE_COVS, "lalonde_num": [c for c in LALONDE_COVS if c != "race"],
-        "sim": ["a", "b", "c"]}
+        "lalonde_cat": ["race", "married", "nodegree"],
+        "lalonde_cem": ["age", "educ", "race", "married", "re74"], "sim": ["a", "b", "c"]}
 
 # name -> (data set, MatchIt arguments, dolm Options fields)
 CASES = {
@@ -70,6 +71,17 @@ CASES = {
                            dict(distance="ps", exact=("race", "married"))),
     "caliper_on_age": ("lalonde", "caliper=c(0.3, age=0.5)",
                        dict(distance="ps", caliper=0.3, caliper_on=(("age", 0.5),))),
+    "exact_method": ("lalonde_cat", 'method="exact"', dict(match_method="exact")),
+    "exact_method_ate": ("lalonde_cat", 'method="exact", estimand="ATE"',
+                         dict(match_method="exact", estimands=("ATE",))),
+    "cem": ("lalonde_cem", 'method="cem"', dict(match_method="cem")),
+    "cem_atc": ("lalonde_cem", 'method="cem", estimand="ATC"',
+                dict(match_method="cem", estimands=("ATC",))),
+    "subclass": ("lalonde", 'method="subclass"', dict(match_method="subclass", distance="ps")),
+    "subclass_10_ate": ("lalonde", 'method="subclass", subclass=10, estimand="ATE"',
+                        dict(match_method="subclass", n_subclass=10, estimands=("ATE",))),
+    "sim_subclass_atc": ("sim", 'method="subclass", subclass=8, estimand="ATC"',
+                         dict(match_method="subclass", n_subclass=8, estimands=("ATC",))),
     "sim_ps": ("sim", "", dict(distance="ps")),
     "sim_logit_1to2": ("sim", 'link="linear.logit", ratio=2',
                        dict(distance="logit", ratio=2)),
@@ -90,10 +102,13 @@ write.csv(lalonde, file.path(out, "lalonde.csv"), row.names = FALSE)
 sim <- read.csv(file.path(out, "sim.csv"))
 forms <- list(lalonde = treat ~ age + educ + race + married + nodegree + re74 + re75,
               lalonde_num = treat ~ age + educ + married + nodegree + re74 + re75,
+              lalonde_cat = treat ~ race + married + nodegree,
+              lalonde_cem = treat ~ age + educ + race + married + re74,
               sim = treat ~ a + b + c)
-ys <- list(lalonde = "re78", lalonde_num = "re78", sim = "y")
+ys <- list(lalonde = "re78", lalonde_num = "re78", lalonde_cat = "re78", lalonde_cem = "re78",
+           sim = "y")
 cases <- read.csv(file.path(out, "cases.csv"), stringsAsFactors = FALSE)
-pairs <- list(); ests <- list(); dists <- list()
+pairs <- list(); ests <- list(); dists <- list(); wts <- list()
 for (i in seq_len(nrow(cases))) {
   d <- if (startsWith(cases$data[i], "lalonde")) lalonde else sim
   call <- sprintf(paste0("matchit(forms[[cases$data[i]]], data = d, ",
@@ -106,9 +121,13 @@ for (i in seq_len(nrow(cases))) {
   t <- d$treat
   ests[[i]] <- data.frame(name = cases$name[i],
     estimate = weighted.mean(y[t == 1], w[t == 1]) - weighted.mean(y[t == 0], w[t == 0]))
-  f <- rep(match(rownames(mm), rownames(d)) - 1L, ncol(mm))
-  g <- match(as.vector(mm), rownames(d)) - 1L
-  pairs[[i]] <- data.frame(name = cases$name[i], focal = f, match = g)[!is.na(g), ]
+  if (!is.null(mm)) {
+    f <- rep(match(rownames(mm), rownames(d)) - 1L, ncol(mm))
+    g <- match(as.vector(mm), rownames(d)) - 1L
+    pairs[[i]] <- data.frame(name = cases$name[i], focal = f, match = g)[!is.na(g), ]
+  }
+  wts[[i]] <- data.frame(name = cases$name[i], row = seq_along(w) - 1L, weight = unname(w),
+    subclass = if (is.null(m$subclass)) NA_integer_ else as.integer(m$subclass))
   if (!is.null(m$distance))
     dists[[i]] <- data.frame(name = cases$name[i], row = seq_along(m$distance) - 1L,
                              distance = unname(m$distance))
@@ -126,6 +145,7 @@ write.csv(data.frame(order = ord - 1L), file.path(out, "order.csv"), row.names =
 write.csv(do.call(rbind, pairs), file.path(out, "pairs.csv"), row.names = FALSE)
 write.csv(do.call(rbind, ests), file.path(out, "estimates.csv"), row.names = FALSE)
 write.csv(do.call(rbind, dists), file.path(out, "distances.csv"), row.names = FALSE)
+write.csv(do.call(rbind, wts), file.path(out, "weights.csv"), row.names = FALSE)
 """
 
 
@@ -150,7 +170,8 @@ def matchit(tmp_path_factory):
     script.write_text(R_SCRIPT)
     r = subprocess.run(["Rscript", str(script), str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    res = {k: pd.read_csv(out / f"{k}.csv") for k in ("pairs", "estimates", "distances", "order")}
+    res = {k: pd.read_csv(out / f"{k}.csv")
+           for k in ("pairs", "estimates", "distances", "order", "weights")}
     data = {"lalonde": pd.read_csv(out / "lalonde.csv"), "sim": pd.read_csv(out / "sim.csv")}
     return res, data
 
@@ -186,13 +207,24 @@ def test_same_matches_and_estimate_as_matchit(matchit, case):
     assert got == want, (case, len(got), len(want),
                          sum(got.get(k) == v for k, v in want.items()))
     d = ref["distances"][ref["distances"].name == case]
-    if len(d) and fields["distance"] in ("ps", "logit"):
+    if len(d) and fields.get("distance") in ("ps", "logit"):
         col = "propensity" if fields["distance"] == "ps" else "logit_propensity"
         ours = res.units.sort_values("row")[col].to_numpy()
         np.testing.assert_allclose(ours, d.sort_values("row").distance.to_numpy(), atol=1e-8)
     eff = {e["estimand"]: e for e in res.summary["contrasts"][0]["effects"]}
     want_est = ref["estimates"].set_index("name").estimate[case]
     assert eff[est]["estimate"] == pytest.approx(want_est, abs=1e-6)
+    # MatchIt's weights (each group rescaled to its matched count, as MatchIt does)
+    w = ref["weights"][ref["weights"].name == case].sort_values("row")
+    ours = res.units.sort_values("row")[f"weight_{est.lower()}"].to_numpy()
+    for g in (0, 1):
+        tg = res.units.sort_values("row").treated.to_numpy() == bool(g)
+        a, b = ours[tg], w.weight.to_numpy()[tg]
+        np.testing.assert_allclose(a / a.sum() * (a > 0).sum(), b, rtol=1e-9, atol=1e-12)
+    if fields.get("match_method") in ("exact", "cem", "subclass"):
+        sub = res.units.sort_values("row").subclass.to_numpy(dtype=float, na_value=np.nan)
+        pairs = pd.crosstab(sub, w.subclass.to_numpy(dtype=float))  # same partition
+        assert ((pairs > 0).sum(axis=1) == 1).all() and ((pairs > 0).sum(axis=0) == 1).all()
 
 
 def test_random_order_equals_matchit(matchit):

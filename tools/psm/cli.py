@@ -60,6 +60,23 @@ def _sibling(output: str, suffix: str) -> str | None:
               show_default=True,
               help="logistic: unpenalised logistic regression on standardised covariates; "
               "gbm: gradient boosting (scikit-learn HistGradientBoostingClassifier).")
+@click.option("--method", "match_method",
+              type=click.Choice(["nearest", "optimal", "full", "exact", "cem", "subclass"]),
+              default="nearest", show_default=True,
+              help="nearest: greedy nearest neighbour; optimal: 1:k pairs minimising the total "
+              "distance; full: optimal full matching (every unit in one set); exact / cem: "
+              "strata of equal (coarsened: Sturges bins) covariate values; subclass: "
+              "propensity quantile subclasses. Weights as MatchIt's.")
+@click.option("--subclass", "n_subclass", type=click.IntRange(min=2), default=6,
+              show_default=True, help="Number of subclasses (--method subclass).")
+@click.option("--max-pairs", type=click.IntRange(min=1), default=10_000_000,
+              show_default=True,
+              help="--method optimal/full: refuse a stratum with more treated x control pairs.")
+@click.option("--estimator", type=click.Choice(["diff", "regression"]), default="diff",
+              show_default=True,
+              help="diff: weighted difference in means of the matched sample; regression: "
+              "g-computation (outcome on treatment, centred covariates and their "
+              "interactions) on the matched sample, cluster-robust SEs by matched set.")
 @click.option("--ratio", "-k", type=click.IntRange(min=1), default=1, show_default=True,
               help="Matches per focal unit (1:k).")
 @click.option("--replace/--no-replace", default=False, show_default=True,
@@ -130,9 +147,10 @@ def _sibling(output: str, suffix: str) -> str | None:
               help="Per-unit propensity and weights Parquet [default: <output>.units.parquet].")
 @seed_option
 def main(run, table, treatment, outcome, covariates, dag_path, reference, id_column, propensity,
-         ratio, replace, distance, m_order, ties, caliper, no_caliper, caliper_on,
-         common_support, exact, mahvars, pool_short, estimands, se, n_boot, refute,
-         refute_sims, dropna, output, pairs, balance, units, force, seed):
+         match_method, n_subclass, max_pairs, estimator, ratio, replace, distance, m_order,
+         ties, caliper, no_caliper, caliper_on, common_support, exact, mahvars, pool_short,
+         estimands, se, n_boot, refute, refute_sims, dropna, output, pairs, balance, units,
+         force, seed):
     """Propensity score matching of TABLE: balance, ATT/ATC/ATE, sensitivity.
 
     Every level of --treatment is compared with the reference level. Writes the summary
@@ -193,7 +211,7 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
     if no_caliper:
         cal = None
     elif caliper is None:
-        cal = None if mahal else 0.2
+        cal = None if mahal or match_method != "nearest" else 0.2
     else:
         cal = caliper
     if u.dropped_na:
@@ -203,6 +221,8 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
                   common_support=common_support, distance=distance, m_order=m_order,
                   ties=ties, exact=tuple(exact_cols), mahvars=tuple(mah_cols),
                   caliper_on=tuple(cal_on), pool_short=pool_short,
+                  match_method=match_method, n_subclass=n_subclass, max_pairs=max_pairs,
+                  estimator=estimator,
                   estimands=est, se=se, n_boot=n_boot, seed=seed, refute=refute,
                   refute_sims=refute_sims)
     res = run_psm(u, opt)

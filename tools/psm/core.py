@@ -16,6 +16,7 @@ from dolm.errors import InputError
 from dolm.formats import json_safe
 from dolm_tools.psm import balance as bal
 from dolm_tools.psm import effects as eff
+from dolm_tools.psm import estimators as est_mod
 from dolm_tools.psm import sensitivity as sens
 from dolm_tools.psm.data import Units
 from dolm_tools.psm.matching import common_support, match
@@ -45,6 +46,13 @@ class Options:
     mahvars: tuple[str, ...] = ()  # Mahalanobis on these within the propensity caliper
     caliper_on: tuple[tuple[str, float], ...] = ()  # (column, SDs of the column)
     pool_short: str = "replace"  # replace | subset | refuse: pool smaller than ratio x focal
+    match_method: str = "nearest"  # nearest | optimal | full | exact | cem | subclass
+    n_subclass: int = 6
+    max_pairs: int = 10_000_000  # optimal/full: budget of the dense distance matrix
+    estimator: str = "diff"  # diff (matched difference) | regression (g-computation)
+
+
+STRATA_METHODS = ("exact", "cem", "subclass")
 
 
 @dataclass
@@ -68,6 +76,7 @@ class Matched:
     unmatched: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     direction_info: dict[str, Any] = field(default_factory=dict)
+    subclass: np.ndarray | None = None  # exact / cem / subclass: subclass per unit, -1 none
 
 
 def model_matrix(X: np.ndarray, names: list[str], drop: list[bool]) -> tuple[np.ndarray, list[str]]:
@@ -97,6 +106,7 @@ class Extra:
     strata_names: list[str] | None = None
     cal_cols: np.ndarray | None = None  # --caliper-on columns (n, c)
     label: str = ""
+    cov_frame: pd.DataFrame | None = None  # raw covariate columns (exact / cem)
 
 
 def match_contrast(
@@ -124,6 +134,23 @@ def match_contrast(
     if ex.cal_cols is not None and opt.caliper_on:
         cal_w = np.array([c * np.std(ex.cal_cols[keep, j], ddof=1)
                           for j, (_, c) in enumerate(opt.caliper_on)])
+    if opt.match_method in STRATA_METHODS:
+        from dolm_tools.psm import strata as st
+
+        if opt.match_method == "subclass":
+            est = "ATE" if "ATE" in opt.estimands or len(opt.estimands) > 1 else opt.estimands[0]
+            m.subclass = st.subclass_strata(ps, t, keep, opt.n_subclass, est)
+        else:
+            fn = st.exact_strata if opt.match_method == "exact" else st.cem_strata
+            sub = np.full(len(t), -1, dtype=np.int64)
+            sub[keep] = fn(ex.cov_frame.iloc[np.flatnonzero(keep)],
+                           list(ex.cov_frame.columns), t[keep])
+            m.subclass = sub
+        if not np.any(m.subclass >= 0):
+            raise InputError(
+                f"--method {opt.match_method}: no stratum of contrast {ex.label!r} holds both "
+                "treated and control units; coarsen or drop covariates")
+        return m
     tr_all = np.flatnonzero((t == 1) & keep)
     co_all = np.flatnonzero((t == 0) & keep)
     strata = ex.strata if ex.strata is not None else np.zeros(len(t), dtype=np.int64)
@@ -161,7 +188,9 @@ def match_contrast(
                                         default_m_order(opt, dname), rng)
             cf = ex.cal_cols[focal] if cal_w is not None else None
             cp = ex.cal_cols[pool] if cal_w is not None else None
-            if Z is not None:
+            if opt.match_method in ("optimal", "full"):
+                res = _optimal(opt, dname, scalar, focal, pool, width, Z)
+            elif Z is not None:
                 res = nearest.match_matrix(
                     Z[focal], Z[pool], tie_rank[pool], order, opt.ratio, replace,
                     width if (opt.mahvars or opt.caliper is not None) else None,
@@ -182,8 +211,26 @@ def match_contrast(
         m.direction_info[dname] = {
             "m_order": default_m_order(opt, dname), "replace": replace,
             "pool_short": reason,
-        }
+        } if opt.match_method == "nearest" else {"pool_short": reason}
     return m
+
+
+def _optimal(opt: Options, dname: str, scalar, focal, pool, width, Z):
+    """Optimal pair (1:k) or full matching of one stratum, as nearest's Matches."""
+    from dolm_tools.psm import optimal as om
+    from dolm_tools.psm.matching import Matches
+
+    om._check_budget(len(focal), len(pool), opt.max_pairs, opt.match_method)
+    zf, zp = (Z[focal], Z[pool]) if Z is not None else (None, None)
+    D = om.distance_matrix(scalar[focal], scalar[pool], width, zf, zp)
+    if opt.match_method == "optimal":
+        f, p = om.optimal_pairs(D, opt.ratio)
+    else:
+        f, p = om.full_matching(D)  # symmetric: the same sets for either direction
+    got = np.zeros(len(focal), dtype=bool)
+    got[f] = True
+    o = np.lexsort((p, f))
+    return Matches(f[o], p[o], D[f[o], p[o]], np.flatnonzero(~got))
 
 
 def _directions(estimands: tuple[str, ...]) -> tuple[str, ...]:
@@ -241,7 +288,28 @@ def _extra(units: Units, sel: np.ndarray, rows: np.ndarray, label: str, opt: Opt
         ex.strata_names = [f"({names}) = ({u})" for u in uniq]
     if opt.caliper_on:
         ex.cal_cols = np.column_stack([df[c].to_numpy(dtype=float) for c, _ in opt.caliper_on])
+    if opt.match_method in ("exact", "cem"):
+        ex.cov_frame = df[list(units.covariates)]
     return ex
+
+
+_POP = {"ATT": "treated", "ATC": "control", "ATE": "all"}
+
+
+def _clusters(n: int, use: list[eff.SetDiffs]) -> np.ndarray | None:
+    """Matched-set id per unit, or None when a unit belongs to several sets (with
+    replacement, or the ATE's two directions): then HC1 instead of clusters."""
+    cl = np.full(n, -1, dtype=np.int64)
+    count = np.zeros(n, dtype=np.int64)
+    off = 0
+    for s in use:
+        ids = off + np.arange(len(s.focal))
+        cl[s.focal] = ids
+        count[s.focal] += 1
+        cl[s.pair_match] = ids[s.pair_focal]
+        np.add.at(count, s.pair_match, 1)
+        off += len(s.focal)
+    return None if count.max(initial=0) > 1 else cl
 
 
 def _population(est: str, sets: dict, t: np.ndarray, m: Matched) -> dict[str, Any]:
@@ -314,6 +382,8 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         )
 
     sets: dict[str, eff.SetDiffs] = {}
+    if m.subclass is not None:
+        dirs = ()
     for dname in dirs:
         pf, pm, _ = m.pairs[dname]
         if len(pf) == 0:
@@ -326,24 +396,40 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         sets[dname] = eff.set_diffs(y, pf, pm, dname == "ATT")
 
     rng = np.random.default_rng([opt.seed, 17])
-    sigma2 = eff.cond_var(m.lg, y, t) if opt.se == "ai" else None
+    sigma2 = eff.cond_var(m.lg, y, t) if opt.se == "ai" and m.subclass is None else None
     effects = []
     sensitivity: dict[str, Any] = {}
     sd_y = float(np.std(y, ddof=1))
     weights: dict[str, np.ndarray] = {}
     for est in opt.estimands:
-        use = [sets[d] for d in _directions((est,))]
-        r = eff.estimate(use, n, sigma2, opt.se, opt.n_boot, rng)
-        r = {"estimand": est, **r, **_population(est, sets, t, m)}
+        if m.subclass is not None:
+            from dolm_tools.psm.strata import subclass_weights
+
+            w = subclass_weights(m.subclass, t, est)
+            r = est_mod.wls_effect(y, t, w, X=Xm if opt.estimator == "regression" else None,
+                                   target=est, cluster=m.subclass)
+            r["se_method"] += " (clusters: subclasses)"
+            pop = {"ATT": t == 1, "ATC": t == 0}.get(est, np.ones(n, dtype=bool))
+            cov = int(np.sum(pop & (w > 0)))
+            r = {"estimand": est, **r, "population": _POP[est], "n_population": int(pop.sum()),
+                 "n_focal_matched": cov, "population_covered": cov / max(int(pop.sum()), 1)}
+        else:
+            use = [sets[d] for d in _directions((est,))]
+            w = _weights(n, use)
+            if opt.estimator == "regression":
+                r = est_mod.wls_effect(y, t, w, X=Xm, target=est, cluster=_clusters(n, use))
+                r["n_sets"] = int(sum(len(u.focal) for u in use))
+            else:
+                r = eff.estimate(use, n, sigma2, opt.se, opt.n_boot, rng)
+            r = {"estimand": est, **r, **_population(est, sets, t, m)}
         effects.append(r)
-        w = _weights(n, use)
         weights[est] = w
         p0 = bal.wmean(y[t == 0], w[t == 0]) if np.any(w[t == 0] > 0) else float("nan")
         s: dict[str, Any] = {
             "e_value": sens.e_value(r["estimate"], r["ci_low"], r["ci_high"],
                                     units.outcome_binary, p0, sd_y)
         }
-        if est in ("ATT", "ATC"):
+        if est in ("ATT", "ATC") and est in sets:
             s["rosenbaum"] = sens.rosenbaum(sets[est].d)
         sensitivity[est] = s
     effects.append({"estimand": "naive", **eff.naive(y, t)})
@@ -415,6 +501,8 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         "weight_att": weights.get("ATT", np.full(n, np.nan)),
         "weight_atc": weights.get("ATC", np.full(n, np.nan)),
         "weight_ate": weights.get("ATE", np.full(n, np.nan)),
+        "subclass": pd.array([int(v) if v >= 0 else None for v in m.subclass]
+                             if m.subclass is not None else [None] * n, dtype="Int64"),
     })
 
     summary = {
@@ -425,7 +513,9 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         "n_control": n0,
         "propensity": m.info,
         "matching": {
-            "method": "nearest",
+            "method": opt.match_method,
+            "estimator": opt.estimator,
+            "n_subclass": int(m.subclass.max() + 1) if m.subclass is not None else None,
             "distance": _DISTANCE[opt.distance] + (
                 f"; Mahalanobis on {', '.join(opt.mahvars)} within the caliper"
                 if opt.mahvars else ""),
@@ -492,6 +582,8 @@ def run_psm(units: Units, opt: Options) -> PSMResult:
         "dropped_missing": units.dropped_na or {"rows": 0},
         "outcome_binary": units.outcome_binary,
         "options": {
+            "method": opt.match_method, "estimator": opt.estimator,
+            "n_subclass": opt.n_subclass, "max_pairs": opt.max_pairs,
             "propensity": opt.method, "ratio": opt.ratio, "replace": opt.replace,
             "distance": opt.distance, "m_order": opt.m_order, "ties": opt.ties,
             "exact": list(opt.exact), "mahvars": list(opt.mahvars),
