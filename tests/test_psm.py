@@ -500,3 +500,46 @@ def test_regression_adjustment_cluster_se_equals_statsmodels():
     fit = sm.WLS(y, D, weights=w).fit(cov_type="HC1")
     assert r["estimate"] == pytest.approx(fit.params[1], rel=1e-10)
     assert r["se"] == pytest.approx(fit.bse[1], rel=1e-8)
+
+
+def test_ipw_and_aipw_recover_the_effect():
+    from dolm_tools.psm import estimators as E
+
+    df = confounded(3000, 25)
+    u = prepare(df, "t", "y", ["x1", "x2", "x3"])
+    res = run_psm(u, Options(refute=False, match_method="ipw",
+                             estimands=("ATE", "ATT", "ATC", "ATO")))
+    eff = {e["estimand"]: e for e in res.summary["contrasts"][0]["effects"]}
+    X = df[["x1", "x2", "x3"]].to_numpy()
+    t, y = df.t.to_numpy(), df.y.to_numpy()
+    for est in ("ATE", "ATT", "ATC", "ATO"):
+        assert eff[est]["ci_low"] <= TRUE_ATT <= eff[est]["ci_high"], (est, eff[est])
+    # Hajek ATE by hand from the same (unpenalised logistic) propensity
+    e = res.units.sort_values("row").propensity.to_numpy()
+    w1, w0 = t / e, (1 - t) / (1 - e)
+    hajek = np.sum(w1 * y) / w1.sum() - np.sum(w0 * y) / w0.sum()
+    assert eff["ATE"]["estimate"] == pytest.approx(hajek, abs=1e-6)
+    # estimating the propensity makes the ATE's sandwich SE no larger than the SE that
+    # treats the weights as known (Hirano, Imbens & Ridder 2003)
+    known = E.wls_effect(y, t, E.ipw_weights(e, t, "ATE"), target="ATE")
+    assert eff["ATE"]["se"] <= known["se"]
+    # overlap weights balance the means of the propensity model's covariates exactly
+    b = res.balance[(res.balance.estimand == "ATO") & (res.balance["sample"] == "matched")]
+    assert b[b.type != "distance"].smd.abs().max() < 1e-8
+    for est in ("ATE", "ATT"):
+        r = E.aipw(y, t, X, est, seed=1)
+        assert r["ci_low"] <= TRUE_ATT <= r["ci_high"], (est, r)
+
+
+def test_balance_flags_follow_cobalt_thresholds():
+    u = prepare(confounded(800, 4), "t", "y", ["x1", "x2", "x3"])
+    res = run_psm(u, Options(refute=False, estimands=("ATT",)))
+    b = res.balance[res.balance.type != "distance"]
+    assert (b.smd_flag == (b.smd.abs() > 0.1)).all()
+    vr = b.var_ratio.astype(float)
+    assert (b.var_ratio_flag == ((vr < 0.5) | (vr > 2))).all()
+    before = b[b["sample"] == "all"]
+    assert before.smd_flag.any()  # confounded: imbalanced before matching
+    flags = res.summary["contrasts"][0]["balance_flags"]["ATT"]
+    after = b[(b["sample"] == "matched") & b.smd_flag.astype(bool)]
+    assert flags["smd_over_0.1"] == after.variable.tolist()

@@ -61,12 +61,26 @@ def _sibling(output: str, suffix: str) -> str | None:
               help="logistic: unpenalised logistic regression on standardised covariates; "
               "gbm: gradient boosting (scikit-learn HistGradientBoostingClassifier).")
 @click.option("--method", "match_method",
-              type=click.Choice(["nearest", "optimal", "full", "exact", "cem", "subclass"]),
+              type=click.Choice(["nearest", "optimal", "full", "exact", "cem", "subclass", "ipw",
+                                 "aipw"]),
               default="nearest", show_default=True,
               help="nearest: greedy nearest neighbour; optimal: 1:k pairs minimising the total "
               "distance; full: optimal full matching (every unit in one set); exact / cem: "
               "strata of equal (coarsened: Sturges bins) covariate values; subclass: "
-              "propensity quantile subclasses. Weights as MatchIt's.")
+              "propensity quantile subclasses (weights as MatchIt's). Without matching: ipw: "
+              "inverse probability weighting (Hajek; estimands ATE, ATT, ATC and ATO, the "
+              "overlap weights), sandwich SEs with the propensity model stacked; aipw: "
+              "cross-fitted augmented IPW (doubly robust), influence-function SEs.")
+@click.option("--stabilize", is_flag=True, help="--method ipw: stabilised ATE weights.")
+@click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True), default=0.0,
+              show_default=True,
+              help="--method ipw: drop units with a propensity outside [T, 1 - T] first.")
+@click.option("--learner", type=click.Choice(["linear", "gbm"]), default="linear",
+              show_default=True,
+              help="--method aipw: scikit-learn learners for the propensity and outcome models "
+              "(linear: logistic / least squares; gbm: histogram gradient boosting).")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="--method aipw: cross-fitting folds.")
 @click.option("--subclass", "n_subclass", type=click.IntRange(min=2), default=6,
               show_default=True, help="Number of subclasses (--method subclass).")
 @click.option("--max-pairs", type=click.IntRange(min=1), default=10_000_000,
@@ -147,7 +161,8 @@ def _sibling(output: str, suffix: str) -> str | None:
               help="Per-unit propensity and weights Parquet [default: <output>.units.parquet].")
 @seed_option
 def main(run, table, treatment, outcome, covariates, dag_path, reference, id_column, propensity,
-         match_method, n_subclass, max_pairs, estimator, ratio, replace, distance, m_order,
+         match_method, stabilize, trim, learner, folds, n_subclass, max_pairs, estimator, ratio,
+         replace, distance, m_order,
          ties, caliper, no_caliper, caliper_on, common_support, exact, mahvars, pool_short,
          estimands, se, n_boot, refute, refute_sims, dropna, output, pairs, balance, units,
          force, seed):
@@ -160,9 +175,11 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
     from dolm.formats import write_table as _write
 
     est = tuple(e.strip().upper() for e in estimands.split(",") if e.strip())
-    bad = [e for e in est if e not in ("ATT", "ATC", "ATE")]
+    allowed = ("ATT", "ATC", "ATE", "ATO") if match_method == "ipw" else ("ATT", "ATC", "ATE")
+    bad = [e for e in est if e not in allowed]
     if bad or not est:
-        raise InputError(f"--estimand: expected some of ATT, ATC, ATE, found {estimands!r}")
+        raise InputError(f"--estimand: expected some of {', '.join(allowed)} with --method "
+                         f"{match_method}, found {estimands!r}")
     if (covariates is None) == (dag_path is None):
         raise InputError("give either --covariates or --dag (exactly one)")
     paths = {}
@@ -222,7 +239,8 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
                   ties=ties, exact=tuple(exact_cols), mahvars=tuple(mah_cols),
                   caliper_on=tuple(cal_on), pool_short=pool_short,
                   match_method=match_method, n_subclass=n_subclass, max_pairs=max_pairs,
-                  estimator=estimator,
+                  estimator=estimator, stabilize=stabilize, trim=trim, learner=learner,
+                  folds=folds,
                   estimands=est, se=se, n_boot=n_boot, seed=seed, refute=refute,
                   refute_sims=refute_sims)
     res = run_psm(u, opt)

@@ -22,7 +22,7 @@ from dolm_tools.psm.data import Units
 from dolm_tools.psm.matching import common_support, match
 from dolm_tools.psm.propensity import fit_propensity, logit
 
-ESTIMANDS = ("ATT", "ATC", "ATE")
+ESTIMANDS = ("ATT", "ATC", "ATE")  # ATO too with --method ipw
 
 
 @dataclass
@@ -50,9 +50,14 @@ class Options:
     n_subclass: int = 6
     max_pairs: int = 10_000_000  # optimal/full: budget of the dense distance matrix
     estimator: str = "diff"  # diff (matched difference) | regression (g-computation)
+    stabilize: bool = False  # ipw: stabilised ATE weights
+    trim: float = 0.0  # ipw: drop propensity outside [trim, 1 - trim]
+    learner: str = "linear"  # aipw: linear | gbm
+    folds: int = 5  # aipw cross-fitting folds
 
 
 STRATA_METHODS = ("exact", "cem", "subclass")
+WEIGHTING_METHODS = ("ipw", "aipw")
 
 
 @dataclass
@@ -117,7 +122,8 @@ def match_contrast(
 
     ps, info = fit_propensity(X, t, names, opt.method, opt.seed)
     lg = logit(ps)
-    keep = common_support(ps, t, opt.common_support)
+    keep = common_support(ps, t, "none" if opt.match_method in WEIGHTING_METHODS
+                          else opt.common_support)
     scalar = ps if opt.distance == "ps" else lg
     # the caliper is in SDs of the distance over the kept units, as MatchIt computes it
     sd = float(np.std(scalar[keep], ddof=1)) if keep.sum() > 1 else 0.0
@@ -134,6 +140,8 @@ def match_contrast(
     if ex.cal_cols is not None and opt.caliper_on:
         cal_w = np.array([c * np.std(ex.cal_cols[keep, j], ddof=1)
                           for j, (_, c) in enumerate(opt.caliper_on)])
+    if opt.match_method in WEIGHTING_METHODS:
+        return m
     if opt.match_method in STRATA_METHODS:
         from dolm_tools.psm import strata as st
 
@@ -236,6 +244,8 @@ def _optimal(opt: Options, dname: str, scalar, focal, pool, width, Z):
 def _directions(estimands: tuple[str, ...]) -> tuple[str, ...]:
     need = set()
     for e in estimands:
+        if e == "ATO":
+            continue
         need |= {"ATT", "ATC"} if e == "ATE" else {e}
     return tuple(d for d in ("ATT", "ATC") if d in need)
 
@@ -293,7 +303,8 @@ def _extra(units: Units, sel: np.ndarray, rows: np.ndarray, label: str, opt: Opt
     return ex
 
 
-_POP = {"ATT": "treated", "ATC": "control", "ATE": "all"}
+_POP = {"ATT": "treated", "ATC": "control", "ATE": "all",
+        "ATO": "overlap (weights e(1 - e))"}
 
 
 def _clusters(n: int, use: list[eff.SetDiffs]) -> np.ndarray | None:
@@ -382,7 +393,8 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         )
 
     sets: dict[str, eff.SetDiffs] = {}
-    if m.subclass is not None:
+    weighting = opt.match_method in WEIGHTING_METHODS
+    if m.subclass is not None or weighting:
         dirs = ()
     for dname in dirs:
         pf, pm, _ = m.pairs[dname]
@@ -402,7 +414,18 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
     sd_y = float(np.std(y, ddof=1))
     weights: dict[str, np.ndarray] = {}
     for est in opt.estimands:
-        if m.subclass is not None:
+        if weighting:
+            w = est_mod.ipw_weights(np.clip(m.ps, 1e-6, 1 - 1e-6), t, est, opt.stabilize)
+            if opt.match_method == "ipw":
+                r = est_mod.ipw(y, t, Xm, est, stabilize=opt.stabilize, trim=opt.trim)
+            else:
+                r = est_mod.aipw(y, t, Xm, est, folds=opt.folds, learner=opt.learner,
+                                 seed=opt.seed)
+            pop = {"ATT": t == 1, "ATC": t == 0}.get(est, np.ones(n, dtype=bool))
+            r = {"estimand": est, **r, "population": _POP[est], "n_population": int(pop.sum()),
+                 "n_focal_matched": int(r["n_sets"]),
+                 "population_covered": float(r["n_sets"]) / n}
+        elif m.subclass is not None:
             from dolm_tools.psm.strata import subclass_weights
 
             w = subclass_weights(m.subclass, t, est)
@@ -442,6 +465,7 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
     ]
     ones = np.ones(n)
     counts = {}
+    flagged: dict[str, dict[str, list[str]]] = {}
     orders: dict[int, np.ndarray | None] = {}
     for est in opt.estimands:
         w = weights[est]
@@ -450,10 +474,16 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
             if j not in orders:
                 orders[j] = None if binary else np.argsort(x, kind="stable")
             for sample, ww in (("all", ones), ("matched", w)):
+                row = bal.balance_row(x, t, ww, binary, sd, orders[j])
                 bal_rows.append({
                     "contrast": label, "estimand": est, "variable": name, "type": kind,
-                    "sample": sample, **bal.balance_row(x, t, ww, binary, sd, orders[j]),
+                    "sample": sample, **row, **bal.flags(row, kind),
                 })
+        after = [r for r in bal_rows if r["estimand"] == est and r["sample"] == "matched"]
+        flagged[est] = {
+            "smd_over_0.1": [r["variable"] for r in after if r["smd_flag"]],
+            "var_ratio_outside_0.5_2": [r["variable"] for r in after if r["var_ratio_flag"]],
+        }
         c = {}
         for g, gname in ((0, "control"), (1, "treated")):
             mg = t == g
@@ -501,6 +531,7 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         "weight_att": weights.get("ATT", np.full(n, np.nan)),
         "weight_atc": weights.get("ATC", np.full(n, np.nan)),
         "weight_ate": weights.get("ATE", np.full(n, np.nan)),
+        **({"weight_ato": weights["ATO"]} if "ATO" in weights else {}),
         "subclass": pd.array([int(v) if v >= 0 else None for v in m.subclass]
                              if m.subclass is not None else [None] * n, dtype="Int64"),
     })
@@ -531,6 +562,7 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         },
         "positivity": positivity,
         "counts": counts,
+        "balance_flags": flagged,
         "effects": effects,
         "sensitivity": sensitivity,
     }
@@ -583,6 +615,8 @@ def run_psm(units: Units, opt: Options) -> PSMResult:
         "outcome_binary": units.outcome_binary,
         "options": {
             "method": opt.match_method, "estimator": opt.estimator,
+            "stabilize": opt.stabilize, "trim": opt.trim, "learner": opt.learner,
+            "folds": opt.folds,
             "n_subclass": opt.n_subclass, "max_pairs": opt.max_pairs,
             "propensity": opt.method, "ratio": opt.ratio, "replace": opt.replace,
             "distance": opt.distance, "m_order": opt.m_order, "ties": opt.ties,

@@ -195,9 +195,9 @@ def aipw(y: np.ndarray, t: np.ndarray, X: np.ndarray, estimand: str, *, folds: i
         psi = (r - t * tau) / p
     elif estimand == "ATC":
         q = 1 - t.mean()
-        r = t * (1 - e) / e * (y - m1) - (1 - t) * (y - m1)
-        tau = -r.sum() / (1 - t).sum()
-        psi = (-r - (1 - t) * tau) / q
+        r = (1 - t) * (m1 - y) + t * (1 - e) / e * (y - m1)
+        tau = r.sum() / (1 - t).sum()
+        psi = (r - (1 - t) * tau) / q
     else:
         raise ValueError(estimand)
     se = float(np.std(psi, ddof=1) / np.sqrt(n))
