@@ -291,11 +291,13 @@ def _extra(units: Units, sel: np.ndarray, rows: np.ndarray, label: str, opt: Opt
     if opt.mahvars:
         ex.X_mah = encode_covariates(df, list(opt.mahvars)).X
     if opt.exact:
-        key = df[list(opt.exact)].astype(str).agg(", ".join, axis=1)
-        codes, uniq = pd.factorize(key, sort=True)
-        ex.strata = codes.astype(np.int64)
+        from dolm_tools.psm.strata import _key
+
+        ex.strata = _key(df[list(opt.exact)]).to_numpy()
+        first = np.unique(ex.strata, return_index=True)[1]
         names = ", ".join(opt.exact)
-        ex.strata_names = [f"({names}) = ({u})" for u in uniq]
+        vals = df[list(opt.exact)].astype(str).to_numpy()
+        ex.strata_names = [f"({names}) = ({', '.join(vals[i])})" for i in first]
     if opt.caliper_on:
         ex.cal_cols = np.column_stack([df[c].to_numpy(dtype=float) for c, _ in opt.caliper_on])
     if opt.match_method in ("exact", "cem"):

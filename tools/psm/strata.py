@@ -25,8 +25,13 @@ def _codes(keys: pd.Series, t: np.ndarray) -> np.ndarray:
 
 
 def _key(frame: pd.DataFrame) -> pd.Series:
-    return frame.astype(str).agg("\x1f".join, axis=1) if frame.shape[1] else pd.Series(
-        [""] * len(frame), index=frame.index)
+    """One integer per distinct row of values (vectorised: factorize each column, then the
+    distinct rows of the code matrix)."""
+    if frame.shape[1] == 0:
+        return pd.Series(np.zeros(len(frame), dtype=np.int64))
+    codes = np.column_stack([pd.factorize(frame[c].astype(str))[0] for c in frame.columns])
+    inv = np.unique(codes, axis=0, return_inverse=True)[1].ravel()
+    return pd.Series(inv.astype(np.int64))
 
 
 def exact_strata(df: pd.DataFrame, columns: list[str], t: np.ndarray) -> np.ndarray:
