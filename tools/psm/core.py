@@ -525,7 +525,7 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         "contrast": label,
         "row": rows.astype(np.int64),
         "id": ids if ids is not None else None,
-        "level": [_fmt(v) for v in tcol.to_numpy()[sel]],
+        "level": tcol.iloc[sel].astype(str).to_numpy(),
         "treated": t.astype(bool),
         "propensity": m.ps,
         "logit_propensity": m.lg,

@@ -252,4 +252,12 @@ def _canonical_order(work: pd.DataFrame, keys: list[str]) -> np.ndarray:
         else:
             arrays.append(pd.factorize(s.astype(str), sort=True)[0])
     # a stable sort: exact duplicates keep input order, but are identical in every used value
-    return np.lexsort(arrays) if arrays else np.arange(len(work))
+    if not arrays:
+        return np.arange(len(work))
+    # usually the first two keys (treatment, outcome) already order every row: sort on them
+    # alone and fall back to all keys only when two neighbours tie on both
+    o = np.lexsort(arrays[-2:])
+    a, b = arrays[-1][o], arrays[-2][o] if len(arrays) > 1 else arrays[-1][o]
+    if not np.any((a[1:] == a[:-1]) & (b[1:] == b[:-1])):
+        return o
+    return np.lexsort(arrays)
