@@ -469,6 +469,7 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
     counts = {}
     flagged: dict[str, dict[str, list[str]]] = {}
     orders: dict[int, np.ndarray | None] = {}
+    before: dict[int, dict] = {}
     for est in opt.estimands:
         w = weights[est]
         for j, (name, x, binary, kind) in enumerate(cols):
@@ -476,7 +477,15 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
             if j not in orders:
                 orders[j] = None if binary else np.argsort(x, kind="stable")
             for sample, ww in (("all", ones), ("matched", w)):
-                row = bal.balance_row(x, t, ww, binary, sd, orders[j])
+                if sample == "all":  # the same for every estimand but the SMD's scale
+                    if j not in before:
+                        before[j] = bal.balance_row(x, t, ww, binary, 1.0, orders[j])
+                    row = dict(before[j])
+                    diff = row["mean_treated"] - row["mean_control"]
+                    row["smd"] = float(diff / sd) if sd and np.isfinite(sd) and sd > 0 else (
+                        0.0 if diff == 0 else float("nan"))
+                else:
+                    row = bal.balance_row(x, t, ww, binary, sd, orders[j])
                 bal_rows.append({
                     "contrast": label, "estimand": est, "variable": name, "type": kind,
                     "sample": sample, **row, **bal.flags(row, kind),
