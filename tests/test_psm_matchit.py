@@ -2,10 +2,15 @@
 
 One Rscript run matches the lalonde data (shipped with MatchIt: many tied controls, with
 re74 = re75 = 0) and a simulated table of discrete covariates (ties everywhere) under each
-setting; dolm matches the same CSVs with ``--ties data`` and the same options. The matched
-sets must be identical and the weighted difference in means (MatchIt's weights) equal to
-1e-6. MatchIt fits glm to convergence 1e-14 so both sides have the same propensity scores.
-"""
+setting; dolm matches the same CSVs with the same options. The matched sets must be
+identical, the weighted difference in means (MatchIt's weights) equal to 1e-6, and for the
+stratification methods the subclasses and weights the same. MatchIt fits glm to
+convergence 1e-14 so both sides have the same propensity scores (checked to 1e-8).
+
+Debian's MatchIt is 4.5.1, whose scalar-distance nearest matching truncates |distance
+differences| to integers (kosukeimai/MatchIt#163, fixed upstream later): dolm reproduces it
+with ``ties="matchit-4.5.1"``, which differs from ``ties="data"`` (the intended rule, checked
+against brute force in tests/test_psm.py) only in that truncation and an index off-by-one."""
 
 from __future__ import annotations
 
