@@ -35,7 +35,7 @@ ESTIMATORS = {
                                     common_support="none")),
     "full, regression": ("ATT", dict(match_method="full", caliper=None,
                                      common_support="none", estimator="regression")),
-    "subclass 6, regression (CR1)": ("ATE", dict(match_method="subclass",
+    "subclass 6, regression (HC1)": ("ATE", dict(match_method="subclass",
                                                  estimator="regression")),
     "IPW ATE": ("ATE", dict(match_method="ipw")),
     "IPW ATE stabilised, trimmed 0.02": ("ATE", dict(match_method="ipw", stabilize=True,
@@ -63,7 +63,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=500)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("-o", "--output", default="benchmarks/results/psm_coverage.json")
+    ap.add_argument("--only", default=None, help="Run the estimators whose name has this.")
     a = ap.parse_args()
+    if a.only:
+        for k in [k for k in ESTIMATORS if a.only not in k]:
+            del ESTIMATORS[k]
     from dolm_tools.psm.core import Options, run_psm
     from dolm_tools.psm.data import prepare
 
