@@ -122,6 +122,8 @@ BAD = [
     (["-t", "t", "-y", "y", "-c", "x1", "--caliper-on", "x2"], "--caliper-on: expected COLUMN=SDS"),
     (["-t", "t", "-y", "y", "-c", "x1", "--pool-short", "refuse", "-k", "3"],
      "pass --replace, or --pool-short"),
+    (["-t", "t", "-y", "y", "-c", "x1", "--method", "full", "--max-pairs", "100"],
+     "--method full: "),
 ]
 
 
