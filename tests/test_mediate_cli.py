@@ -92,3 +92,35 @@ def test_bad_input_exits_3_naming_the_fault(table):
         assert needle in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
         assert not (table / f"bad{i}.parquet").exists()
+
+
+def test_moderated_mediation_and_a_post_treatment_moderator(tmp_path):
+    # the mediator's effect on the outcome exists only where g == "b": the ACME is moderated
+    rng = np.random.default_rng(3)
+    n = 2000
+    g = np.where(rng.random(n) < 0.5, "a", "b")
+    t = (rng.random(n) < 0.5).astype(int)
+    m = 0.8 * t + rng.normal(size=n)
+    y = 0.3 * t + np.where(g == "b", 1.0, 0.0) * m + rng.normal(size=n)
+    post = t + rng.normal(size=n) > 0.5  # caused by the treatment
+    pd.DataFrame({"t": t, "m": m, "y": y, "g": g, "post": post.astype(int)}).to_csv(
+        tmp_path / "u.csv", index=False)
+    dag = tmp_path / "dag.json"
+    dag.write_text(json.dumps({"nodes": ["t", "m", "y", "g", "post"], "edges": [
+        {"source": "t", "target": "m"}, {"source": "m", "target": "y"},
+        {"source": "t", "target": "y"}, {"source": "g", "target": "y"},
+        {"source": "t", "target": "post"}, {"source": "post", "target": "y"}]}))
+    out = tmp_path / "med.parquet"
+    r = mediate("statistical", tmp_path / "u.csv", "-t", "t", "-y", "y", "-m", "m",
+                "--moderator", "g", "--dag", dag, "--sims", 400, "-o", out)
+    assert r.returncode == 0, r.stderr
+    eff = read_table(str(out))[0]
+    acme = eff[eff.effect == "acme_average"].set_index("mediator")
+    a, b = acme.loc["m | g=a"], acme.loc["m | g=b"]
+    assert a.ci_low <= 0 <= a.ci_high  # truth 0
+    assert b.ci_low <= 0.8 <= b.ci_high and b.ci_low > 0.5  # truth 0.8
+    bad = mediate("statistical", tmp_path / "u.csv", "-t", "t", "-y", "y", "-m", "m",
+                  "--moderator", "post", "--dag", dag, "-o", tmp_path / "bad.parquet")
+    assert bad.returncode == 3, bad.stderr
+    assert "--moderator 'post': a descendant of the treatment 't'" in bad.stderr
+    assert "t -> post" in bad.stderr and not (tmp_path / "bad.parquet").exists()

@@ -305,3 +305,241 @@ def test_refuters_run_on_our_estimator():
     assert abs(got["placebo_treatment"]["new_effect"]) < 0.5
     assert got["random_common_cause"]["new_effect"] == pytest.approx(
         got["random_common_cause"]["estimate"], abs=0.5)
+
+
+def _brute_nearest(d_focal, d_pool, rank_pool, order, k, cal):
+    """Greedy nearest without replacement, by brute force: each focal unit in ``order``
+    takes the nearest free pool unit (ties: the smaller rank), k rounds."""
+    free = np.ones(len(d_pool), dtype=bool)
+    out = {}
+    for _ in range(k):
+        for i in order:
+            if not free.any():
+                break
+            dist = np.where(free, np.abs(d_pool - d_focal[i]), np.inf)
+            best = np.flatnonzero(dist == dist.min())
+            j = best[np.argmin(rank_pool[best])]
+            if dist[j] <= cal:
+                out.setdefault(int(i), set()).add(int(j))
+                free[j] = False
+    return out
+
+
+@pytest.mark.parametrize("m_order", ["largest", "smallest", "data", "random"])
+def test_matchit_rule_takes_the_nearest_free_unit(m_order):
+    # continuous scores (no ties): MatchIt's left/right walk is greedy nearest-free matching
+    from dolm_tools.psm import nearest
+
+    rng = np.random.default_rng(4)
+    df, dp = rng.normal(size=60), rng.normal(size=200)
+    rf, rp = rng.permutation(260)[:60], rng.permutation(260)[60:]
+    order = nearest.focal_order(df, rf, m_order, np.random.default_rng(1))
+    for k, cal in ((1, np.inf), (2, np.inf), (2, 0.05)):
+        m = nearest.match_scalar(df, dp, rf, rp, order, k, False, None if cal == np.inf else cal)
+        got = {}
+        for f, p in zip(m.focal, m.pool, strict=True):
+            got.setdefault(int(f), set()).add(int(p))
+        assert got == _brute_nearest(df, dp, rp, order, k, cal)
+        assert np.all(m.distance <= cal)
+        mr = nearest.match_scalar(df, dp, rf, rp, order, k, True, None if cal == np.inf else cal)
+        for f in range(60):  # with replacement: the k nearest within the caliper
+            near = np.argsort(np.abs(dp - df[f]), kind="stable")[:k]
+            near = {int(j) for j in near if abs(dp[j] - df[f]) <= cal}
+            assert set(mr.pool[mr.focal == f].tolist()) == near
+
+
+def test_atc_with_fifty_controls_per_treated_targets_the_controls():
+    # 60 treated, 3000 controls; the effect grows with x, and the treated have larger x, so
+    # the ATT (about 1.6) and ATC (about 1.0) differ. Without replacement only 60 controls
+    # could be matched: the default matches the ATC direction with replacement instead.
+    rng = np.random.default_rng(12)
+    n = 3060
+    x = rng.normal(size=n)
+    t = np.zeros(n, dtype=int)
+    p = np.exp(0.8 * x)
+    t[rng.choice(n, 60, replace=False, p=p / p.sum())] = 1
+    tau = 1.0 + 0.8 * x
+    y = x + tau * t + rng.normal(scale=0.5, size=n)
+    df = pd.DataFrame({"x": x, "t": t, "y": y})
+    assert (t == 0).sum() == 50 * (t == 1).sum()
+    u = prepare(df, "t", "y", ["x"])
+    kw = dict(refute=False, caliper=None, common_support="none")
+    res = run_psm(u, Options(**kw))
+    c = res.summary["contrasts"][0]
+    eff = {e["estimand"]: e for e in c["effects"]}
+    assert eff["ATC"]["population"] == "control" and eff["ATC"]["n_population"] == 3000
+    assert eff["ATC"]["n_focal_matched"] == 3000 and eff["ATC"]["n_sets"] == 3000
+    assert c["matching"]["directions"]["ATC"]["replace"] is True
+    assert "3000 control units" in c["matching"]["directions"]["ATC"]["pool_short"]
+    true_atc, true_att = tau[t == 0].mean(), tau[t == 1].mean()
+    assert eff["ATC"]["ci_low"] <= true_atc <= eff["ATC"]["ci_high"], (eff["ATC"], true_atc)
+    assert abs(eff["ATC"]["estimate"] - true_atc) < abs(eff["ATC"]["estimate"] - true_att)
+    assert eff["ATE"]["n_sets"] == n and eff["ATE"]["population_covered"] == 1.0
+    true_ate = tau.mean()
+    assert eff["ATE"]["ci_low"] <= true_ate <= eff["ATE"]["ci_high"]
+    # MatchIt's behaviour, reported honestly: 60 of 3000 controls
+    sub = run_psm(u, Options(**kw, pool_short="subset")).summary["contrasts"][0]
+    atc = next(e for e in sub["effects"] if e["estimand"] == "ATC")
+    assert atc["n_focal_matched"] == 60 and atc["population_covered"] == pytest.approx(0.02)
+    with pytest.raises(InputError, match="3000 control units x ratio 1 > 60 treated"):
+        run_psm(u, Options(**kw, pool_short="refuse"))
+
+
+def test_exact_stratum_without_controls_is_named():
+    df = confounded(300, 1)
+    df["site"] = np.where(df.x1 > 1.2, "far", "near")
+    df.loc[(df.site == "far"), "t"] = 1  # no control in the 'far' stratum
+    u = prepare(df, "t", "y", ["x1", "x2"], extra={"--exact": ["site"]})
+    with pytest.raises(InputError, match=r"--exact site: stratum \(site\) = \(far\).*no control"):
+        run_psm(u, Options(refute=False, exact=("site",), estimands=("ATT",)))
+
+
+def test_optimal_pairs_equal_brute_force():
+    import itertools
+
+    from dolm_tools.psm import optimal as om
+
+    rng = np.random.default_rng(5)
+    for n1, n0, k in ((5, 7, 1), (3, 7, 2), (4, 4, 1)):
+        D = rng.random((n1, n0))
+        f, p = om.optimal_pairs(D, k)
+        best = min(itertools.permutations(range(n0), n1 * k),
+                   key=lambda perm: sum(D[i // k, j] for i, j in enumerate(perm)))
+        want = sorted((i // k, j) for i, j in enumerate(best))
+        assert sorted(zip(f.tolist(), p.tolist(), strict=True)) == want
+    # a caliper forbids pairs: units without an allowed partner stay unmatched
+    D = np.array([[0.1, np.inf], [np.inf, np.inf], [0.3, 0.2]])
+    f, p = om.optimal_pairs(D)
+    assert sorted(zip(f.tolist(), p.tolist(), strict=True)) == [(0, 0), (2, 1)]
+
+
+def test_full_matching_is_the_minimum_edge_cover():
+    import itertools
+
+    from dolm_tools.psm import optimal as om
+    from scipy.optimize import linprog
+
+    rng = np.random.default_rng(8)
+    for n1, n0 in ((3, 4), (2, 5), (4, 3)):
+        D = rng.random((n1, n0))
+        t_e, c_e = om.full_matching(D)
+        cost = D[t_e, c_e].sum()
+        # every unit once, stars only (each edge has an end of degree 1)
+        assert set(t_e.tolist()) == set(range(n1)) and set(c_e.tolist()) == set(range(n0))
+        dt, dc = np.bincount(t_e, minlength=n1), np.bincount(c_e, minlength=n0)
+        assert np.all((dt[t_e] == 1) | (dc[c_e] == 1))
+        edges = list(itertools.product(range(n1), range(n0)))
+        brute = min(sum(D[e] for e in sub) for r in range(1, len(edges) + 1)
+                    for sub in itertools.combinations(edges, r)
+                    if {a for a, _ in sub} == set(range(n1))
+                    and {b for _, b in sub} == set(range(n0))) if len(edges) <= 12 else None
+        A = np.zeros((n1 + n0, len(edges)))
+        for j, (a, b) in enumerate(edges):
+            A[a, j] = A[n1 + b, j] = 1
+        lp = linprog([D[e] for e in edges], A_ub=-A, b_ub=-np.ones(n1 + n0), bounds=(0, 1))
+        assert cost == pytest.approx(lp.fun, abs=1e-9)
+        if brute is not None:
+            assert cost == pytest.approx(brute, abs=1e-12)
+    # a larger problem against the LP (the bipartite edge-cover polytope is integral)
+    D = rng.random((30, 45))
+    t_e, c_e = om.full_matching(D)
+    edges = list(itertools.product(range(30), range(45)))
+    A = np.zeros((75, len(edges)))
+    for j, (a, b) in enumerate(edges):
+        A[a, j] = A[30 + b, j] = 1
+    lp = linprog([D[e] for e in edges], A_ub=-A, b_ub=-np.ones(75), bounds=(0, 1))
+    assert D[t_e, c_e].sum() == pytest.approx(lp.fun, abs=1e-8)
+
+
+@pytest.mark.parametrize("method", ["optimal", "full"])
+def test_optimal_and_full_matching_estimate_the_att(method):
+    u = prepare(confounded(500, 3), "t", "y", ["x1", "x2", "x3"])
+    kw = dict(refute=False, caliper=None, common_support="none", estimands=("ATT", "ATE"))
+    res = run_psm(u, Options(match_method=method, **kw))
+    eff = {e["estimand"]: e for e in res.summary["contrasts"][0]["effects"]}
+    naive = eff["naive"]["estimate"]
+    assert abs(eff["ATT"]["estimate"] - TRUE_ATT) < abs(naive - TRUE_ATT) / 2, eff["ATT"]
+    p = res.pairs[res.pairs.estimand == "ATT"]
+    if method == "optimal":  # 1:1 without replacement, every treated unit matched
+        assert p.control_row.is_unique and len(p) == int(u.df.t.sum())
+        greedy = run_psm(u, Options(**kw)).pairs
+        assert p.distance.sum() <= greedy[greedy.estimand == "ATT"].distance.sum()
+    else:  # every unit in exactly one set; a set has one treated or one control unit
+        assert eff["ATE"]["population_covered"] == 1.0
+        nt = p.groupby("control_row").treated_row.nunique()
+        nc = p.groupby("treated_row").control_row.nunique()
+        shared = nt[nt > 1].index
+        assert nc[p[p.control_row.isin(shared)].treated_row].eq(1).all()
+
+
+def test_full_matching_refuses_a_problem_over_budget():
+    u = prepare(confounded(400, 3), "t", "y", ["x1", "x2", "x3"])
+    with pytest.raises(InputError, match="--method full: .* exceed the solver's budget"):
+        run_psm(u, Options(refute=False, match_method="full", max_pairs=1000))
+
+
+def test_regression_adjustment_cluster_se_equals_statsmodels():
+    sm = pytest.importorskip("statsmodels.api")
+    from dolm_tools.psm import estimators as E
+
+    rng = np.random.default_rng(2)
+    n = 300
+    X = rng.normal(size=(n, 2))
+    t = (rng.random(n) < 0.4).astype(float)
+    y = X @ [1.0, -0.5] + 2 * t + rng.normal(size=n)
+    w = rng.uniform(0.5, 2, n)
+    cl = rng.integers(0, 60, n)
+    r = E.wls_effect(y, t, w, target="ATE", cluster=cl)
+    fit = sm.WLS(y, sm.add_constant(t), weights=w).fit(cov_type="cluster",
+                                                       cov_kwds={"groups": cl})
+    assert r["estimate"] == pytest.approx(fit.params[1], rel=1e-10)
+    assert r["se"] == pytest.approx(fit.bse[1], rel=1e-8)
+    r = E.wls_effect(y, t, w, X=X, target="ATE", cluster=None)
+    Xc = X - np.average(X, axis=0, weights=w)
+    D = sm.add_constant(np.column_stack([t, Xc, Xc * t[:, None]]))
+    fit = sm.WLS(y, D, weights=w).fit(cov_type="HC1")
+    assert r["estimate"] == pytest.approx(fit.params[1], rel=1e-10)
+    assert r["se"] == pytest.approx(fit.bse[1], rel=1e-8)
+
+
+def test_ipw_and_aipw_recover_the_effect():
+    from dolm_tools.psm import estimators as E
+
+    df = confounded(3000, 25)
+    u = prepare(df, "t", "y", ["x1", "x2", "x3"])
+    res = run_psm(u, Options(refute=False, match_method="ipw",
+                             estimands=("ATE", "ATT", "ATC", "ATO")))
+    eff = {e["estimand"]: e for e in res.summary["contrasts"][0]["effects"]}
+    X = df[["x1", "x2", "x3"]].to_numpy()
+    t, y = df.t.to_numpy(), df.y.to_numpy()
+    for est in ("ATE", "ATT", "ATC", "ATO"):
+        assert eff[est]["ci_low"] <= TRUE_ATT <= eff[est]["ci_high"], (est, eff[est])
+    # Hajek ATE by hand from the same (unpenalised logistic) propensity
+    e = res.units.sort_values("row").propensity.to_numpy()
+    w1, w0 = t / e, (1 - t) / (1 - e)
+    hajek = np.sum(w1 * y) / w1.sum() - np.sum(w0 * y) / w0.sum()
+    assert eff["ATE"]["estimate"] == pytest.approx(hajek, abs=1e-6)
+    # estimating the propensity makes the ATE's sandwich SE no larger than the SE that
+    # treats the weights as known (Hirano, Imbens & Ridder 2003)
+    known = E.wls_effect(y, t, E.ipw_weights(e, t, "ATE"), target="ATE")
+    assert eff["ATE"]["se"] <= known["se"]
+    # overlap weights balance the means of the propensity model's covariates exactly
+    b = res.balance[(res.balance.estimand == "ATO") & (res.balance["sample"] == "matched")]
+    assert b[b.type != "distance"].smd.abs().max() < 1e-8
+    for est in ("ATE", "ATT"):
+        r = E.aipw(y, t, X, est, seed=1)
+        assert r["ci_low"] <= TRUE_ATT <= r["ci_high"], (est, r)
+
+
+def test_balance_flags_follow_cobalt_thresholds():
+    u = prepare(confounded(800, 4), "t", "y", ["x1", "x2", "x3"])
+    res = run_psm(u, Options(refute=False, estimands=("ATT",)))
+    b = res.balance[res.balance.type != "distance"]
+    assert (b.smd_flag == (b.smd.abs() > 0.1)).all()
+    vr = b.var_ratio.astype(float)
+    assert (b.var_ratio_flag == ((vr < 0.5) | (vr > 2))).all()
+    before = b[b["sample"] == "all"]
+    assert before.smd_flag.any()  # confounded: imbalanced before matching
+    flags = res.summary["contrasts"][0]["balance_flags"]["ATT"]
+    after = b[(b["sample"] == "matched") & b.smd_flag.astype(bool)]
+    assert flags["smd_over_0.1"] == after.variable.tolist()

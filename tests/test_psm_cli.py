@@ -101,6 +101,7 @@ def bad_csv(tmp_path_factory):
     df["ynan"] = df.y
     df.loc[[5, 17, 30], "ynan"] = np.nan
     df["sep"] = df.t * 10.0 + np.random.default_rng(0).normal(size=len(df))
+    df["tfmt"] = np.where(df.t == 1, df.fmt, "c")  # stratum 'a'/'b' hold no controls
     df.to_csv(d / "bad.csv", index=False)
     (d / "dag.json").write_text(json.dumps({
         "nodes": ["t", "y", "age"],
@@ -117,6 +118,12 @@ BAD = [
     (["-t", "t", "-y", "y", "--dag", "{dir}/dag.json"], "'age'"),
     (["-t", "t", "-y", "y", "-c", "sep"], "no common support"),
     (["-t", "t", "-y", "y", "-c", "x1,nope"], "'nope' not in"),
+    (["-t", "t", "-y", "y", "-c", "x1", "--exact", "tfmt"], "--exact tfmt: stratum (tfmt) = ("),
+    (["-t", "t", "-y", "y", "-c", "x1", "--caliper-on", "x2"], "--caliper-on: expected COLUMN=SDS"),
+    (["-t", "t", "-y", "y", "-c", "x1", "--pool-short", "refuse", "-k", "3"],
+     "pass --replace, or --pool-short"),
+    (["-t", "t", "-y", "y", "-c", "x1", "--method", "full", "--max-pairs", "100"],
+     "--method full: "),
 ]
 
 
@@ -135,3 +142,26 @@ def test_bad_input_exits_3_naming_the_fault(bad_csv):
         assert needle in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
         assert not (bad_csv / f"out{i}.json").exists()
+
+
+def test_matchit_options_through_the_executable(tmp_path):
+    csv = tmp_path / "units.csv"
+    units(400, 3).to_csv(csv, index=False)
+    out = tmp_path / "m.json"
+    r = psm(csv, "-t", "t", "-y", "y", "-c", "x1,x2", "--distance", "ps", "--ties", "data",
+            "--m-order", "smallest", "--discard", "none", "--exact", "fmt", "--caliper", "0.5",
+            "--caliper-on", "x1=1", "-k", "2", "--estimand", "ATT", "--no-refute", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert validate_file(str(out))[1] == []
+    s = json.loads(out.read_text())
+    m = s["contrasts"][0]["matching"]
+    assert m["distance"] == "propensity score" and m["ties"] == "data"
+    assert m["directions"]["ATT"]["m_order"] == "smallest" and m["exact"] == ["fmt"]
+    pairs = read_table(str(tmp_path / "m.pairs.parquet"))[0]
+    df = units(400, 3)
+    # exact on fmt, within the x1 caliper (1 SD) and the propensity caliper
+    assert (df.fmt.to_numpy()[pairs.treated_row] == df.fmt.to_numpy()[pairs.control_row]).all()
+    dx = np.abs(df.x1.to_numpy()[pairs.treated_row] - df.x1.to_numpy()[pairs.control_row])
+    assert dx.max() <= df.x1.std()
+    assert (pairs.distance <= m["caliper_width"]).all()
+    assert pairs.groupby("treated_row").size().max() == 2

@@ -57,6 +57,13 @@ def _sibling(output: str, suffix: str) -> str | None:
 @click.option("--fdr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=0.05, show_default=True, help="Benjamini-Hochberg level across mediators.")
 @click.option("--dropna", is_flag=True, help="Drop rows with missing values (reported).")
+@click.option("--moderator", default=None,
+              help="A discrete pre-treatment column (at most 10 levels): moderated mediation, "
+              "both models fitted within each level (every coefficient moderated); rows are "
+              "labelled 'MEDIATOR | COL=LEVEL'.")
+@click.option("--dag", "dag_path", type=click.Path(dir_okay=False), default=None,
+              help="A dag JSON: a --moderator that is a descendant of the treatment in it is "
+              "refused (it is not pre-treatment).")
 @output_option(help="Mediation effects table (Parquet; '-' for stdout).")
 @click.option("--sensitivity", type=click.Path(dir_okay=False), default=None,
               help="ACME as a function of rho [default: <output>.sensitivity.parquet].")
@@ -65,7 +72,8 @@ def _sibling(output: str, suffix: str) -> str | None:
 @seed_option
 def statistical(run, table, treatment, outcome, mediators, covariates, mediator_model,
                 outcome_model, interaction, ci_method, sims, control_value, treat_value,
-                p_method, fdr, dropna, output, sensitivity, summary, force, seed):
+                p_method, fdr, dropna, moderator, dag_path, output, sensitivity, summary, force,
+                seed):
     """Imai-Keele-Tingley mediation of TREATMENT -> MEDIATOR -> OUTCOME in TABLE.
 
     Writes ACME (control, treated, average), ADE, total effect and proportion mediated with
@@ -105,7 +113,12 @@ def statistical(run, table, treatment, outcome, mediators, covariates, mediator_
     def bar(it):
         return progress(it, total=len(d.mediators), desc="mediators", unit="mediator")
 
-    eff, sens, results = core.run_statistical(d, opt, outcome, progress=bar)
+    if moderator is None:
+        eff, sens, results = core.run_statistical(d, opt, outcome, progress=bar)
+    else:
+        eff, sens, results = _moderated(df, d, opt, table, treatment, outcome, meds, covs,
+                                        moderator, dag_path, run, control_value, treat_value,
+                                        dropna, bar)
     summ = {"tool": "mediate", "method": "statistical", "input": str(table),
             "treatment": treatment, "outcome": outcome, "covariates": covs,
             **core.summary(d, opt, eff, results)}
@@ -117,6 +130,53 @@ def statistical(run, table, treatment, outcome, mediators, covariates, mediator_
         write_json(summ, paths["summary"], schema="mediation_summary", run=run, force=force)
     write_table(eff, output, schema="mediation", run=run, force=force, extra=extra)
     _report(summ)
+
+
+def _moderated(df, d, opt, table, treatment, outcome, meds, covs, moderator, dag_path, run,
+               control_value, treat_value, dropna, bar):
+    """Mediation within each level of a pre-treatment moderator (checked against --dag)."""
+    import pandas as pd
+    from dolm.formats import read_json
+    from dolm_tools.mediate import core
+
+    if moderator not in df.columns:
+        raise InputError(f"--moderator: column {moderator!r} not in {table}")
+    if moderator in (treatment, outcome) or moderator in meds:
+        raise InputError(f"--moderator {moderator!r}: is the treatment, outcome or a mediator")
+    if dag_path is not None:
+        import networkx as nx
+
+        obj, _ = read_json(dag_path, schema="dag", run=run)
+        g = nx.DiGraph([(e["source"], e["target"]) for e in obj.get("edges", [])])
+        g.add_nodes_from(obj.get("nodes", []))
+        if moderator not in g or treatment not in g:
+            miss = moderator if moderator not in g else treatment
+            raise InputError(f"--dag {dag_path}: {miss!r} is not a node of the DAG")
+        if moderator in nx.descendants(g, treatment):
+            path = " -> ".join(nx.shortest_path(g, treatment, moderator))
+            raise InputError(
+                f"--moderator {moderator!r}: a descendant of the treatment {treatment!r} in "
+                f"--dag {dag_path} ({path}), so it is not pre-treatment; moderated mediation "
+                "conditions on a moderator the treatment cannot change")
+    levels = sorted(df[moderator].dropna().unique().tolist(), key=str)
+    if not 2 <= len(levels) <= 10:
+        raise InputError(f"--moderator {moderator!r}: expected a discrete column with 2 to 10 "
+                         f"levels, found {len(levels)}")
+    effs, senss, results = [], [], []
+    for lv in levels:
+        sub = df[df[moderator] == lv]
+        dl = core.prepare(sub, treatment, outcome, meds, covs, path=f"{table} [{moderator}={lv}]",
+                          control_value=control_value, treat_value=treat_value, dropna=dropna)
+        e, s, r = core.run_statistical(dl, opt, outcome, progress=bar)
+        tag = f" | {moderator}={lv}"
+        e["mediator"] = e["mediator"] + tag
+        s["mediator"] = s["mediator"] + tag
+        for x in r:
+            x["mediator"] += tag
+        effs.append(e)
+        senss.append(s)
+        results += r
+    return (pd.concat(effs, ignore_index=True), pd.concat(senss, ignore_index=True), results)
 
 
 def _report(summ: dict) -> None:

@@ -80,6 +80,23 @@ def balance_row(x, t, w, binary: bool, sd: float, order=None) -> dict[str, float
                 ecdf_mean=em, ecdf_max=ex)
 
 
+SMD_THRESHOLD = 0.1
+VAR_RATIO_RANGE = (0.5, 2.0)
+
+
+def flags(row: dict, kind: str) -> dict[str, bool | None]:
+    """cobalt's balance thresholds: |SMD| > 0.1, variance ratio outside [0.5, 2]."""
+    if kind == "distance":
+        return {"smd_flag": None, "var_ratio_flag": None}
+    smd, vr = row["smd"], row["var_ratio"]
+    lo, hi = VAR_RATIO_RANGE
+    return {
+        "smd_flag": bool(abs(smd) > SMD_THRESHOLD) if np.isfinite(smd) else None,
+        "var_ratio_flag": (bool(not lo <= vr <= hi) if vr is not None and np.isfinite(vr)
+                           else None),
+    }
+
+
 def ess(w: np.ndarray) -> float:
     """Kish effective sample size (sum w)^2 / sum w^2 of the positive weights."""
     w = w[w > 0]

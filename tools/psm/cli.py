@@ -12,9 +12,27 @@ def _caliper(ctx, param, value):
     if value is None:
         return None
     if not value > 0:
-        raise click.BadParameter(f"expected a positive number of SDs of the logit propensity, "
+        raise click.BadParameter(f"expected a positive number of SDs of the distance, "
                                  f"found {value}")
     return value
+
+
+def _caliper_on(value: str) -> tuple[str, float]:
+    col, sep, width = value.rpartition("=")
+    try:
+        w = float(width)
+    except ValueError:
+        w = float("nan")
+    if not sep or not col or not w > 0:
+        raise InputError(f"--caliper-on: expected COLUMN=SDS with a positive number of SDs, "
+                         f"found {value!r}")
+    return col, w
+
+
+def _numeric(s) -> bool:
+    import pandas as pd
+
+    return pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)
 
 
 def _sibling(output: str, suffix: str) -> str | None:
@@ -42,16 +60,86 @@ def _sibling(output: str, suffix: str) -> str | None:
               show_default=True,
               help="logistic: unpenalised logistic regression on standardised covariates; "
               "gbm: gradient boosting (scikit-learn HistGradientBoostingClassifier).")
+@click.option("--method", "match_method",
+              type=click.Choice(["nearest", "optimal", "full", "exact", "cem", "subclass", "ipw",
+                                 "aipw"]),
+              default="nearest", show_default=True,
+              help="nearest: greedy nearest neighbour; optimal: 1:k pairs minimising the total "
+              "distance; full: optimal full matching (every unit in one set); exact / cem: "
+              "strata of equal (coarsened: Sturges bins) covariate values; subclass: "
+              "propensity quantile subclasses (weights as MatchIt's). Without matching: ipw: "
+              "inverse probability weighting (Hajek; estimands ATE, ATT, ATC and ATO, the "
+              "overlap weights), sandwich SEs with the propensity model stacked; aipw: "
+              "cross-fitted augmented IPW (doubly robust), influence-function SEs.")
+@click.option("--stabilize", is_flag=True, help="--method ipw: stabilised ATE weights.")
+@click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True), default=0.0,
+              show_default=True,
+              help="--method ipw: drop units with a propensity outside [T, 1 - T] first.")
+@click.option("--learner", type=click.Choice(["linear", "gbm"]), default="linear",
+              show_default=True,
+              help="--method aipw: scikit-learn learners for the propensity and outcome models "
+              "(linear: logistic / least squares; gbm: histogram gradient boosting).")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="--method aipw: cross-fitting folds.")
+@click.option("--subclass", "n_subclass", type=click.IntRange(min=2), default=6,
+              show_default=True, help="Number of subclasses (--method subclass).")
+@click.option("--max-pairs", type=click.IntRange(min=1), default=10_000_000,
+              show_default=True,
+              help="--method optimal/full: refuse a stratum with more treated x control pairs.")
+@click.option("--estimator", type=click.Choice(["diff", "regression"]), default="diff",
+              show_default=True,
+              help="diff: weighted difference in means of the matched sample; regression: "
+              "g-computation (outcome on treatment, centred covariates and their "
+              "interactions) on the matched sample, cluster-robust SEs by matched set.")
 @click.option("--ratio", "-k", type=click.IntRange(min=1), default=1, show_default=True,
               help="Matches per focal unit (1:k).")
 @click.option("--replace/--no-replace", default=False, show_default=True,
               help="Match with or without replacement.")
-@click.option("--caliper", type=float, default=0.2, show_default=True, callback=_caliper,
-              help="Caliper in pooled SDs of the logit propensity score.")
+@click.option("--distance", type=click.Choice(["logit", "ps", "mahalanobis",
+                                               "robust-mahalanobis"]),
+              default="logit", show_default=True,
+              help="What nearest matching measures: the logit of the propensity score "
+              "(MatchIt link='linear.logit'), the propensity score itself (MatchIt's default), "
+              "or a (rank-based robust) Mahalanobis distance on every covariate.")
+@click.option("--m-order", type=click.Choice(["largest", "smallest", "random", "data"]),
+              default=None,
+              help="Order in which focal units pick their matches without replacement "
+              "[default: MatchIt's: largest distance first for the ATT, smallest for the ATC, "
+              "data order for a Mahalanobis distance]. random uses --seed.")
+@click.option("--ties", type=click.Choice(["canonical", "data", "matchit-4.5.1"]),
+              default="canonical", show_default=True,
+              help="canonical: equidistant candidates are ordered by the canonical unit order "
+              "(results independent of the input's row order); data: R MatchIt's rule (sort "
+              "by distance keeping the input's row order, take the nearer neighbour, the left "
+              "one on a tie); matchit-4.5.1: as data, plus the integer truncation of distance "
+              "differences in MatchIt 4.5.1-4.5.3 (MatchIt issue #163: the propensity "
+              "caliper never binds and the lower neighbour wins), only to reproduce results "
+              "made with those versions (Debian's r-cran-matchit is 4.5.1).")
+@click.option("--caliper", type=float, default=None, callback=_caliper,
+              help="Caliper in SDs of the distance (SD over the units kept by --discard, as "
+              "MatchIt computes it) [default: 0.2; none for a Mahalanobis --distance, where "
+              "a given caliper applies to the logit propensity].")
 @click.option("--no-caliper", is_flag=True, help="Match without a caliper.")
-@click.option("--common-support", type=click.Choice(["both", "treated", "control", "none"]),
+@click.option("--caliper-on", "caliper_on", multiple=True, metavar="COL=SD",
+              help="A caliper on a numeric column, in SDs of that column (repeatable; "
+              "MatchIt's named caliper). Candidates outside it are skipped.")
+@click.option("--common-support", "--discard", "common_support",
+              type=click.Choice(["both", "treated", "control", "none"]),
               default="both", show_default=True,
-              help="Discard units whose propensity lies outside the other group's range.")
+              help="Discard units whose propensity lies outside the other group's range "
+              "(MatchIt's discard; MatchIt's default is none).")
+@click.option("--exact", default=None,
+              help="Comma-separated columns to match exactly (units are matched only within "
+              "a stratum of equal values).")
+@click.option("--mahvars", default=None,
+              help="Comma-separated columns: match on their Mahalanobis distance within the "
+              "propensity caliper (MatchIt's mahvars).")
+@click.option("--pool-short", type=click.Choice(["replace", "subset", "refuse"]),
+              default="replace", show_default=True,
+              help="When matching without replacement cannot give every focal unit its matches "
+              "(e.g. the ATC with far more controls than treated): replace: match that "
+              "direction with replacement (reported); subset: match whom it can, as MatchIt "
+              "does (the estimate is then for a subset, reported); refuse: exit 3.")
 @click.option("--estimand", "estimands", default="ATT,ATC,ATE", show_default=True,
               help="Comma-separated estimands among ATT, ATC, ATE.")
 @click.option("--se", type=click.Choice(["ai", "bootstrap"]), default="ai", show_default=True,
@@ -73,8 +161,11 @@ def _sibling(output: str, suffix: str) -> str | None:
               help="Per-unit propensity and weights Parquet [default: <output>.units.parquet].")
 @seed_option
 def main(run, table, treatment, outcome, covariates, dag_path, reference, id_column, propensity,
-         ratio, replace, caliper, no_caliper, common_support, estimands, se, n_boot, refute,
-         refute_sims, dropna, output, pairs, balance, units, force, seed):
+         match_method, stabilize, trim, learner, folds, n_subclass, max_pairs, estimator, ratio,
+         replace, distance, m_order,
+         ties, caliper, no_caliper, caliper_on, common_support, exact, mahvars, pool_short,
+         estimands, se, n_boot, refute, refute_sims, dropna, output, pairs, balance, units,
+         force, seed):
     """Propensity score matching of TABLE: balance, ATT/ATC/ATE, sensitivity.
 
     Every level of --treatment is compared with the reference level. Writes the summary
@@ -84,9 +175,11 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
     from dolm.formats import write_table as _write
 
     est = tuple(e.strip().upper() for e in estimands.split(",") if e.strip())
-    bad = [e for e in est if e not in ("ATT", "ATC", "ATE")]
+    allowed = ("ATT", "ATC", "ATE", "ATO") if match_method == "ipw" else ("ATT", "ATC", "ATE")
+    bad = [e for e in est if e not in allowed]
     if bad or not est:
-        raise InputError(f"--estimand: expected some of ATT, ATC, ATE, found {estimands!r}")
+        raise InputError(f"--estimand: expected some of {', '.join(allowed)} with --method "
+                         f"{match_method}, found {estimands!r}")
     if (covariates is None) == (dag_path is None):
         raise InputError("give either --covariates or --dag (exactly one)")
     paths = {}
@@ -119,13 +212,35 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
     from dolm_tools.psm.core import Options, run_psm
     from dolm_tools.psm.data import prepare
 
+    exact_cols = expand_columns(exact, cols, "--exact") if exact else []
+    mah_cols = expand_columns(mahvars, cols, "--mahvars") if mahvars else []
+    cal_on = [_caliper_on(v) for v in caliper_on]
     u = prepare(df, treatment, outcome, covs, path=table, reference=reference,
-                id_column=id_column, dropna=dropna)
+                id_column=id_column, dropna=dropna,
+                extra={"--exact": exact_cols, "--mahvars": mah_cols,
+                       "--caliper-on": [c for c, _ in cal_on]})
+    for c, _ in cal_on:
+        x = u.df[c]
+        if not _numeric(x) or x.nunique() <= 2:
+            raise InputError(f"--caliper-on {c}: expected a numeric column with more than two "
+                             f"values, found {x.dtype} with {x.nunique()} distinct values")
+    mahal = distance in ("mahalanobis", "robust-mahalanobis")
+    if no_caliper:
+        cal = None
+    elif caliper is None:
+        cal = None if mahal or match_method != "nearest" else 0.2
+    else:
+        cal = caliper
     if u.dropped_na:
         log(f"dolm-psm: --dropna: dropped {u.dropped_na['rows']} rows with missing values "
             f"({u.dropped_na['by_column']})")
-    opt = Options(method=propensity, ratio=ratio, replace=replace,
-                  caliper=None if no_caliper else caliper, common_support=common_support,
+    opt = Options(method=propensity, ratio=ratio, replace=replace, caliper=cal,
+                  common_support=common_support, distance=distance, m_order=m_order,
+                  ties=ties, exact=tuple(exact_cols), mahvars=tuple(mah_cols),
+                  caliper_on=tuple(cal_on), pool_short=pool_short,
+                  match_method=match_method, n_subclass=n_subclass, max_pairs=max_pairs,
+                  estimator=estimator, stabilize=stabilize, trim=trim, learner=learner,
+                  folds=folds,
                   estimands=est, se=se, n_boot=n_boot, seed=seed, refute=refute,
                   refute_sims=refute_sims)
     res = run_psm(u, opt)

@@ -6,6 +6,7 @@ balance, units) and the summary dict; the CLI only reads, calls and writes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,12 +16,13 @@ from dolm.errors import InputError
 from dolm.formats import json_safe
 from dolm_tools.psm import balance as bal
 from dolm_tools.psm import effects as eff
+from dolm_tools.psm import estimators as est_mod
 from dolm_tools.psm import sensitivity as sens
 from dolm_tools.psm.data import Units
 from dolm_tools.psm.matching import common_support, match
 from dolm_tools.psm.propensity import fit_propensity, logit
 
-ESTIMANDS = ("ATT", "ATC", "ATE")
+ESTIMANDS = ("ATT", "ATC", "ATE")  # ATO too with --method ipw
 
 
 @dataclass
@@ -37,6 +39,25 @@ class Options:
     refute: bool = True
     refute_sims: int = 50
     positivity_eps: float = 0.01
+    distance: str = "logit"  # ps | logit | mahalanobis | robust-mahalanobis
+    m_order: str | None = None  # largest | smallest | random | data; None = MatchIt's default
+    ties: str = "canonical"  # canonical (row-order free) | data (MatchIt) | matchit-4.5.1
+    exact: tuple[str, ...] = ()  # columns matched exactly
+    mahvars: tuple[str, ...] = ()  # Mahalanobis on these within the propensity caliper
+    caliper_on: tuple[tuple[str, float], ...] = ()  # (column, SDs of the column)
+    pool_short: str = "replace"  # replace | subset | refuse: pool smaller than ratio x focal
+    match_method: str = "nearest"  # nearest | optimal | full | exact | cem | subclass
+    n_subclass: int = 6
+    max_pairs: int = 10_000_000  # optimal/full: budget of the dense distance matrix
+    estimator: str = "diff"  # diff (matched difference) | regression (g-computation)
+    stabilize: bool = False  # ipw: stabilised ATE weights
+    trim: float = 0.0  # ipw: drop propensity outside [trim, 1 - trim]
+    learner: str = "linear"  # aipw: linear | gbm
+    folds: int = 5  # aipw cross-fitting folds
+
+
+STRATA_METHODS = ("exact", "cem", "subclass")
+WEIGHTING_METHODS = ("ipw", "aipw")
 
 
 @dataclass
@@ -59,6 +80,8 @@ class Matched:
     pairs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
     unmatched: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    direction_info: dict[str, Any] = field(default_factory=dict)
+    subclass: np.ndarray | None = None  # exact / cem / subclass: subclass per unit, -1 none
 
 
 def model_matrix(X: np.ndarray, names: list[str], drop: list[bool]) -> tuple[np.ndarray, list[str]]:
@@ -67,31 +90,162 @@ def model_matrix(X: np.ndarray, names: list[str], drop: list[bool]) -> tuple[np.
     return X[:, cols], [names[j] for j in cols]
 
 
+def default_m_order(opt: Options, direction: str) -> str:
+    """MatchIt's default: data order for a pure Mahalanobis distance, else the largest
+    distance first for the ATT and the smallest first for the ATC."""
+    if opt.m_order is not None:
+        return opt.m_order
+    if opt.distance in ("mahalanobis", "robust-mahalanobis"):
+        return "data"
+    return "largest" if direction == "ATT" else "smallest"
+
+
+@dataclass
+class Extra:
+    """What MatchIt-style options need beyond the propensity model (contrast-local rows)."""
+
+    data_rank: np.ndarray  # input row order (MatchIt's data order)
+    X_all: np.ndarray | None = None  # every covariate, all levels (Mahalanobis distance)
+    X_mah: np.ndarray | None = None  # --mahvars design
+    strata: np.ndarray | None = None  # --exact stratum codes
+    strata_names: list[str] | None = None
+    cal_cols: np.ndarray | None = None  # --caliper-on columns (n, c)
+    label: str = ""
+    cov_frame: pd.DataFrame | None = None  # raw covariate columns (exact / cem)
+
+
 def match_contrast(
     X: np.ndarray, names: list[str], t: np.ndarray, rank: np.ndarray, opt: Options,
-    directions: tuple[str, ...],
+    directions: tuple[str, ...], extra: Extra | None = None,
 ) -> Matched:
+    from dolm_tools.psm import nearest
+
     ps, info = fit_propensity(X, t, names, opt.method, opt.seed)
     lg = logit(ps)
-    s1 = np.var(lg[t == 1], ddof=1) if np.sum(t == 1) > 1 else 0.0
-    s0 = np.var(lg[t == 0], ddof=1) if np.sum(t == 0) > 1 else 0.0
-    sd = float(np.sqrt((s1 + s0) / 2))
+    keep = common_support(ps, t, "none" if opt.match_method in WEIGHTING_METHODS
+                          else opt.common_support)
+    scalar = ps if opt.distance == "ps" else lg
+    # the caliper is in SDs of the distance over the kept units, as MatchIt computes it
+    sd = float(np.std(scalar[keep], ddof=1)) if keep.sum() > 1 else 0.0
     width = None if opt.caliper is None else opt.caliper * sd
-    keep = common_support(ps, t, opt.common_support)
     m = Matched(ps=ps, lg=lg, keep=keep, caliper_width=width, sd_logit=sd, info=info)
-    tr = np.flatnonzero((t == 1) & keep)
-    co = np.flatnonzero((t == 0) & keep)
+    ex = extra or Extra(data_rank=rank)
+    tie_rank = ex.data_rank if opt.ties != "canonical" else rank
+    Z = None
+    if opt.distance in ("mahalanobis", "robust-mahalanobis") or opt.mahvars:
+        base = ex.X_mah if opt.mahvars else ex.X_all
+        Z = nearest.mahalanobis_transform(base, t, keep,
+                                          robust=opt.distance == "robust-mahalanobis")
+    cal_w = None
+    if ex.cal_cols is not None and opt.caliper_on:
+        cal_w = np.array([c * np.std(ex.cal_cols[keep, j], ddof=1)
+                          for j, (_, c) in enumerate(opt.caliper_on)])
+    if opt.match_method in WEIGHTING_METHODS:
+        return m
+    if opt.match_method in STRATA_METHODS:
+        from dolm_tools.psm import strata as st
+
+        if opt.match_method == "subclass":
+            est = "ATE" if "ATE" in opt.estimands or len(opt.estimands) > 1 else opt.estimands[0]
+            m.subclass = st.subclass_strata(ps, t, keep, opt.n_subclass, est)
+        else:
+            fn = st.exact_strata if opt.match_method == "exact" else st.cem_strata
+            sub = np.full(len(t), -1, dtype=np.int64)
+            sub[keep] = fn(ex.cov_frame.iloc[np.flatnonzero(keep)],
+                           list(ex.cov_frame.columns), t[keep])
+            m.subclass = sub
+        if not np.any(m.subclass >= 0):
+            raise InputError(
+                f"--method {opt.match_method}: no stratum of contrast {ex.label!r} holds both "
+                "treated and control units; coarsen or drop covariates")
+        return m
+    tr_all = np.flatnonzero((t == 1) & keep)
+    co_all = np.flatnonzero((t == 0) & keep)
+    strata = ex.strata if ex.strata is not None else np.zeros(len(t), dtype=np.int64)
+    rng = np.random.default_rng([opt.seed, 23])
     for dname in directions:
-        focal, pool = (tr, co) if dname == "ATT" else (co, tr)
-        res = match(lg[focal], lg[pool], rank[focal], rank[pool], opt.ratio, opt.replace, width)
-        m.pairs[dname] = (focal[res.focal], pool[res.pool], res.distance)
-        m.unmatched[dname] = focal[res.unmatched]
+        focal_all, pool_all = (tr_all, co_all) if dname == "ATT" else (co_all, tr_all)
+        replace = opt.replace
+        reason = None
+        if not replace and len(focal_all) * opt.ratio > len(pool_all):
+            who, other = ("treated", "control") if dname == "ATT" else ("control", "treated")
+            reason = (f"{len(focal_all)} {who} units x ratio {opt.ratio} > {len(pool_all)} "
+                      f"{other} units: without replacement only some {who} units could be "
+                      f"matched, which estimates the effect for a subset, not the {dname}")
+            if opt.pool_short == "refuse":
+                raise InputError(
+                    f"contrast {ex.label!r}: {reason}; pass --replace, or --pool-short "
+                    "replace (match this direction with replacement) or subset (MatchIt's "
+                    "behaviour)")
+            if opt.pool_short == "replace":
+                replace = True
+        e = np.zeros(0, dtype=np.int64)
+        fs, ps_, ds, unmatched = [e], [e], [np.zeros(0)], [e]
+        for s in np.unique(strata[focal_all]):
+            focal = focal_all[strata[focal_all] == s]
+            pool = pool_all[strata[pool_all] == s]
+            if ex.strata is not None and len(pool) == 0:
+                who, other = ("treated", "control") if dname == "ATT" else ("control", "treated")
+                raise InputError(
+                    f"--exact {','.join(opt.exact)}: stratum {ex.strata_names[s]} of contrast "
+                    f"{ex.label!r} has {len(focal)} {who} and no {other} units (after "
+                    f"--discard {opt.common_support}), so its {who} units cannot be matched "
+                    f"for the {dname}; coarsen or drop an --exact column, or leave out "
+                    f"the {dname}")
+            order = nearest.focal_order(scalar[focal], tie_rank[focal],
+                                        default_m_order(opt, dname), rng)
+            cf = ex.cal_cols[focal] if cal_w is not None else None
+            cp = ex.cal_cols[pool] if cal_w is not None else None
+            if opt.match_method in ("optimal", "full"):
+                res = _optimal(opt, dname, scalar, focal, pool, width, Z)
+            elif Z is not None:
+                res = nearest.match_matrix(
+                    Z[focal], Z[pool], tie_rank[pool], order, opt.ratio, replace,
+                    width if (opt.mahvars or opt.caliper is not None) else None,
+                    scalar[focal], scalar[pool], cf, cp, cal_w)
+            elif opt.ties != "canonical" or cal_w is not None:
+                res = nearest.match_scalar(scalar[focal], scalar[pool], tie_rank[focal],
+                                           tie_rank[pool], order, opt.ratio, replace, width,
+                                           cf, cp, cal_w, matchit451=opt.ties == "matchit-4.5.1")
+            else:
+                res = match(scalar[focal], scalar[pool], rank[focal], rank[pool], opt.ratio,
+                            replace, width, order=order)
+            fs.append(focal[res.focal])
+            ps_.append(pool[res.pool])
+            ds.append(res.distance)
+            unmatched.append(focal[res.unmatched])
+        m.pairs[dname] = (np.concatenate(fs), np.concatenate(ps_), np.concatenate(ds))
+        m.unmatched[dname] = np.concatenate(unmatched)
+        m.direction_info[dname] = {
+            "m_order": default_m_order(opt, dname), "replace": replace,
+            "pool_short": reason,
+        } if opt.match_method == "nearest" else {"pool_short": reason}
     return m
+
+
+def _optimal(opt: Options, dname: str, scalar, focal, pool, width, Z):
+    """Optimal pair (1:k) or full matching of one stratum, as nearest's Matches."""
+    from dolm_tools.psm import optimal as om
+    from dolm_tools.psm.matching import Matches
+
+    om._check_budget(len(focal), len(pool), opt.max_pairs, opt.match_method)
+    zf, zp = (Z[focal], Z[pool]) if Z is not None else (None, None)
+    D = om.distance_matrix(scalar[focal], scalar[pool], width, zf, zp)
+    if opt.match_method == "optimal":
+        f, p = om.optimal_pairs(D, opt.ratio)
+    else:
+        f, p = om.full_matching(D)  # symmetric: the same sets for either direction
+    got = np.zeros(len(focal), dtype=bool)
+    got[f] = True
+    o = np.lexsort((p, f))
+    return Matches(f[o], p[o], D[f[o], p[o]], np.flatnonzero(~got))
 
 
 def _directions(estimands: tuple[str, ...]) -> tuple[str, ...]:
     need = set()
     for e in estimands:
+        if e == "ATO":
+            continue
         need |= {"ATT", "ATC"} if e == "ATE" else {e}
     return tuple(d for d in ("ATT", "ATC") if d in need)
 
@@ -99,7 +253,12 @@ def _directions(estimands: tuple[str, ...]) -> tuple[str, ...]:
 def point_estimate(X, names, t, y, rank, opt: Options, estimand: str) -> float:
     """The matching estimate alone (used by DoWhy's refuters)."""
     dirs = _directions((estimand,))
-    m = match_contrast(X, names, t, rank, opt, dirs)
+    # refuters re-run the propensity matching only: no exact strata, Mahalanobis parts or
+    # covariate calipers (they would need the extra columns of every resampled table)
+    simple = dataclasses.replace(
+        opt, exact=(), mahvars=(), caliper_on=(),
+        distance=opt.distance if opt.distance in ("ps", "logit") else "logit")
+    m = match_contrast(X, names, t, rank, simple, dirs)
     sets = []
     for dname in dirs:
         pf, pm, _ = m.pairs[dname]
@@ -120,6 +279,61 @@ def _weights(n: int, sets: list[eff.SetDiffs]) -> np.ndarray:
 
 def _fmt(v: Any) -> str:
     return str(v)
+
+
+def _extra(units: Units, sel: np.ndarray, rows: np.ndarray, label: str, opt: Options) -> Extra:
+    from dolm_tools.psm.data import encode_covariates
+
+    df = units.df.iloc[sel]
+    ex = Extra(data_rank=rows.astype(np.int64), label=label)
+    if opt.distance in ("mahalanobis", "robust-mahalanobis"):
+        ex.X_all = units.design.X[sel]
+    if opt.mahvars:
+        ex.X_mah = encode_covariates(df, list(opt.mahvars)).X
+    if opt.exact:
+        from dolm_tools.psm.strata import _key
+
+        ex.strata = _key(df[list(opt.exact)]).to_numpy()
+        first = np.unique(ex.strata, return_index=True)[1]
+        names = ", ".join(opt.exact)
+        vals = df[list(opt.exact)].astype(str).to_numpy()
+        ex.strata_names = [f"({names}) = ({', '.join(vals[i])})" for i in first]
+    if opt.caliper_on:
+        ex.cal_cols = np.column_stack([df[c].to_numpy(dtype=float) for c, _ in opt.caliper_on])
+    if opt.match_method in ("exact", "cem"):
+        ex.cov_frame = df[list(units.covariates)]
+    return ex
+
+
+_POP = {"ATT": "treated", "ATC": "control", "ATE": "all",
+        "ATO": "overlap (weights e(1 - e))"}
+
+
+def _clusters(n: int, use: list[eff.SetDiffs]) -> np.ndarray | None:
+    """Matched-set id per unit, or None when a unit belongs to several sets (with
+    replacement, or the ATE's two directions): then HC1 instead of clusters."""
+    cl = np.full(n, -1, dtype=np.int64)
+    count = np.zeros(n, dtype=np.int64)
+    off = 0
+    for s in use:
+        ids = off + np.arange(len(s.focal))
+        cl[s.focal] = ids
+        count[s.focal] += 1
+        cl[s.pair_match] = ids[s.pair_focal]
+        np.add.at(count, s.pair_match, 1)
+        off += len(s.focal)
+    return None if count.max(initial=0) > 1 else cl
+
+
+def _population(est: str, sets: dict, t: np.ndarray, m: Matched) -> dict[str, Any]:
+    """Who the estimate is about: the estimand's population and how much of it was matched
+    (a focal unit without a match, discarded or outside the caliper, is not covered)."""
+    group = {"ATT": "treated", "ATC": "control", "ATE": "all"}[est]
+    pop = {"ATT": t == 1, "ATC": t == 0, "ATE": np.ones(len(t), dtype=bool)}[est]
+    covered = sum(len(sets[d].focal) for d in _directions((est,)))
+    n_pop = int(pop.sum())
+    return {"population": group, "n_population": n_pop, "n_focal_matched": int(covered),
+            "population_covered": covered / n_pop if n_pop else 0.0}
 
 
 def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, list, list]:
@@ -147,7 +361,7 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
             "control units; expected at least 2 of each"
         )
     dirs = _directions(opt.estimands)
-    m = match_contrast(Xm, mnames, t, rank, opt, dirs)
+    m = match_contrast(Xm, mnames, t, rank, opt, dirs, _extra(units, sel, rows, label, opt))
     n = len(t)
 
     # positivity
@@ -181,36 +395,67 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         )
 
     sets: dict[str, eff.SetDiffs] = {}
+    weighting = opt.match_method in WEIGHTING_METHODS
+    if m.subclass is not None or weighting:
+        dirs = ()
     for dname in dirs:
         pf, pm, _ = m.pairs[dname]
         if len(pf) == 0:
             who = "treated" if dname == "ATT" else "control"
             raise InputError(
                 f"contrast {label!r}: no {who} unit has a match within the caliper "
-                f"({opt.caliper} SD of the logit propensity = {m.caliper_width:.4g}); widen "
-                "--caliper or check the overlap"
+                f"({opt.caliper} SD of the distance = {m.caliper_width or 0:.4g}) and the "
+                "other restrictions (--exact, --caliper-on); widen them or check the overlap"
             )
         sets[dname] = eff.set_diffs(y, pf, pm, dname == "ATT")
 
     rng = np.random.default_rng([opt.seed, 17])
-    sigma2 = eff.cond_var(m.lg, y, t) if opt.se == "ai" else None
+    sigma2 = eff.cond_var(m.lg, y, t) if opt.se == "ai" and m.subclass is None else None
     effects = []
     sensitivity: dict[str, Any] = {}
     sd_y = float(np.std(y, ddof=1))
     weights: dict[str, np.ndarray] = {}
     for est in opt.estimands:
-        use = [sets[d] for d in _directions((est,))]
-        r = eff.estimate(use, n, sigma2, opt.se, opt.n_boot, rng)
-        r = {"estimand": est, **r}
+        if weighting:
+            w = est_mod.ipw_weights(np.clip(m.ps, 1e-6, 1 - 1e-6), t, est, opt.stabilize)
+            if opt.match_method == "ipw":
+                r = est_mod.ipw(y, t, Xm, est, stabilize=opt.stabilize, trim=opt.trim)
+            else:
+                r = est_mod.aipw(y, t, Xm, est, folds=opt.folds, learner=opt.learner,
+                                 seed=opt.seed)
+            pop = {"ATT": t == 1, "ATC": t == 0}.get(est, np.ones(n, dtype=bool))
+            r = {"estimand": est, **r, "population": _POP[est], "n_population": int(pop.sum()),
+                 "n_focal_matched": int(r["n_sets"]),
+                 "population_covered": float(r["n_sets"]) / n}
+        elif m.subclass is not None:
+            from dolm_tools.psm.strata import subclass_weights
+
+            w = subclass_weights(m.subclass, t, est)
+            # robust (HC1), not clustered: a handful of subclasses is too few clusters
+            # (CR1 on 6 subclasses covered 84% in benchmarks/psm_coverage.py)
+            r = est_mod.wls_effect(y, t, w, X=Xm if opt.estimator == "regression" else None,
+                                   target=est, cluster=None)
+            pop = {"ATT": t == 1, "ATC": t == 0}.get(est, np.ones(n, dtype=bool))
+            cov = int(np.sum(pop & (w > 0)))
+            r = {"estimand": est, **r, "population": _POP[est], "n_population": int(pop.sum()),
+                 "n_focal_matched": cov, "population_covered": cov / max(int(pop.sum()), 1)}
+        else:
+            use = [sets[d] for d in _directions((est,))]
+            w = _weights(n, use)
+            if opt.estimator == "regression":
+                r = est_mod.wls_effect(y, t, w, X=Xm, target=est, cluster=_clusters(n, use))
+                r["n_sets"] = int(sum(len(u.focal) for u in use))
+            else:
+                r = eff.estimate(use, n, sigma2, opt.se, opt.n_boot, rng)
+            r = {"estimand": est, **r, **_population(est, sets, t, m)}
         effects.append(r)
-        w = _weights(n, use)
         weights[est] = w
         p0 = bal.wmean(y[t == 0], w[t == 0]) if np.any(w[t == 0] > 0) else float("nan")
         s: dict[str, Any] = {
             "e_value": sens.e_value(r["estimate"], r["ci_low"], r["ci_high"],
                                     units.outcome_binary, p0, sd_y)
         }
-        if est in ("ATT", "ATC"):
+        if est in ("ATT", "ATC") and est in sets:
             s["rosenbaum"] = sens.rosenbaum(sets[est].d)
         sensitivity[est] = s
     effects.append({"estimand": "naive", **eff.naive(y, t)})
@@ -223,7 +468,9 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
     ]
     ones = np.ones(n)
     counts = {}
+    flagged: dict[str, dict[str, list[str]]] = {}
     orders: dict[int, np.ndarray | None] = {}
+    before: dict[int, dict] = {}
     for est in opt.estimands:
         w = weights[est]
         for j, (name, x, binary, kind) in enumerate(cols):
@@ -231,10 +478,24 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
             if j not in orders:
                 orders[j] = None if binary else np.argsort(x, kind="stable")
             for sample, ww in (("all", ones), ("matched", w)):
+                if sample == "all":  # the same for every estimand but the SMD's scale
+                    if j not in before:
+                        before[j] = bal.balance_row(x, t, ww, binary, 1.0, orders[j])
+                    row = dict(before[j])
+                    diff = row["mean_treated"] - row["mean_control"]
+                    row["smd"] = float(diff / sd) if sd and np.isfinite(sd) and sd > 0 else (
+                        0.0 if diff == 0 else float("nan"))
+                else:
+                    row = bal.balance_row(x, t, ww, binary, sd, orders[j])
                 bal_rows.append({
                     "contrast": label, "estimand": est, "variable": name, "type": kind,
-                    "sample": sample, **bal.balance_row(x, t, ww, binary, sd, orders[j]),
+                    "sample": sample, **row, **bal.flags(row, kind),
                 })
+        after = [r for r in bal_rows if r["estimand"] == est and r["sample"] == "matched"]
+        flagged[est] = {
+            "smd_over_0.1": [r["variable"] for r in after if r["smd_flag"]],
+            "var_ratio_outside_0.5_2": [r["variable"] for r in after if r["var_ratio_flag"]],
+        }
         c = {}
         for g, gname in ((0, "control"), (1, "treated")):
             mg = t == g
@@ -274,7 +535,7 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         "contrast": label,
         "row": rows.astype(np.int64),
         "id": ids if ids is not None else None,
-        "level": [_fmt(v) for v in tcol.to_numpy()[sel]],
+        "level": tcol.iloc[sel].astype(str).to_numpy(),
         "treated": t.astype(bool),
         "propensity": m.ps,
         "logit_propensity": m.lg,
@@ -282,6 +543,9 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         "weight_att": weights.get("ATT", np.full(n, np.nan)),
         "weight_atc": weights.get("ATC", np.full(n, np.nan)),
         "weight_ate": weights.get("ATE", np.full(n, np.nan)),
+        **({"weight_ato": weights["ATO"]} if "ATO" in weights else {}),
+        "subclass": pd.array([int(v) if v >= 0 else None for v in m.subclass]
+                             if m.subclass is not None else [None] * n, dtype="Int64"),
     })
 
     summary = {
@@ -292,17 +556,25 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         "n_control": n0,
         "propensity": m.info,
         "matching": {
-            "distance": "logit of the propensity score",
+            "method": opt.match_method,
+            "estimator": opt.estimator,
+            "n_subclass": int(m.subclass.max() + 1) if m.subclass is not None else None,
+            "distance": _DISTANCE[opt.distance] + (
+                f"; Mahalanobis on {', '.join(opt.mahvars)} within the caliper"
+                if opt.mahvars else ""),
             "ratio": opt.ratio,
             "replace": opt.replace,
-            "order": "largest propensity first (MatchIt m.order='largest')" if not opt.replace
-            else "independent per focal unit",
+            "ties": opt.ties,
+            "exact": list(opt.exact),
+            "directions": m.direction_info,
             "caliper_sd": opt.caliper,
             "caliper_width": m.caliper_width,
-            "sd_logit_pooled": m.sd_logit,
+            "sd_distance": m.sd_logit,
+            "caliper_on": {c: w for c, w in opt.caliper_on},
         },
         "positivity": positivity,
         "counts": counts,
+        "balance_flags": flagged,
         "effects": effects,
         "sensitivity": sensitivity,
     }
@@ -314,6 +586,13 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         summary["refutation"] = refute_all(Xm, mnames, t, y, rank, opt, est, main)
     return summary, pair_rows, bal_rows, [unit_df]
 
+
+_DISTANCE = {
+    "ps": "propensity score",
+    "logit": "logit of the propensity score",
+    "mahalanobis": "Mahalanobis distance on the covariates",
+    "robust-mahalanobis": "rank-based robust Mahalanobis distance on the covariates",
+}
 
 PAIR_COLS = ["contrast", "estimand", "set_id", "treated_row", "control_row", "treated_id",
              "control_id", "treated_ps", "control_ps", "distance", "weight", "treated_outcome",
@@ -347,7 +626,14 @@ def run_psm(units: Units, opt: Options) -> PSMResult:
         "dropped_missing": units.dropped_na or {"rows": 0},
         "outcome_binary": units.outcome_binary,
         "options": {
+            "method": opt.match_method, "estimator": opt.estimator,
+            "stabilize": opt.stabilize, "trim": opt.trim, "learner": opt.learner,
+            "folds": opt.folds,
+            "n_subclass": opt.n_subclass, "max_pairs": opt.max_pairs,
             "propensity": opt.method, "ratio": opt.ratio, "replace": opt.replace,
+            "distance": opt.distance, "m_order": opt.m_order, "ties": opt.ties,
+            "exact": list(opt.exact), "mahvars": list(opt.mahvars),
+            "caliper_on": {c: w for c, w in opt.caliper_on}, "pool_short": opt.pool_short,
             "caliper": opt.caliper, "common_support": opt.common_support,
             "estimands": list(opt.estimands), "se": opt.se, "n_boot": opt.n_boot,
             "seed": opt.seed, "refute": opt.refute, "refute_sims": opt.refute_sims,

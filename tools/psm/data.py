@@ -139,11 +139,23 @@ def prepare(
     reference: str | None = None,
     id_column: str | None = None,
     dropna: bool = False,
+    extra: dict[str, list[str]] | None = None,
 ) -> Units:
-    """Check the table and return the units in canonical order with the encoded design."""
+    """Check the table and return the units in canonical order with the encoded design.
+
+    ``extra``: option -> further columns to keep and check for missing values (``--exact``,
+    ``--mahvars``, ``--caliper-on``); they join the canonical sort keys after the covariates.
+    """
     check_columns(df, [treatment], "--treatment", path)
     check_columns(df, [outcome], "--outcome", path)
     check_columns(df, covariates, "--covariates", path)
+    extra_cols: list[str] = []
+    for option, names in (extra or {}).items():
+        check_columns(df, names, option, path)
+        for c in names:
+            if c in (treatment, outcome):
+                raise InputError(f"{option}: {c!r} is the treatment or outcome column")
+        extra_cols += names
     if id_column is not None:
         check_columns(df, [id_column], "--id", path)
     if not covariates:
@@ -151,7 +163,7 @@ def prepare(
     for c in covariates:
         if c in (treatment, outcome):
             raise InputError(f"--covariates: {c!r} is the treatment or outcome column")
-    used = list(dict.fromkeys([treatment, outcome, *covariates]))
+    used = list(dict.fromkeys([treatment, outcome, *covariates, *extra_cols]))
     work = df[used + ([id_column] if id_column and id_column not in used else [])].copy()
     work["_row"] = np.arange(len(df), dtype=np.int64)
 
@@ -248,4 +260,12 @@ def _canonical_order(work: pd.DataFrame, keys: list[str]) -> np.ndarray:
         else:
             arrays.append(pd.factorize(s.astype(str), sort=True)[0])
     # a stable sort: exact duplicates keep input order, but are identical in every used value
-    return np.lexsort(arrays) if arrays else np.arange(len(work))
+    if not arrays:
+        return np.arange(len(work))
+    # usually the first two keys (treatment, outcome) already order every row: sort on them
+    # alone and fall back to all keys only when two neighbours tie on both
+    o = np.lexsort(arrays[-2:])
+    a, b = arrays[-1][o], arrays[-2][o] if len(arrays) > 1 else arrays[-1][o]
+    if not np.any((a[1:] == a[:-1]) & (b[1:] == b[:-1])):
+        return o
+    return np.lexsort(arrays)

@@ -56,10 +56,12 @@ def match(
     k: int = 1,
     replace: bool = False,
     caliper: float | None = None,
+    order: np.ndarray | None = None,
 ) -> Matches:
     """Match every focal unit to up to ``k`` pool units on the scalar distance ``d``.
 
-    Among pool units at equal distance the one with the smallest ``rank`` wins.
+    Among pool units at equal distance the one with the smallest ``rank`` wins. ``order``:
+    the focal units' matching order without replacement (default: largest ``d`` first).
     """
     cal = np.inf if caliper is None else float(caliper)
     if len(d_pool) == 0 or len(d_focal) == 0:
@@ -70,7 +72,9 @@ def match(
     else:
         pool_order = np.lexsort((rank_pool, d_pool))
         vals = d_pool[pool_order]
-        f, p, dist = _without_replacement(d_focal, rank_focal, vals, rank_pool[pool_order], k, cal)
+        if order is None:
+            order = np.lexsort((rank_focal, -d_focal))  # largest score first
+        f, p, dist = _without_replacement(d_focal, order, vals, rank_pool[pool_order], k, cal)
         p = pool_order[p]
     got = np.zeros(len(d_focal), dtype=bool)
     got[f] = True
@@ -113,7 +117,7 @@ def _find(parent: list[int], x: int) -> int:
     return root
 
 
-def _without_replacement(d_focal, rank_focal, vals, rank_sorted, k, cal):
+def _without_replacement(d_focal, order, vals, rank_sorted, k, cal):
     n = len(vals)
     # right[i]: smallest free index >= i (n = none); left[i+1]: largest free index <= i (0 = none)
     right = list(range(n + 1))
@@ -124,7 +128,7 @@ def _without_replacement(d_focal, rank_focal, vals, rank_sorted, k, cal):
     new[1:] = vals[1:] != vals[:-1]
     gstart = np.maximum.accumulate(np.where(new, np.arange(n), 0)).tolist()
     pos = np.searchsorted(vals, d_focal).tolist()
-    order = np.lexsort((rank_focal, -d_focal)).tolist()  # largest score first
+    order = np.asarray(order).tolist()
     dl = d_focal.tolist()
     vl = vals.tolist()
     rl = rank_sorted.tolist()
