@@ -130,6 +130,12 @@ def test_structure_metrics_count_reversals_and_extras():
     assert m["tpr"] == 0.5 and m["n_reversed"] == 1
     assert m["shd"] == 2.0  # one reversed + one extra
     assert m["f1"] == pytest.approx(2 * (1 / 3) * 0.5 / (1 / 3 + 0.5))
+    assert m["skeleton_f1"] == pytest.approx(0.8)  # skeleton {AB, BC, AC} vs {AB, BC}
+    # a CPDAG: A - B undirected, B -> C: one correct + one reversed prediction, SHD 1
+    U = np.array([[0, 1, 0], [1, 0, 1], [0, 0, 0]])
+    m = structure_metrics(B, U)
+    assert m["shd"] == 1.0 and m["n_reversed"] == 1 and m["skeleton_f1"] == 1.0
+    assert m["f1"] == pytest.approx(2 * (2 / 3) * 1.0 / (2 / 3 + 1.0))
 
 
 def test_random_graphs_are_dags_and_cycles_are_found():

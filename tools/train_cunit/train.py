@@ -22,9 +22,11 @@ The objective, per step (standardised data, a mini-batch or all rows):
 The temperature of ``sigmoid(logits / T)`` anneals geometrically over the rounds; training
 stops early once the thresholded graph is a DAG and unchanged for ``patience`` rounds.
 The graph is then thresholded (|E| > edge_threshold), cycles broken at their weakest
-edge, the gates hardened to exactly that graph, and -- for linear mechanisms -- polished by
-a greedy add/delete/reverse search under the same interventional likelihood (search.py);
-finally the mechanisms are refit on the fixed graph."""
+edge, the gates hardened to exactly that graph, and polished by a greedy
+add/delete/reverse search under the same interventional likelihood (search.py: closed
+form for linear mechanisms; for MLP mechanisms an additive linear-spline surrogate of
+the conditional, started from the network's graph and from the empty graph); finally
+the mechanisms are refit on the fixed graph."""
 
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ class TrainConfig:
     val_fraction: float = 0.1
     patience: int = 2  # stop once the thresholded DAG is unchanged this many rounds
     edge_threshold: float = 0.05  # |effective weight| in standardised units
-    polish: bool = True  # greedy edge search on the interventional likelihood (linear)
+    polish: bool = True  # greedy edge search on the interventional likelihood
+    polish_knots: int = 3  # mlp: hinge features per parent in the polish's spline score
     refine_steps: int = 200  # steps refitting mechanisms on the final graph (0: off)
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -252,11 +255,31 @@ def fit(
 
         adjacency = greedy_polish(Ztr.double().numpy(), Mtr.numpy(), adjacency)
         net.unit.harden(torch.as_tensor(adjacency))
+    elif cfg.polish and cfg.gates:
+        adjacency = polish_nonlinear(Ztr.double().numpy(), Mtr.numpy(), adjacency,
+                                     cfg.polish_knots)
+        net.unit.harden(torch.as_tensor(adjacency))
     if cfg.refine_steps and cfg.gates:
         refine(net, Ztr, Mtr, adjacency, cfg)
         with torch.no_grad():
             strength = net.unit.edge_strength(hard=True).numpy() * adjacency
     return FitResult(net, adjacency, strength, history, cfg, steps, time.perf_counter() - t0)
+
+
+def polish_nonlinear(Z: np.ndarray, M: np.ndarray, B: np.ndarray, knots: int = 3) -> np.ndarray:
+    """The MLP mechanisms' polish: the greedy search on an additive linear-spline score
+    (``knots`` hinges per parent, BIC), started from the network's graph and from the
+    empty graph; the better penalised score wins."""
+    from .search import greedy_polish, hinge_features
+
+    F = hinge_features(Z, knots)
+    d = Z.shape[1]
+    best = None
+    for start in (B, np.zeros((d, d), dtype=np.int64)):
+        A, score = greedy_polish(Z, M, start, features=F, k=knots + 1, return_score=True)
+        if best is None or score < best[1] - 1e-9:
+            best = (A, score)
+    return best[0]
 
 
 def extract_graph(net: CausalNetwork, threshold: float):
