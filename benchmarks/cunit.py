@@ -45,7 +45,8 @@ CANONICAL = ["chain", "fork", "collider", "confounder", "complex"]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def make_data(graph: str, d: int, seed: int, n_obs: int, n_int: int):
+def make_data(graph: str, d: int, seed: int, n_obs: int, n_int: int,
+              mechanism: str = "linear"):
     """The interventional table (cunit), an observational sample of the same size
     (DAGMA), both raw; standardised copies are made by the caller."""
     rng = np.random.default_rng(seed)
@@ -53,7 +54,7 @@ def make_data(graph: str, d: int, seed: int, n_obs: int, n_int: int):
         nodes, B = canonical(graph)
     else:
         nodes, B = graph_from_spec(graph, d, 2.0, rng)
-    scm = make_scm(nodes, B, "linear", rng)
+    scm = make_scm(nodes, B, mechanism, rng)
     X, tg, _, _ = simulate_regimes(scm, rng, n_obs=n_obs, n_per_target=n_int)
     X_obs = scm.sample(len(X), rng)
     return B, X, tg, X_obs
@@ -106,6 +107,52 @@ def run_dagma(X, seed):
     with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # its tqdm bar
         W = DagmaLinear(loss_type="l2").fit(X, lambda1=0.02)
     return (W != 0).astype(int), time.perf_counter() - t0, time.process_time() - c0
+
+
+def run_dagma_mlp(X, seed):
+    """DAGMA's nonlinear version: ``DagmaNonlinear(DagmaMLP(dims=[d, 10, 1]))`` with its
+    README's call ``fit(X, lambda1=0.02, lambda2=0.005)`` (package defaults otherwise)."""
+    import contextlib
+
+    import torch
+    from dagma import utils
+    from dagma.nonlinear import DagmaMLP, DagmaNonlinear
+
+    utils.set_random_seed(seed)
+    torch.set_default_dtype(torch.double)
+    d = X.shape[1]
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            model = DagmaNonlinear(DagmaMLP(dims=[d, 10, 1], bias=True, dtype=torch.double),
+                                   dtype=torch.double)
+            W = model.fit(np.asarray(X, dtype=float), lambda1=0.02, lambda2=0.005)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return (W != 0).astype(int), time.perf_counter() - t0, time.process_time() - c0
+
+
+def section_nonlinear(rows, mechanisms, dims, seeds, n_obs, n_int, dagma_max_d, known=True):
+    """Nonlinear SCMs (standardised), perfect known targets: cunit with MLP mechanisms
+    against GIES (linear-Gaussian BIC) on the same table and DagmaMLP on the pooled one."""
+    for mech in mechanisms:
+        for d in dims:
+            for seed in seeds:
+                B, X, tg, _ = make_data("er", d, seed, n_obs, n_int, mechanism=mech)
+                Xs = standardise(X)
+                A, wall, cpu = run_cunit(Xs, tg, seed, mechanism="mlp")
+                record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
+                       scaling="standardised", method="cunit --mechanism mlp", wall_s=wall,
+                       cpu_s=cpu, metrics=structure_metrics(B, A))
+                A, wall, cpu = run_gies(Xs, tg)
+                record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
+                       scaling="standardised", method="GIES (interventional)", wall_s=wall,
+                       cpu_s=cpu, metrics=structure_metrics(B, A))
+                if d <= dagma_max_d:
+                    A, wall, cpu = run_dagma_mlp(Xs, seed)
+                    record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
+                           scaling="standardised", method="DagmaMLP (same table, pooled)",
+                           wall_s=wall, cpu_s=cpu, metrics=structure_metrics(B, A))
 
 
 _JSON: Path | None = None  # rows are appended here as they come (a long run can be cut)
@@ -286,6 +333,9 @@ def report(rows, path: Path, argv: list[str]):
         lines += ["### Canonical graphs", "", structure_table(rows, "canonical"), ""]
     if any(r["section"] == "er" for r in rows):
         lines += ["### ER2, linear-Gaussian", "", structure_table(rows, "er"), ""]
+    if any(r["section"] == "nonlinear" for r in rows):
+        lines += ["### Nonlinear SCMs, known targets (standardised)", "",
+                  structure_table(rows, "nonlinear"), ""]
     if any(r["section"] == "forward" for r in rows):
         lines += ["### Forward pass vs a plain network with the same parameters", "",
                   forward_table(rows), ""]
@@ -311,6 +361,14 @@ def main(argv=None):
                     help="Skip DAGMA on the pooled interventional table.")
     ap.add_argument("--graphs", default=None,
                     help="Canonical graphs to run, in this order (default: all five).")
+    ap.add_argument("--scalings", default="raw,standardised")
+    ap.add_argument("--gies-max-d", type=int, default=50,
+                    help="Run GIES on graphs up to this size (0: never).")
+    ap.add_argument("--no-dagma", action="store_true", help="Skip DAGMA (er, canonical).")
+    ap.add_argument("--mechanisms", default="mlp,nonlinear",
+                    help="SCMs of the nonlinear section.")
+    ap.add_argument("--nonlinear-dims", default="10,20")
+    ap.add_argument("--dagma-mlp-max-d", type=int, default=10)
     ap.add_argument("--out", default=str(RESULTS / "cunit.md"))
     ap.add_argument("--append-json", action="store_true",
                     help="Keep rows of other sections from an earlier run's JSON.")
@@ -343,7 +401,8 @@ def main(argv=None):
     if args.append_json and json_path.exists():
         old = json.loads(json_path.read_text())
         redo = {"canonical": {"canonical"}, "er": {"er"}, "speed": {"forward", "d50"},
-                "forward": {"forward"}, "d50": {"d50"}, "ablation": {"ablation"}}
+                "forward": {"forward"}, "d50": {"d50"}, "ablation": {"ablation"},
+                "nonlinear": {"nonlinear"}}
         drop = set().union(*(redo[s] for s in only if s in redo))
         rows = [r for r in old if r["section"] not in drop]
     n_obs, n_int = (500, 100) if args.quick else (1000, 200)
@@ -353,7 +412,13 @@ def main(argv=None):
         section_structure(rows, graphs, seeds, n_obs, n_int, "canonical")
     if "er" in only:
         graphs = [("er", 10)] if args.quick else [("er", int(x)) for x in args.dims.split(",")]
-        section_structure(rows, graphs, seeds, n_obs, n_int, "er", pooled=not args.no_pooled)
+        section_structure(rows, graphs, seeds, n_obs, n_int, "er", pooled=not args.no_pooled,
+                          scalings=tuple(args.scalings.split(",")),
+                          gies_max_d=args.gies_max_d, dagma=not args.no_dagma)
+    if "nonlinear" in only:
+        section_nonlinear(rows, args.mechanisms.split(","),
+                          [int(x) for x in args.nonlinear_dims.split(",")], seeds, n_obs,
+                          n_int, args.dagma_mlp_max_d)
     if "speed" in only or "forward" in only:
         section_speed(rows, args.quick)
     if "speed" in only or "d50" in only:

@@ -12,7 +12,9 @@ For nonlinear mechanisms the same search runs on an additive basis expansion: ev
 parent enters through ``k`` piecewise-linear features (itself and hinges at its
 quantiles, ``hinge_features``), so a node's conditional is a least-squares additive
 spline of its parents -- still a closed form, and the BIC penalty is ``k`` parameters
-per edge."""
+per edge. ``SplineFeatureScorer`` adds ``r`` random tanh features of the whole parent set
+per parent (a random-feature network, so interactions between parents are fitted too);
+the penalty is then ``k + r`` parameters per edge."""
 
 from __future__ import annotations
 
@@ -84,6 +86,48 @@ class NodeScorer:
         return nll
 
 
+class SplineFeatureScorer:
+    """Gaussian NLL of node j given parents P: least squares on the parents' hinge
+    features plus ``r * |P|`` random tanh features ``tanh(z_P R_P + c)`` (R, c fixed per
+    seed, so a parent set always gets the same features), over the rows where j is not
+    intervened on."""
+
+    def __init__(self, Z: np.ndarray, target_mask: np.ndarray, knots: int = 3, r: int = 8,
+                 seed: int = 0):
+        n, d = Z.shape
+        self.Z, self.M, self.d, self.r = Z, target_mask, d, r
+        self.hk = knots + 1
+        self.k = self.hk + r
+        self.H = hinge_features(Z, knots).reshape(n, d, self.hk)
+        rng = np.random.default_rng(seed)
+        self.R = rng.standard_normal((d, d * r))
+        self.c = rng.uniform(-2.0, 2.0, d * r)
+        self.cache: dict[tuple[int, tuple[int, ...]], float] = {}
+
+    def score(self, j: int, parents) -> float:
+        key = (j, tuple(sorted(int(p) for p in parents)))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        rows = ~self.M[:, j]
+        m = int(rows.sum())
+        if m < 2:
+            return 0.0
+        P = list(key[1])
+        cols = [np.ones((m, 1))]
+        if P:
+            q = self.r * len(P)
+            cols.append(self.H[rows][:, P].reshape(m, -1))
+            cols.append(np.tanh(self.Z[rows][:, P] @ self.R[P, :q] + self.c[:q]))
+        X = np.concatenate(cols, axis=1)
+        y = self.Z[rows, j]
+        beta = np.linalg.lstsq(X, y, rcond=None)[0]
+        rss = max(float(((y - X @ beta) ** 2).sum()), 1e-12 * m)
+        nll = 0.5 * m * (math.log(2 * math.pi * rss / m) + 1.0)
+        self.cache[key] = nll
+        return nll
+
+
 def _reach(B: np.ndarray) -> np.ndarray:
     """reach[i, j]: a directed path of length >= 1 from i to j."""
     R = B.astype(bool)
@@ -103,18 +147,23 @@ def greedy_polish(
     features: np.ndarray | None = None,
     k: int = 1,
     return_score: bool = False,
+    scorer=None,
 ):
     """Hill-climb from ``B`` (0/1 DAG) on NLL + penalty * |edges|; returns the DAG (and
-    its penalised score with ``return_score``). ``features``/``k``: see NodeScorer; the
-    default penalty is BIC's ``k/2 log n`` per edge.
+    its penalised score with ``return_score``). ``features``/``k``: see NodeScorer (or
+    pass any ``scorer`` with ``score(j, parents)`` and ``k``); the default penalty is
+    BIC's ``k/2 log n`` per edge.
 
     ``toggle[i, j]`` is the score gain of adding i -> j (if absent) or deleting it (if
     present), penalty included; a reversal i -> j => j -> i gains
     ``toggle[i, j] + toggle[j, i]``. Only the columns whose parent set changed are
     re-scored after a move."""
     n, d = Z.shape
+    if scorer is None:
+        scorer = NodeScorer(Z, target_mask, features, k)
+    else:
+        k = scorer.k
     penalty = 0.5 * k * math.log(n) if penalty is None else penalty
-    scorer = NodeScorer(Z, target_mask, features, k)
     B = (np.asarray(B) != 0).astype(np.int64).copy()
     parents = [set(np.flatnonzero(B[:, j]).tolist()) for j in range(d)]
     cur = np.array([scorer.score(j, parents[j]) for j in range(d)])

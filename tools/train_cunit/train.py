@@ -68,7 +68,8 @@ class TrainConfig:
     patience: int = 2  # stop once the thresholded DAG is unchanged this many rounds
     edge_threshold: float = 0.05  # |effective weight| in standardised units
     polish: bool = True  # greedy edge search on the interventional likelihood
-    polish_knots: int = 3  # mlp: hinge features per parent in the polish's spline score
+    polish_knots: int = 3  # mlp: hinge features per parent in the polish's surrogate score
+    polish_random_features: int = 8  # mlp: random tanh features per parent in that score
     refine_steps: int = 200  # steps refitting mechanisms on the final graph (0: off)
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -250,14 +251,12 @@ def fit(
 
     net.eval()
     adjacency, strength = extract_graph(net, cfg.edge_threshold)
-    if cfg.polish and cfg.mechanism == "linear" and cfg.gates:
-        from .search import greedy_polish
-
-        adjacency = greedy_polish(Ztr.double().numpy(), Mtr.numpy(), adjacency)
-        net.unit.harden(torch.as_tensor(adjacency))
-    elif cfg.polish and cfg.gates:
-        adjacency = polish_nonlinear(Ztr.double().numpy(), Mtr.numpy(), adjacency,
-                                     cfg.polish_knots)
+    if cfg.polish and cfg.gates:
+        # every row the network saw or validated on: the closed-form score needs no
+        # held-out rows, and BIC is sharper with all of them
+        knots = None if cfg.mechanism == "linear" else cfg.polish_knots
+        adjacency = polish(Z.double().numpy(), tmask_all.numpy(), adjacency, knots,
+                           cfg.polish_random_features, cfg.seed)
         net.unit.harden(torch.as_tensor(adjacency))
     if cfg.refine_steps and cfg.gates:
         refine(net, Ztr, Mtr, adjacency, cfg)
@@ -266,17 +265,23 @@ def fit(
     return FitResult(net, adjacency, strength, history, cfg, steps, time.perf_counter() - t0)
 
 
-def polish_nonlinear(Z: np.ndarray, M: np.ndarray, B: np.ndarray, knots: int = 3) -> np.ndarray:
-    """The MLP mechanisms' polish: the greedy search on an additive linear-spline score
-    (``knots`` hinges per parent, BIC), started from the network's graph and from the
-    empty graph; the better penalised score wins."""
-    from .search import greedy_polish, hinge_features
+def polish(Z: np.ndarray, M: np.ndarray, B: np.ndarray, knots: int | None = None,
+           random_features: int = 8, seed: int = 0) -> np.ndarray:
+    """The greedy search on the interventional BIC (search.py) started from the network's
+    graph ``B`` and from the empty graph; the better penalised score wins. ``knots``:
+    None = linear conditionals (closed form); an integer = the MLP mechanisms' surrogate
+    conditional: ``knots`` hinges per parent plus ``random_features`` random tanh
+    features of the parent set per parent."""
+    from .search import NodeScorer, SplineFeatureScorer, greedy_polish
 
-    F = hinge_features(Z, knots)
+    if knots is None:
+        scorer = NodeScorer(Z, M)
+    else:
+        scorer = SplineFeatureScorer(Z, M, knots, random_features, seed)
     d = Z.shape[1]
     best = None
     for start in (B, np.zeros((d, d), dtype=np.int64)):
-        A, score = greedy_polish(Z, M, start, features=F, k=knots + 1, return_score=True)
+        A, score = greedy_polish(Z, M, start, return_score=True, scorer=scorer)
         if best is None or score < best[1] - 1e-9:
             best = (A, score)
     return best[0]
