@@ -35,7 +35,28 @@ def hinge_features(Z: np.ndarray, knots: int = 3) -> np.ndarray:
     return F.reshape(n, d * (knots + 1))
 
 
-class NodeScorer:
+class _CachedScorer:
+    """``score(j, parents)``: the NLL of node j given a parent set, cached per set."""
+
+    cache: dict[tuple[int, tuple[int, ...]], float]
+
+    def score(self, j: int, parents) -> float:
+        key = (j, tuple(sorted(int(p) for p in parents)))
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = self.cache[key] = self._nll(j, key[1])
+        return hit
+
+    def _nll(self, j: int, parents: tuple[int, ...]) -> float:
+        raise NotImplementedError
+
+
+def _gaussian_nll(rss: float, m: int) -> float:
+    rss = max(rss, 1e-12 * m)
+    return 0.5 * m * (math.log(2 * math.pi * rss / m) + 1.0)
+
+
+class NodeScorer(_CachedScorer):
     """Gaussian NLL of each node given a parent set, from per-node Gram matrices.
 
     ``features`` (n, d * k), grouped by variable: parent i enters through columns
@@ -62,14 +83,10 @@ class NodeScorer:
             self.count.append(int(n - rows.sum()))
         self.cache: dict[tuple[int, tuple[int, ...]], float] = {}
 
-    def score(self, j: int, parents) -> float:
-        key = (j, tuple(sorted(int(p) for p in parents)))
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
+    def _nll(self, j: int, parents: tuple[int, ...]) -> float:
         G = self.gram[j]
         k = self.k
-        idx = [i * k + c for i in key[1] for c in range(k)] + [self.intercept]
+        idx = [i * k + c for i in parents for c in range(k)] + [self.intercept]
         t = self.tcol[j]
         m = self.count[j]
         if m < 2:
@@ -80,13 +97,10 @@ class NodeScorer:
             beta = np.linalg.solve(Gpp + 1e-9 * np.eye(len(idx)), Gpj)
         except np.linalg.LinAlgError:
             beta = np.linalg.lstsq(Gpp, Gpj, rcond=None)[0]
-        rss = max(G[t, t] - Gpj @ beta, 1e-12 * m)
-        nll = 0.5 * m * (math.log(2 * math.pi * rss / m) + 1.0)
-        self.cache[key] = nll
-        return nll
+        return _gaussian_nll(float(G[t, t] - Gpj @ beta), m)
 
 
-class SplineFeatureScorer:
+class SplineFeatureScorer(_CachedScorer):
     """Gaussian NLL of node j given parents P: least squares on the parents' hinge
     features plus ``r * |P|`` random tanh features ``tanh(z_P R_P + c)`` (R, c fixed per
     seed, so a parent set always gets the same features), over the rows where j is not
@@ -104,16 +118,12 @@ class SplineFeatureScorer:
         self.c = rng.uniform(-2.0, 2.0, d * r)
         self.cache: dict[tuple[int, tuple[int, ...]], float] = {}
 
-    def score(self, j: int, parents) -> float:
-        key = (j, tuple(sorted(int(p) for p in parents)))
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
+    def _nll(self, j: int, parents: tuple[int, ...]) -> float:
         rows = ~self.M[:, j]
         m = int(rows.sum())
         if m < 2:
             return 0.0
-        P = list(key[1])
+        P = list(parents)
         cols = [np.ones((m, 1))]
         if P:
             q = self.r * len(P)
@@ -122,10 +132,7 @@ class SplineFeatureScorer:
         X = np.concatenate(cols, axis=1)
         y = self.Z[rows, j]
         beta = np.linalg.lstsq(X, y, rcond=None)[0]
-        rss = max(float(((y - X @ beta) ** 2).sum()), 1e-12 * m)
-        nll = 0.5 * m * (math.log(2 * math.pi * rss / m) + 1.0)
-        self.cache[key] = nll
-        return nll
+        return _gaussian_nll(float(((y - X @ beta) ** 2).sum()), m)
 
 
 def _reach(B: np.ndarray) -> np.ndarray:
