@@ -1,4 +1,4 @@
-"""Benchmark of dolm-train-cunit against DAGMA (linear), side by side on the same data.
+"""Benchmark of dolm-train-cunit against GIES and DAGMA, side by side on the same data.
 
     python benchmarks/cunit.py                      # everything, 3 seeds (tens of minutes)
     python benchmarks/cunit.py --only canonical,er  # some sections
@@ -19,8 +19,16 @@ beside it):
   blocking (with and without the counterfactual loss, where blocking can matter),
   no polish, MLP mechanisms with gates, a vanilla per-node MLP (no gates).
 
-DAGMA: ``DagmaLinear(loss_type="l2").fit(X, lambda1=0.02)`` (the package defaults:
-w_threshold 0.3, T = 5, s = [1.0, .9, .8, .7, .6]).
+* nonlinear -- ER2 d = 10 and 20 with MLP (``--mechanism mlp``) and additive tanh
+  (``nonlinear``) SCMs, standardised, perfect known targets: cunit ``--mechanism mlp``
+  against GIES and (``--dagma-mlp-max-d``) DagmaMLP on the pooled table.
+
+GIES: ``gies.fit_bic(data, I)`` (the pure-Python ``gies`` package, Gaussian BIC) on the
+same interventional table split by environment (known targets); its I-essential graph
+is scored with undirected edges counted as both directions (one correct, one reversed:
+SHD 1). DAGMA: ``DagmaLinear(loss_type="l2").fit(X, lambda1=0.02)`` (the package
+defaults: w_threshold 0.3, T = 5, s = [1.0, .9, .8, .7, .6]). CPU seconds
+(``time.process_time``) are recorded beside wall seconds: the machine is shared.
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ CANONICAL = ["chain", "fork", "collider", "confounder", "complex"]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def make_data(graph: str, d: int, seed: int, n_obs: int, n_int: int):
+def make_data(graph: str, d: int, seed: int, n_obs: int, n_int: int,
+              mechanism: str = "linear"):
     """The interventional table (cunit), an observational sample of the same size
     (DAGMA), both raw; standardised copies are made by the caller."""
     rng = np.random.default_rng(seed)
@@ -53,7 +62,7 @@ def make_data(graph: str, d: int, seed: int, n_obs: int, n_int: int):
         nodes, B = canonical(graph)
     else:
         nodes, B = graph_from_spec(graph, d, 2.0, rng)
-    scm = make_scm(nodes, B, "linear", rng)
+    scm = make_scm(nodes, B, mechanism, rng)
     X, tg, _, _ = simulate_regimes(scm, rng, n_obs=n_obs, n_per_target=n_int)
     X_obs = scm.sample(len(X), rng)
     return B, X, tg, X_obs
@@ -73,6 +82,28 @@ def run_cunit(X, tg, seed, threads=1, **cfg):
     return res.adjacency, res.seconds, time.process_time() - c0
 
 
+def split_by_environment(X, tg):
+    """Rows grouped by their target set: (list of arrays, list of target lists), the
+    observational environment first -- GIES's input."""
+    envs: dict[tuple[int, ...], list[int]] = {}
+    for r, t in enumerate(tg):
+        envs.setdefault(tuple(sorted(t)), []).append(r)
+    keys = sorted(envs, key=lambda k: (len(k), k))
+    return [X[envs[k]] for k in keys], [list(k) for k in keys]
+
+
+def run_gies(X, tg):
+    """GIES (Hauser & Buehlmann 2012; the pure-Python ``gies`` package) with its Gaussian
+    BIC score on the same interventional table, split by environment (known targets).
+    Returns the I-essential graph (undirected edges as both directions)."""
+    import gies
+
+    data, interventions = split_by_environment(X, tg)
+    t0, c0 = time.perf_counter(), time.process_time()
+    est, _ = gies.fit_bic(data, interventions)
+    return (np.asarray(est) != 0).astype(int), time.perf_counter() - t0, time.process_time() - c0
+
+
 def run_dagma(X, seed):
     import contextlib
 
@@ -84,6 +115,52 @@ def run_dagma(X, seed):
     with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # its tqdm bar
         W = DagmaLinear(loss_type="l2").fit(X, lambda1=0.02)
     return (W != 0).astype(int), time.perf_counter() - t0, time.process_time() - c0
+
+
+def run_dagma_mlp(X, seed):
+    """DAGMA's nonlinear version: ``DagmaNonlinear(DagmaMLP(dims=[d, 10, 1]))`` with its
+    README's call ``fit(X, lambda1=0.02, lambda2=0.005)`` (package defaults otherwise)."""
+    import contextlib
+
+    import torch
+    from dagma import utils
+    from dagma.nonlinear import DagmaMLP, DagmaNonlinear
+
+    utils.set_random_seed(seed)
+    torch.set_default_dtype(torch.double)
+    d = X.shape[1]
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            model = DagmaNonlinear(DagmaMLP(dims=[d, 10, 1], bias=True, dtype=torch.double),
+                                   dtype=torch.double)
+            W = model.fit(np.asarray(X, dtype=float), lambda1=0.02, lambda2=0.005)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return (W != 0).astype(int), time.perf_counter() - t0, time.process_time() - c0
+
+
+def section_nonlinear(rows, mechanisms, dims, seeds, n_obs, n_int, dagma_max_d, known=True):
+    """Nonlinear SCMs (standardised), perfect known targets: cunit with MLP mechanisms
+    against GIES (linear-Gaussian BIC) on the same table and DagmaMLP on the pooled one."""
+    for mech in mechanisms:
+        for d in dims:
+            for seed in seeds:
+                B, X, tg, _ = make_data("er", d, seed, n_obs, n_int, mechanism=mech)
+                Xs = standardise(X)
+                A, wall, cpu = run_cunit(Xs, tg, seed, mechanism="mlp")
+                record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
+                       scaling="standardised", method="cunit --mechanism mlp", wall_s=wall,
+                       cpu_s=cpu, metrics=structure_metrics(B, A))
+                A, wall, cpu = run_gies(Xs, tg)
+                record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
+                       scaling="standardised", method="GIES (interventional)", wall_s=wall,
+                       cpu_s=cpu, metrics=structure_metrics(B, A))
+                if d <= dagma_max_d:
+                    A, wall, cpu = run_dagma_mlp(Xs, seed)
+                    record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
+                           scaling="standardised", method="DagmaMLP (same table, pooled)",
+                           wall_s=wall, cpu_s=cpu, metrics=structure_metrics(B, A))
 
 
 _JSON: Path | None = None  # rows are appended here as they come (a long run can be cut)
@@ -101,17 +178,25 @@ def record(rows, section, **kw):
 # ------------------------------------------------------------------ sections
 
 
-def section_structure(rows, graphs, seeds, n_obs, n_int, section, pooled=True):
+def section_structure(rows, graphs, seeds, n_obs, n_int, section, pooled=True,
+                      scalings=("raw", "standardised"), gies_max_d=100, dagma=True):
     for graph, d in graphs:
         for seed in seeds:
             B, X, tg, X_obs = make_data(graph, d, seed, n_obs, n_int)
-            for scaling in ("raw", "standardised"):
+            for scaling in scalings:
                 Xi = X if scaling == "raw" else standardise(X)
                 Xo = X_obs if scaling == "raw" else standardise(X_obs)
                 A, wall, cpu = run_cunit(Xi, tg, seed)
                 record(rows, section, graph=graph, d=len(B), seed=seed, scaling=scaling,
                        method="cunit (interventional)", wall_s=wall, cpu_s=cpu,
                        metrics=structure_metrics(B, A))
+                if gies_max_d and len(B) <= gies_max_d:
+                    A, wall, cpu = run_gies(Xi, tg)
+                    record(rows, section, graph=graph, d=len(B), seed=seed, scaling=scaling,
+                           method="GIES (interventional)", wall_s=wall, cpu_s=cpu,
+                           metrics=structure_metrics(B, A))
+                if not dagma:
+                    continue
                 A, wall, cpu = run_dagma(Xo, seed)
                 record(rows, section, graph=graph, d=len(B), seed=seed, scaling=scaling,
                        method="DAGMA (observational)", wall_s=wall, cpu_s=cpu,
@@ -213,13 +298,17 @@ def structure_table(rows, section, keys=("graph", "d", "scaling", "method")):
     for r in rows:
         if r["section"] == section:
             groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-    out = ["| " + " | ".join(keys) + " | seeds | F1 | SHD | TPR | FDR | wall s |",
-           "|" + "---|" * (len(keys) + 6)]
+    out = ["| " + " | ".join(keys) + " | seeds | F1 | skeleton F1 | SHD | SHD per seed | TPR "
+           "| FDR | CPU s | wall s |", "|" + "---|" * (len(keys) + 9)]
     for key, rs in groups.items():
         m = [r["metrics"] for r in rs]
         out.append("| " + " | ".join(str(k) for k in key) + f" | {len(rs)} | "
-                   + _ms([x["f1"] for x in m]) + " | " + _ms([x["shd"] for x in m], "{:.1f}")
+                   + _ms([x["f1"] for x in m]) + " | "
+                   + _ms([x.get("skeleton_f1", float("nan")) for x in m]) + " | "
+                   + _ms([x["shd"] for x in m], "{:.1f}") + " | "
+                   + "/".join(f"{x['shd']:.0f}" for x in m)
                    + " | " + _ms([x["tpr"] for x in m]) + " | " + _ms([x["fdr"] for x in m])
+                   + " | " + _ms([r.get("cpu_s", float("nan")) for r in rs], "{:.1f}")
                    + " | " + _ms([r["wall_s"] for r in rs], "{:.1f}") + " |")
     return "\n".join(out)
 
@@ -241,7 +330,7 @@ def report(rows, path: Path, argv: list[str]):
     import torch
 
     lines = [
-        "## dolm-train-cunit vs DAGMA",
+        "## dolm-train-cunit vs GIES and DAGMA",
         "",
         f"`python benchmarks/cunit.py {' '.join(argv)}` on {platform.machine()}, "
         f"{os.cpu_count()} cores (shared), torch {torch.__version__}, "
@@ -252,6 +341,9 @@ def report(rows, path: Path, argv: list[str]):
         lines += ["### Canonical graphs", "", structure_table(rows, "canonical"), ""]
     if any(r["section"] == "er" for r in rows):
         lines += ["### ER2, linear-Gaussian", "", structure_table(rows, "er"), ""]
+    if any(r["section"] == "nonlinear" for r in rows):
+        lines += ["### Nonlinear SCMs, known targets (standardised)", "",
+                  structure_table(rows, "nonlinear"), ""]
     if any(r["section"] == "forward" for r in rows):
         lines += ["### Forward pass vs a plain network with the same parameters", "",
                   forward_table(rows), ""]
@@ -277,6 +369,14 @@ def main(argv=None):
                     help="Skip DAGMA on the pooled interventional table.")
     ap.add_argument("--graphs", default=None,
                     help="Canonical graphs to run, in this order (default: all five).")
+    ap.add_argument("--scalings", default="raw,standardised")
+    ap.add_argument("--gies-max-d", type=int, default=50,
+                    help="Run GIES on graphs up to this size (0: never).")
+    ap.add_argument("--no-dagma", action="store_true", help="Skip DAGMA (er, canonical).")
+    ap.add_argument("--mechanisms", default="mlp,nonlinear",
+                    help="SCMs of the nonlinear section.")
+    ap.add_argument("--nonlinear-dims", default="10,20")
+    ap.add_argument("--dagma-mlp-max-d", type=int, default=10)
     ap.add_argument("--out", default=str(RESULTS / "cunit.md"))
     ap.add_argument("--append-json", action="store_true",
                     help="Keep rows of other sections from an earlier run's JSON.")
@@ -309,7 +409,8 @@ def main(argv=None):
     if args.append_json and json_path.exists():
         old = json.loads(json_path.read_text())
         redo = {"canonical": {"canonical"}, "er": {"er"}, "speed": {"forward", "d50"},
-                "forward": {"forward"}, "d50": {"d50"}, "ablation": {"ablation"}}
+                "forward": {"forward"}, "d50": {"d50"}, "ablation": {"ablation"},
+                "nonlinear": {"nonlinear"}}
         drop = set().union(*(redo[s] for s in only if s in redo))
         rows = [r for r in old if r["section"] not in drop]
     n_obs, n_int = (500, 100) if args.quick else (1000, 200)
@@ -319,7 +420,13 @@ def main(argv=None):
         section_structure(rows, graphs, seeds, n_obs, n_int, "canonical")
     if "er" in only:
         graphs = [("er", 10)] if args.quick else [("er", int(x)) for x in args.dims.split(",")]
-        section_structure(rows, graphs, seeds, n_obs, n_int, "er", pooled=not args.no_pooled)
+        section_structure(rows, graphs, seeds, n_obs, n_int, "er", pooled=not args.no_pooled,
+                          scalings=tuple(args.scalings.split(",")),
+                          gies_max_d=args.gies_max_d, dagma=not args.no_dagma)
+    if "nonlinear" in only:
+        section_nonlinear(rows, args.mechanisms.split(","),
+                          [int(x) for x in args.nonlinear_dims.split(",")], seeds, n_obs,
+                          n_int, args.dagma_mlp_max_d)
     if "speed" in only or "forward" in only:
         section_speed(rows, args.quick)
     if "speed" in only or "d50" in only:

@@ -169,3 +169,27 @@ def test_cyclic_graph_specs_exit_3(tmp_path):
     r = run("simulate", "--dag", tmp_path / "ok.json", "--n-obs", 50, "--n-per-target", 10,
             "-o", tmp_path / "d.parquet")
     assert r.returncode == 0, r.stderr
+
+
+def test_regimes_without_rows_or_with_two_target_sets_exit_3(tmp_path):
+    df = _good().assign(z=np.arange(50.0))
+    df["target"] = [None] * 40 + ["x"] * 10
+    df["regime"] = pd.Categorical(["obs"] * 40 + ["do(x)"] * 10,
+                                  categories=["obs", "do(x)", "do(y)"])
+    r = run("fit", _write(tmp_path, df, "empty.parquet"), "-o", tmp_path / "out", *FAST)
+    assert r.returncode == 3 and "'do(y)'" in r.stderr and "no rows" in r.stderr, r.stderr
+    df["regime"] = ["obs"] * 40 + ["do(x)"] * 9 + ["obs"]
+    r = run("fit", _write(tmp_path, df, "mixed.csv"), "-o", tmp_path / "out", *FAST)
+    assert r.returncode == 3 and "regime 'obs'" in r.stderr and "row 49" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_mlp_with_too_few_rows_per_parameter_exits_3(tmp_path):
+    path = _write(tmp_path, _good(200).assign(z=np.arange(200.0)), "small.csv")
+    # 3 variables, --hidden 16: 3*16 + 2*16 + 1 = 81 parameters per node -> 162 rows
+    r = run("fit", path, "--mechanism", "mlp", "-o", tmp_path / "out", *FAST)
+    assert r.returncode == 0, r.stderr
+    r = run("fit", path, "--mechanism", "mlp", "--hidden", 40, "-o", tmp_path / "o2", *FAST)
+    assert r.returncode == 3 and "--mechanism mlp" in r.stderr and "402 rows" in r.stderr, \
+        r.stderr
+    assert not (tmp_path / "o2").exists()

@@ -13,6 +13,7 @@ import click
 from dolm.cli import log, output_option, progress, seed_option, subcommand, tool_group
 from dolm.errors import InputError
 
+MLP_ROWS_PER_PARAM = 2  # --mechanism mlp: training rows per parameter of one node's MLP
 GRAPHS = ["chain", "fork", "collider", "v-structure", "confounder", "complex", "er", "sf"]
 
 
@@ -39,8 +40,10 @@ def main():
               help="Nodes of a random graph.")
 @click.option("--edges-per-node", type=click.FloatRange(0.0, 50.0), default=2.0,
               show_default=True, help="Expected edges per node (ER2 = 2).")
-@click.option("--mechanism", type=click.Choice(["linear", "nonlinear"]), default="linear",
-              show_default=True, help="Linear-Gaussian, or additive tanh with Gaussian noise.")
+@click.option("--mechanism", type=click.Choice(["linear", "nonlinear", "mlp"]), default="linear",
+              show_default=True, help="Linear-Gaussian; nonlinear: a sum of one tanh (sigmoid) "
+              "term per parent; mlp: a random tanh network of all parents per node. Additive "
+              "Gaussian noise in all three.")
 @click.option("--n-obs", type=click.IntRange(0), default=1000, show_default=True,
               help="Observational training rows.")
 @click.option("--n-per-target", type=click.IntRange(0), default=200, show_default=True,
@@ -140,7 +143,8 @@ def simulate(run, graph, dag_path, d, edges_per_node, mechanism, n_obs, n_per_ta
 @click.option("--true-dag", "true_dag", type=click.Path(dir_okay=False), default=None,
               help="A dag JSON file with the true graph (default: the simulate file's own).")
 @click.option("--mechanism", type=click.Choice(["linear", "mlp"]), default="linear",
-              show_default=True, help="Per-node mechanisms.")
+              show_default=True, help="Per-node mechanisms. mlp needs at least 2 training "
+              "rows per parameter of one node's MLP (d * hidden + 2 * hidden + 1).")
 @click.option("--hidden", type=click.IntRange(1), default=16, show_default=True,
               help="Hidden units per node (mlp).")
 @click.option("--lambda-sparse", type=click.FloatRange(0.0), default=0.005, show_default=True,
@@ -164,7 +168,7 @@ def simulate(run, graph, dag_path, d, edges_per_node, mechanism, n_obs, n_per_ta
               help="|effective weight| (standardised units) for an edge to count.")
 @click.option("--patience", type=click.IntRange(1), default=3, show_default=True,
               help="Early stopping: rounds without validation improvement once acyclic.")
-@click.option("--no-polish", is_flag=True, help="Skip the greedy edge search (linear).")
+@click.option("--no-polish", is_flag=True, help="Skip the greedy edge search.")
 @click.option("--ignore-targets", is_flag=True, help="Ablation: treat every row as "
               "observational.")
 @click.option("--no-gradient-blocking", is_flag=True,
@@ -192,6 +196,16 @@ def fit_cmd(run, data, output, force, target_column, variables, exclude, true_da
     vd = from_frame(df, data, meta.extra, target_column,
                     [v.strip() for v in variables.split(",")] if variables else None,
                     [v.strip() for v in exclude.split(",")] if exclude else None)
+    if mechanism == "mlp":
+        n_train = int((vd.split == "train").sum())
+        per_node = len(vd.nodes) * hidden + 2 * hidden + 1
+        if n_train < MLP_ROWS_PER_PARAM * per_node:
+            raise InputError(
+                f"{data}: {n_train} training rows for --mechanism mlp with {len(vd.nodes)} "
+                f"variables and --hidden {hidden} ({per_node} parameters per node's MLP); "
+                f"expected at least {MLP_ROWS_PER_PARAM} rows per parameter "
+                f"({MLP_ROWS_PER_PARAM * per_node} rows), or a smaller --hidden, or "
+                "--mechanism linear")
     B_true = None
     if true_dag:
         obj, _ = read_json(true_dag, schema="dag", run=run)

@@ -113,7 +113,22 @@ def from_frame(
     else:
         targets = [[] for _ in range(n)]
     if "regime" in cols:
-        regimes = ["obs" if v is None else str(v) for v in df["regime"].tolist()]
+        col = df["regime"]
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            empty = [str(c) for c in col.cat.categories if not (col == c).any()]
+            if empty:
+                raise InputError(
+                    f"{path}: column 'regime' declares regime {empty[0]!r}, which has no "
+                    "rows; expected every regime to have rows (drop the unused categories)")
+        regimes = ["obs" if v is None else str(v) for v in col.tolist()]
+        seen: dict[str, list[int]] = {}
+        for r, (name, t) in enumerate(zip(regimes, targets, strict=True)):
+            if seen.setdefault(name, t) != t:
+                what = ",".join(nodes[i] for i in t) or "none"
+                was = ",".join(nodes[i] for i in seen[name]) or "none"
+                raise InputError(
+                    f"{path}: column 'regime', row {r}: regime {name!r} has targets {what} "
+                    f"here but {was} on an earlier row; expected one target set per regime")
     else:
         regimes = ["obs" if not t else "do(" + ",".join(nodes[i] for i in t) + ")"
                    for t in targets]

@@ -95,16 +95,23 @@ def make_acyclic(B: np.ndarray, strength: np.ndarray) -> np.ndarray:
 
 
 def structure_metrics(B_true: np.ndarray, B_est: np.ndarray) -> dict[str, float]:
-    """Directed-edge precision/recall/F1, TPR, FDR and SHD (a reversed edge counts 1).
+    """Directed-edge precision/recall/F1, TPR, FDR, skeleton F1 and SHD (a reversed edge
+    counts 1).
 
     TPR = correctly directed edges / true edges; FDR = (reversed + extra) / predicted;
-    SHD = extra + missing + reversed (over the skeleton, as NOTEARS/DAGMA count it)."""
+    SHD = extra + missing + reversed (over the skeleton, as NOTEARS/DAGMA count it).
+    ``B_est`` may be a CPDAG / I-essential graph: an undirected edge (``B[i, j] =
+    B[j, i] = 1``) counts as both directions -- one correct and one reversed prediction
+    in the directed scores, SHD 1 (as cdt's SHD with ``double_for_anticausal=False``);
+    ``skeleton_f1`` ignores direction."""
     T = np.asarray(B_true) != 0
     E = np.asarray(B_est) != 0
     np.fill_diagonal(E, False)
     tp = int((T & E).sum())
     n_pred = int(E.sum())
     n_true = int(T.sum())
+    # a reversed edge: predicted j -> i where i -> j is true and j -> i is not; an
+    # undirected prediction (both directions) of a true edge counts one reversal
     reversed_ = int((E & T.T & ~T).sum())
     skel_t = T | T.T
     skel_e = E | E.T
@@ -113,8 +120,13 @@ def structure_metrics(B_true: np.ndarray, B_est: np.ndarray) -> dict[str, float]
     precision = tp / n_pred if n_pred else (1.0 if n_true == 0 else 0.0)
     recall = tp / n_true if n_true else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    st, se = np.triu(skel_t, 1), np.triu(skel_e, 1)
+    s_tp, s_pred, s_true = int((st & se).sum()), int(se.sum()), int(st.sum())
+    s_prec = s_tp / s_pred if s_pred else (1.0 if s_true == 0 else 0.0)
+    s_rec = s_tp / s_true if s_true else 1.0
     return {
         "f1": f1,
+        "skeleton_f1": 2 * s_prec * s_rec / (s_prec + s_rec) if s_prec + s_rec else 0.0,
         "precision": precision,
         "tpr": recall,
         "fdr": (n_pred - tp) / n_pred if n_pred else 0.0,

@@ -1,6 +1,8 @@
-"""Synthetic structural causal models: linear-Gaussian and nonlinear (additive tanh),
-observational and perfect-intervention regimes with known targets, and true
-counterfactuals (the SCM knows its noise)."""
+"""Synthetic structural causal models: linear-Gaussian, nonlinear (an additive mixture of
+sigmoid-shaped tanh terms, one per parent) and mlp (a random one-hidden-layer network of
+all parents per node, additive Gaussian noise: DCDI's "NN" mechanisms), observational
+and perfect-intervention regimes with known targets, and true counterfactuals (the SCM
+knows its noise)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import numpy as np
 
 from .graphs import canonical, is_dag, random_dag, topological_order
 
-MECHANISMS = ("linear", "nonlinear")
+MECHANISMS = ("linear", "nonlinear", "mlp")
+MLP_HIDDEN = 10
 
 
 @dataclass
@@ -23,6 +26,9 @@ class SCM:
     C: np.ndarray = field(default=None)
     noise_scale: np.ndarray = field(default=None)
     bias: np.ndarray = field(default=None)
+    W1: np.ndarray = field(default=None)  # mlp: (d, d, H) input weights, parent i -> node j
+    b1: np.ndarray = field(default=None)  # mlp: (d, H)
+    W2: np.ndarray = field(default=None)  # mlp: (d, H) output weights
 
     @property
     def d(self) -> int:
@@ -32,6 +38,9 @@ class SCM:
         """f_j(parents of j) for every node j, from the full matrix X (n, d)."""
         if self.mechanism == "linear":
             return X @ self.W + self.bias
+        if self.mechanism == "mlp":
+            H = np.tanh(np.einsum("ni,ijh->njh", X, self.W1 * self.B[:, :, None]) + self.b1)
+            return np.einsum("njh,jh->nj", H, self.W2) + self.bias
         # sum_i W_ij tanh(A_ij x_i + C_ij)
         Z = np.tanh(X[:, :, None] * self.A[None] + self.C[None])
         return np.einsum("nij,ij->nj", Z, self.W * self.B) + self.bias
@@ -67,12 +76,16 @@ class SCM:
         if self.mechanism == "nonlinear":
             out["slope"] = self.A.tolist()
             out["offset"] = self.C.tolist()
+        if self.mechanism == "mlp":
+            out["mlp"] = {"w1": self.W1.tolist(), "b1": self.b1.tolist(),
+                          "w2": self.W2.tolist()}
         return out
 
     @classmethod
     def from_dict(cls, obj: dict) -> SCM:
         d = len(obj["nodes"])
         nonlinear = obj["mechanism"] == "nonlinear"
+        mlp = obj.get("mlp") if obj["mechanism"] == "mlp" else None
         return cls(
             nodes=list(obj["nodes"]),
             B=np.asarray(obj["adjacency"], dtype=np.int64).reshape(d, d),
@@ -82,6 +95,9 @@ class SCM:
             C=np.asarray(obj["offset"], dtype=float).reshape(d, d) if nonlinear else None,
             noise_scale=np.asarray(obj["noise_scale"], dtype=float),
             bias=np.asarray(obj["bias"], dtype=float),
+            W1=np.asarray(mlp["w1"], dtype=float) if mlp else None,
+            b1=np.asarray(mlp["b1"], dtype=float) if mlp else None,
+            W2=np.asarray(mlp["w2"], dtype=float) if mlp else None,
         )
 
 
@@ -114,6 +130,16 @@ def make_scm(
         scm.W = B * sign * rng.uniform(1.0, 3.0, size=(d, d))
         scm.A = rng.uniform(0.5, 2.0, size=(d, d))
         scm.C = rng.uniform(-1.0, 1.0, size=(d, d))
+    if mechanism == "mlp":
+        # every node: tanh(sum_i x_i W1_ij + b1_j) @ W2_j, inputs from its parents only;
+        # input weights +-U[0.5, 2] as the linear ones, output weights N(0, 1) scaled so
+        # N(0, 1) as DCDI draws them (a signal sd of ~1-4 against unit noise)
+        h = MLP_HIDDEN
+        scm.W1 = (B[:, :, None] * rng.choice([-1.0, 1.0], size=(d, d, h))
+                  * rng.uniform(*w_range, size=(d, d, h)))
+        scm.b1 = rng.uniform(-1.0, 1.0, size=(d, h))
+        scm.W2 = rng.standard_normal((d, h))
+        scm.W = B * np.sqrt((scm.W1**2).sum(-1))  # reported edge strength: ||W1_ij||
     return scm
 
 

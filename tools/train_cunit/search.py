@@ -6,7 +6,15 @@ j is not intervened on (DCDI's masking). Starting from the graph the continuous
 optimiser found, a greedy search adds, deletes and reverses single edges while the
 penalised score (NLL + ``penalty`` per edge, BIC by default) improves and the graph
 stays acyclic. It repairs the few edges that the augmented Lagrangian fixes in the
-wrong direction early on."""
+wrong direction early on.
+
+For nonlinear mechanisms the same search runs on an additive basis expansion: every
+parent enters through ``k`` piecewise-linear features (itself and hinges at its
+quantiles, ``hinge_features``), so a node's conditional is a least-squares additive
+spline of its parents -- still a closed form, and the BIC penalty is ``k`` parameters
+per edge. ``SplineFeatureScorer`` adds ``r`` random tanh features of the whole parent set
+per parent (a random-feature network, so interactions between parents are fitted too);
+the penalty is then ``k + r`` parameters per edge."""
 
 from __future__ import annotations
 
@@ -15,13 +23,56 @@ import math
 import numpy as np
 
 
-class NodeScorer:
-    """Gaussian NLL of each node given a parent set, from per-node Gram matrices."""
+def hinge_features(Z: np.ndarray, knots: int = 3) -> np.ndarray:
+    """(n, d * (knots + 1)): per column z, ``[z, max(0, z - q_1), ..., max(0, z - q_K)]``
+    with knots q at the column's quantiles 1/(K+1) .. K/(K+1) (a linear spline)."""
+    n, d = Z.shape
+    qs = np.quantile(Z, np.arange(1, knots + 1) / (knots + 1), axis=0)  # (K, d)
+    F = np.empty((n, d, knots + 1))
+    F[:, :, 0] = Z
+    for k in range(knots):
+        F[:, :, k + 1] = np.maximum(Z - qs[k], 0.0)
+    return F.reshape(n, d * (knots + 1))
 
-    def __init__(self, Z: np.ndarray, target_mask: np.ndarray):
+
+class _CachedScorer:
+    """``score(j, parents)``: the NLL of node j given a parent set, cached per set."""
+
+    cache: dict[tuple[int, tuple[int, ...]], float]
+
+    def score(self, j: int, parents) -> float:
+        key = (j, tuple(sorted(int(p) for p in parents)))
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = self.cache[key] = self._nll(j, key[1])
+        return hit
+
+    def _nll(self, j: int, parents: tuple[int, ...]) -> float:
+        raise NotImplementedError
+
+
+def _gaussian_nll(rss: float, m: int) -> float:
+    rss = max(rss, 1e-12 * m)
+    return 0.5 * m * (math.log(2 * math.pi * rss / m) + 1.0)
+
+
+class NodeScorer(_CachedScorer):
+    """Gaussian NLL of each node given a parent set, from per-node Gram matrices.
+
+    ``features`` (n, d * k), grouped by variable: parent i enters through columns
+    ``i*k .. i*k+k-1`` (default: the variables themselves, k = 1)."""
+
+    def __init__(self, Z: np.ndarray, target_mask: np.ndarray,
+                 features: np.ndarray | None = None, k: int = 1):
         n, d = Z.shape
-        self.d = d
-        Zc = np.concatenate([Z, np.ones((n, 1))], axis=1)  # last column: intercept
+        self.d, self.k = d, k
+        if features is None:
+            Zc = np.concatenate([Z, np.ones((n, 1))], axis=1)  # last column: intercept
+            self.intercept, self.tcol = d, list(range(d))
+        else:
+            Zc = np.concatenate([features, np.ones((n, 1)), Z], axis=1)
+            self.intercept = features.shape[1]
+            self.tcol = [self.intercept + 1 + j for j in range(d)]
         total = Zc.T @ Zc
         self.gram = []
         self.count = []
@@ -32,26 +83,56 @@ class NodeScorer:
             self.count.append(int(n - rows.sum()))
         self.cache: dict[tuple[int, tuple[int, ...]], float] = {}
 
-    def score(self, j: int, parents) -> float:
-        key = (j, tuple(sorted(int(p) for p in parents)))
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
+    def _nll(self, j: int, parents: tuple[int, ...]) -> float:
         G = self.gram[j]
-        idx = list(key[1]) + [self.d]
+        k = self.k
+        idx = [i * k + c for i in parents for c in range(k)] + [self.intercept]
+        t = self.tcol[j]
         m = self.count[j]
         if m < 2:
             return 0.0
         Gpp = G[np.ix_(idx, idx)]
-        Gpj = G[idx, j]
+        Gpj = G[idx, t]
         try:
             beta = np.linalg.solve(Gpp + 1e-9 * np.eye(len(idx)), Gpj)
         except np.linalg.LinAlgError:
             beta = np.linalg.lstsq(Gpp, Gpj, rcond=None)[0]
-        rss = max(G[j, j] - Gpj @ beta, 1e-12 * m)
-        nll = 0.5 * m * (math.log(2 * math.pi * rss / m) + 1.0)
-        self.cache[key] = nll
-        return nll
+        return _gaussian_nll(float(G[t, t] - Gpj @ beta), m)
+
+
+class SplineFeatureScorer(_CachedScorer):
+    """Gaussian NLL of node j given parents P: least squares on the parents' hinge
+    features plus ``r * |P|`` random tanh features ``tanh(z_P R_P + c)`` (R, c fixed per
+    seed, so a parent set always gets the same features), over the rows where j is not
+    intervened on."""
+
+    def __init__(self, Z: np.ndarray, target_mask: np.ndarray, knots: int = 3, r: int = 8,
+                 seed: int = 0):
+        n, d = Z.shape
+        self.Z, self.M, self.d, self.r = Z, target_mask, d, r
+        self.hk = knots + 1
+        self.k = self.hk + r
+        self.H = hinge_features(Z, knots).reshape(n, d, self.hk)
+        rng = np.random.default_rng(seed)
+        self.R = rng.standard_normal((d, d * r))
+        self.c = rng.uniform(-2.0, 2.0, d * r)
+        self.cache: dict[tuple[int, tuple[int, ...]], float] = {}
+
+    def _nll(self, j: int, parents: tuple[int, ...]) -> float:
+        rows = ~self.M[:, j]
+        m = int(rows.sum())
+        if m < 2:
+            return 0.0
+        P = list(parents)
+        cols = [np.ones((m, 1))]
+        if P:
+            q = self.r * len(P)
+            cols.append(self.H[rows][:, P].reshape(m, -1))
+            cols.append(np.tanh(self.Z[rows][:, P] @ self.R[P, :q] + self.c[:q]))
+        X = np.concatenate(cols, axis=1)
+        y = self.Z[rows, j]
+        beta = np.linalg.lstsq(X, y, rcond=None)[0]
+        return _gaussian_nll(float(((y - X @ beta) ** 2).sum()), m)
 
 
 def _reach(B: np.ndarray) -> np.ndarray:
@@ -70,16 +151,26 @@ def greedy_polish(
     B: np.ndarray,
     penalty: float | None = None,
     max_moves: int = 1000,
-) -> np.ndarray:
-    """Hill-climb from ``B`` (0/1 DAG) on NLL + penalty * |edges|; returns the DAG.
+    features: np.ndarray | None = None,
+    k: int = 1,
+    return_score: bool = False,
+    scorer=None,
+):
+    """Hill-climb from ``B`` (0/1 DAG) on NLL + penalty * |edges|; returns the DAG (and
+    its penalised score with ``return_score``). ``features``/``k``: see NodeScorer (or
+    pass any ``scorer`` with ``score(j, parents)`` and ``k``); the default penalty is
+    BIC's ``k/2 log n`` per edge.
 
     ``toggle[i, j]`` is the score gain of adding i -> j (if absent) or deleting it (if
     present), penalty included; a reversal i -> j => j -> i gains
     ``toggle[i, j] + toggle[j, i]``. Only the columns whose parent set changed are
     re-scored after a move."""
     n, d = Z.shape
-    penalty = 0.5 * math.log(n) if penalty is None else penalty
-    scorer = NodeScorer(Z, target_mask)
+    if scorer is None:
+        scorer = NodeScorer(Z, target_mask, features, k)
+    else:
+        k = scorer.k
+    penalty = 0.5 * k * math.log(n) if penalty is None else penalty
     B = (np.asarray(B) != 0).astype(np.int64).copy()
     parents = [set(np.flatnonzero(B[:, j]).tolist()) for j in range(d)]
     cur = np.array([scorer.score(j, parents[j]) for j in range(d)])
@@ -130,4 +221,6 @@ def greedy_polish(
                 parents[j].add(i)
             cur[j] = scorer.score(j, parents[j])
             rescore(j)
+    if return_score:
+        return B, float(cur.sum() + penalty * B.sum())
     return B
