@@ -18,6 +18,7 @@ from test_plot import (
     dag_obj,
     dolm_plot,
     effects_trace,
+    exe,
     make_run,
     mediation_comparison_table,
     outcomes_for,
@@ -59,6 +60,7 @@ def write_study_run(d: Path) -> dict:
         files[rel] = df
 
     trace = effects_trace(n_prompts=4)
+    trace = trace[trace.metric == "recovery"]  # one metric keeps the report quick to draw
     table("dilemma/effects.parquet", trace, "effects", "patch")
     table("dilemma/summary.parquet", patch_summary_table(), "patch_summary", "patch")
     table("formats-psm/comparison.parquet", psm_check_table(), "psm_check", "psm",
@@ -86,7 +88,8 @@ def study_report(tmp_path_factory) -> tuple[Path, dict, str, subprocess.Complete
     run = d / "demo"
     files = write_study_run(run)
     out = d / "report.html"
-    r = dolm_plot("report", run, "-o", out)
+    r = subprocess.run([exe(), "report", str(run), "-o", str(out)], capture_output=True,
+                       text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     return out, files, out.read_text(), r
 
@@ -242,3 +245,20 @@ def test_compare_only_like_with_like(tmp_path):
         write_json(obj, paths[name], "dag", make_run("psm", None))
     assert compared("dag1", "dag2") == {"dags"}  # same nodes: a learned DAG beside its truth
     assert compared("dag1", "dag3") == set()
+
+
+def test_intervals_match_statsmodels_and_scipy():
+    from dolm_tools.plot.common import mean_ci, wilson
+    from scipy import stats
+    from statsmodels.stats.proportion import proportion_confint
+
+    for k, n in ((0, 24), (7, 24), (24, 24), (1, 3)):
+        lo, hi = proportion_confint(k, n, alpha=0.05, method="wilson")
+        p, lo2, hi2 = wilson(k, n)
+        assert p == k / n and lo2 == pytest.approx(lo, abs=1e-6) and \
+            hi2 == pytest.approx(hi, abs=1e-6)
+    x = np.random.default_rng(0).normal(0.3, 1.0, 17)
+    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    m, lo2, hi2, n = mean_ci(np.append(x, np.nan))
+    assert (m, n) == (pytest.approx(x.mean()), 17)
+    assert (lo2, hi2) == (pytest.approx(lo), pytest.approx(hi))

@@ -77,9 +77,10 @@ def degenerate(fig: Any) -> str | None:
     for ax in fig.axes:
         if not ax.get_visible() or hasattr(ax, "_colorbar"):
             continue
-        name = f"panel {ax.get_title()!r}" if ax.get_title() else "an axis"
+        title = ax.get_title()
         if not _has_data(ax):
-            return f"{name} has no data"
+            return f"panel {title!r} has no data" if title else "an axis with no data"
+        name = f"panel {title!r} is " if title else ""
         lines = _data_lines(ax)
         if lines and not (ax.patches or ax.images):
             xs: set[float] = set()
@@ -91,7 +92,7 @@ def degenerate(fig: Any) -> str | None:
                     xs.update(np.asarray(c.get_offsets(), dtype=float)[:, 0].tolist())
             label = ax.get_xlabel() or "x"
             if len(xs) == 1:
-                return (f"{name} is a line plot with a single {label} value "
+                return (f"{name}a line plot with a single {label} value "
                         f"({next(iter(xs)):g}): no curve to show")
     return None
 

@@ -256,6 +256,13 @@ def bayes_answer(files: dict[str, Any]) -> Answer:
 # ------------------------------------------------------------------ lens and DLA
 
 
+def lenses_of(ch: Any) -> list[str]:
+    """The lenses of a choice frame, the tuned lens first (it reads early layers better)."""
+    from dolm_tools.plot.fig_lens import lenses
+
+    return sorted(lenses(ch), key=lambda n: (n != "tuned", n))
+
+
 def lens_answer(files: dict[str, Any]) -> Answer:
     a = Answer()
     tr = files.get("translators.safetensors")
@@ -273,18 +280,28 @@ def lens_answer(files: dict[str, Any]) -> Answer:
     for study in ("dilemma", "bayes"):
         lens = _data(files, f"{study}/lens.parquet")
         if lens is not None and "kl_to_final" in lens.columns:
-            from dolm_tools.plot.fig_lens import _lens_of, cells
+            from dolm_tools.plot.fig_lens import _lens_of, cells, choice_frame, crossing
 
             d = cells(lens)
-            rows = []
-            for name in dict.fromkeys(_lens_of(d)):
-                sub = d[_lens_of(d) == name]
-                for layer, g in sub.groupby("layer"):
+            names = list(dict.fromkeys(_lens_of(d)))
+            by: dict[int, list] = {}
+            for name in names:
+                for layer, g in d[_lens_of(d) == name].groupby("layer"):
                     per = g.groupby("prompt_id")["kl_to_final"].mean()
-                    rows.append([name, int(layer), ci(*mean_ci(per)[:3]), len(per)])
-            a.tables.append(table(["lens", "layer", "KL to final [95% CI]", "prompts"], rows,
-                                  f"{study} prompts: KL to the final distribution by layer "
-                                  "(last position)"))
+                    by.setdefault(int(layer), []).append(ci(*mean_ci(per)[:3]))
+            a.tables.append(table(["layer", *(f"{n} lens KL [95% CI]" for n in names)],
+                                  [[lay, *v] for lay, v in sorted(by.items())],
+                                  f"{study} prompts ({d['prompt_id'].nunique()}): KL to the "
+                                  "final distribution by layer, last position, nats"))
+            ch = choice_frame(lens)
+            if ch is not None:
+                for name in lenses_of(ch):
+                    cross, n_cross, n_never = crossing(ch[_lens_of(ch) == name])
+                    if cross is not None:
+                        a.headline.append((f"{study}: intended option leads from ({name} lens)",
+                                           f"layer {cross:g} (median; {n_cross} prompts"
+                                           + (f", {n_never} never" if n_never else "") + ")"))
+                        break
         dla = _data(files, f"{study}/attributions.parquet")
         if dla is not None:
             from dolm_tools.plot.fig_dla import attn_share
