@@ -859,7 +859,7 @@ def test_report_embeds_every_figure_and_the_provenance(run_files, tmp_path):
     r = dolm_plot("report", run_dir, "-o", report)
     assert r.returncode == 0, r.stderr
     text = report.read_text()
-    imgs = re.findall(r'<img alt="([^"]+)" loading="lazy" src="data:image/png;base64,([^"]+)"',
+    imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"',
                       text)
     # files are drawn by folder (here: no study folders): the top level, and sub/
     top = [str(run_files[k]) for k in keep if k != "dag"]

@@ -111,8 +111,9 @@ def test_first_screen_is_the_studies_and_their_headline_numbers(study_report):
     per = cell.groupby("prompt_id")["value"].mean()
     assert f"L2 @ pos 4: {per.mean():.2f} [" in overview
     psm = psm_check_table().iloc[0]  # ATT
-    assert (f"{psm.naive:+.3f} / {psm.matched:+.3f} [{psm.matched_ci_low:+.3f}, "
-            f"{psm.matched_ci_high:+.3f}] / {psm.true:+.3f}") in overview
+    assert (f"{psm.naive:+.2f} [{psm.naive_ci_low:+.2f}, {psm.naive_ci_high:+.2f}] / "
+            f"{psm.matched:+.2f} [{psm.matched_ci_low:+.2f}, {psm.matched_ci_high:+.2f}] / "
+            f"{psm.true:+.2f} [{psm.true_ci_low:+.2f}, {psm.true_ci_high:+.2f}]") in overview
     assert "head.2.0: +0.200 [+0.150, +0.250]" in overview  # statistical, largest |ACME|
     assert "head.2.0: -0.100 [-0.150, -0.050]" in overview  # interventional, target_correct
     acc = files["families/bayes.outcomes.parquet"]["correct"].mean()

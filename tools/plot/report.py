@@ -265,7 +265,7 @@ def img(plot: Plot, png: bytes, prefix: str = "") -> str:
     files = ", ".join(dict.fromkeys(Path(s.path).name for s in plot.sources))
     cls = ' class="wide"' if style.pixels(plot.size)[0] > 1000 else ""
     return (f'<figure id="{esc(prefix)}{name}"{cls}>'
-            f'<img alt="{name}" loading="lazy" '
+            f'<img alt="{name}" '
             f'src="data:image/png;base64,{data}"><figcaption><b>{name}</b>: '
             f"{esc(plot.spec.what)} <span class=\"muted\">({esc(files)})</span></figcaption>"
             "</figure>")

@@ -342,9 +342,9 @@ def psm_answer(files: dict[str, Any]) -> Answer:
     att = d[d["estimand"] == "ATT"] if (d["estimand"] == "ATT").any() else d
     for r in att.head(2).itertuples():
         a.headline.append((f"{r.contrast} ({r.estimand}): naive / matched / true",
-                           f"{num(r.naive, 3, True)} / "
-                           f"{ci(r.matched, r.matched_ci_low, r.matched_ci_high, 3, True)}"
-                           f" / {num(r.true, 3, True)}"))
+                           f"{ci(r.naive, r.naive_ci_low, r.naive_ci_high, 2, True)} / "
+                           f"{ci(r.matched, r.matched_ci_low, r.matched_ci_high, 2, True)} / "
+                           f"{ci(r.true, r.true_ci_low, r.true_ci_high, 2, True)}"))
     return a
 
 
