@@ -274,7 +274,8 @@ def _by_model(bundles: list) -> list[tuple[str, Any]]:
 
 @combo(("outcomes", "prompts"), "accuracy", "greedy accuracy (95% Wilson CI) per prompt family, "
        "one bar per model", together=True,
-       when=lambda bs: all(C.has(b["outcomes"].data, "correct") for b in bs))
+       when=lambda bs: all(C.has(b["outcomes"].data, "correct") for b in bs)
+       and len(_by_model(bs)) * len({f for b in bs for f in joined(b)["family"].astype(str)}) > 1)
 def draw_accuracy(fig: Any, bundles: list, _v: Any) -> None:
     ax = fig.subplots()
     frames = _by_model(bundles)

@@ -234,15 +234,23 @@ def plan(sources: list[Source], compare_models: bool = True) -> list[Plot]:
     return plots
 
 
+#: schemas whose files written from the same inputs are variants of one fit, drawn together
+#: (e.g. cunit ablation fits of one data table); for other schemas the same inputs do not
+#: make files alike (mediation summaries of two outcome metrics, probes of two labels)
+FITS_OF_ONE_TABLE = frozenset({"cunit_metrics"})
+
+
 def like_key(src: Source) -> Any:
     """What files must share to be drawn together: the prompt set of a table, the node
-    set of a DAG, else the input files (by sha256) of the step that wrote them (e.g. fits
-    of one data table); None when none of these is known."""
+    set of a DAG, else, for fits (``FITS_OF_ONE_TABLE``), the input files (by sha256) of the
+    step that wrote them; None otherwise."""
     if src.schema == "dag" and isinstance(src.data, dict):
         return ("nodes", frozenset(str(n) for n in src.data.get("nodes") or []))
     ids = _prompt_ids(src)
     if ids:
         return ("prompts", frozenset(ids))
+    if src.schema not in FITS_OF_ONE_TABLE:
+        return None
     chain = src.meta.provenance if src.meta is not None else []
     inputs = (chain[-1].get("inputs") or []) if chain else []
     shas = frozenset(str(i.get("sha256")) for i in inputs if i.get("sha256"))

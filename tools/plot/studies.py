@@ -366,14 +366,19 @@ def mediation_answer(files: dict[str, Any]) -> Answer:
                            "q", "units"], rows,
                           "indirect effect of chain-of-thought through each head: "
                           "statistical (sequential ignorability) vs interventional (patching)"))
+    # the head the statistical analysis ranks first, and what patching that head shows
+    stat = comp[comp["method"] == "statistical"]
+    site = stat.loc[stat["acme_average"].abs().idxmax(), "site"] if len(stat) else None
     for method in ("statistical", "interventional"):
         g = comp[comp["method"] == method]
-        if g.empty:
-            continue
         if method == "interventional" and (g["outcome"] == "target_correct").any():
             g = g[g["outcome"] == "target_correct"]
+        if site is not None:
+            g = g[g["site"] == site]
+        if g.empty:
+            continue
         top = g.loc[g["acme_average"].abs().idxmax()]
-        a.headline.append((f"{method} ACME, largest ({top['outcome']})",
+        a.headline.append((f"ACME, {method} ({top['outcome']})",
                            f"{top['site']}: " + ci(top["acme_average"], top["acme_ci_low"],
                                                    top["acme_ci_high"], 3, True)))
     tot = comp[comp["method"] == "statistical"]["total"].dropna()
