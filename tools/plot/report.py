@@ -259,10 +259,12 @@ def anchor(path: Path, run_dir: Path) -> str:
     return "f-" + "".join(c if c.isalnum() else "-" for c in str(path.relative_to(run_dir)))
 
 
-def img(plot: Plot, png: bytes, prefix: str = "") -> str:
+def img(plot: Plot, png: bytes, prefix: str = "", keys: dict | None = None) -> str:
+    """A figure (``keys``: source path -> the file's name within its study, for captions)."""
     data = base64.b64encode(png).decode("ascii")
     name = esc(plot.stem)
-    files = ", ".join(dict.fromkeys(Path(s.path).name for s in plot.sources))
+    files = ", ".join(dict.fromkeys((keys or {}).get(s.path) or Path(s.path).name
+                                    for s in plot.sources))
     cls = ' class="wide"' if style.pixels(plot.size)[0] > 1000 else ""
     return (f'<figure id="{esc(prefix)}{name}"{cls}>'
             f'<img alt="{name}" '
@@ -439,15 +441,16 @@ def group_section(g: Group, run_dir: Path) -> str:
             parts.append('<p><b>Answer.</b></p><div class="answers">' + "".join(g.answer.tables)
                          + "</div>" + "".join(f"<p>{esc(n)}</p>" for n in g.answer.notes))
     prefix = g.anchor + "-"
+    keys = {str(e.path): e.key for e in g.entries}
     if key:
-        parts.append('<div class="figs">' + "".join(img(p, png, prefix) for p, png in key)
+        parts.append('<div class="figs">' + "".join(img(p, png, prefix, keys) for p, png in key)
                      + "</div>")
     files = g.entries
     summary = (f"Details: {len(rest)} more figure(s), {len(g.skipped)} not drawn, "
                f"{len(files)} file(s) with their provenance")
     parts.append(f"<details><summary>{esc(summary)}</summary>")
     if rest:
-        parts.append('<div class="figs">' + "".join(img(p, png, prefix) for p, png in rest)
+        parts.append('<div class="figs">' + "".join(img(p, png, prefix, keys) for p, png in rest)
                      + "</div>")
     if g.skipped:
         parts.append("<h3>Figures not drawn</h3><ul>" + "".join(
