@@ -5,9 +5,10 @@
     dolm-plot report RUN_DIR -o report.html
     dolm-plot list
 
-Several files of one schema (e.g. the same study on several models) are also drawn side
-by side or overlaid, labelled by the model in each file's provenance; outcomes and the
-prompts they were scored on are joined on prompt_id.
+Several files of one schema are also drawn side by side or overlaid, like with like only
+(the same prompt set on several models, a learned DAG beside its truth), labelled by the
+model in each file's provenance; outcomes and the prompts they were scored on are joined on
+prompt_id. Degenerate figures (one x value, an axis with no data) are never drawn.
 """
 
 from __future__ import annotations
@@ -54,13 +55,17 @@ def files(run: Any, files: tuple[str, ...], output: str, fmt: str, only: tuple[s
     """Draw every figure FILES support into the folder -o DIR.
 
     Output names are <file>.<figure>[.<metric>].<format>; figures comparing several
-    files are compare.<schema>.<figure>...
+    files (several models on one prompt set, DAGs over the same nodes, fits of one data
+    table) are compare.<schema>.<figure>... A degenerate figure (a line plot with a single
+    x value, a panel with no data) is skipped with a note on stderr; asked for by name with
+    --only, it is an error (exit 3) and nothing is written.
     """
     from dolm_tools.plot.draw import draw_all, load_sources
 
     sources = load_sources(files, run=run)
     written = draw_all(sources, output, fmt, force, only=only, compare_models=not no_compare,
-                       progress=lambda it: progress(it, desc="drawing", unit="fig"))
+                       progress=lambda it: progress(it, desc="drawing", unit="fig"),
+                       on_skip=lambda exc: log(f"dolm-plot: skipped {exc}"))
     for path in written:
         click.echo(str(path))
     log(f"dolm-plot: {len(written)} figure(s) in {output}")
@@ -118,8 +123,12 @@ def dag(run: Any, files: tuple[str, ...], output: str, fmt: str | None, force: b
               help="The HTML file to write ('-' for stdout).")
 @click.option("--force", is_flag=True, help="Overwrite an existing report.")
 def report(run: Any, run_dir: str, output: str, force: bool) -> None:
-    """One self-contained HTML page: every figure of RUN_DIR's files, a short table per
-    file and each file's provenance chain."""
+    """One self-contained HTML page for RUN_DIR, organised by study.
+
+    It opens with each study's causal question and headline numbers (95% intervals), then
+    per study the answer, the figures that show it and the details collapsed (every other
+    figure, the figures not drawn and why, each file's table and provenance); a file index
+    closes it. Studies are the folders the pipelines/ recipes write (bayes, dilemma, ...)."""
     from dolm_tools.plot.report import write_report
 
     n_files, n_figs = write_report(run_dir, output, force,

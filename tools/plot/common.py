@@ -175,3 +175,30 @@ def legend_unique(ax: Any, **kw: Any) -> None:
     handles, names = ax.get_legend_handles_labels()
     seen = dict(zip(names, handles, strict=True))
     ax.legend(list(seen.values()), list(seen.keys()), frameon=False, fontsize=8, **kw)
+
+
+def mean_ci(values: Any, level: float = 0.95) -> tuple[float, float, float, int]:
+    """Mean and t interval of finite ``values``: (mean, low, high, n)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    n = len(v)
+    if n == 0:
+        return (np.nan, np.nan, np.nan, 0)
+    m = float(v.mean())
+    if n < 2:
+        return (m, np.nan, np.nan, n)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / np.sqrt(n))
+    return (m, m - half, m + half, n)
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float, float]:
+    """A proportion and its Wilson score interval."""
+    if n == 0:
+        return (np.nan, np.nan, np.nan)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (p, mid - half, mid + half)

@@ -262,23 +262,41 @@ def draw_sweep(fig: Any, bundles: list, _v: Any) -> None:
             labels)
 
 
-@combo(("outcomes", "prompts"), "accuracy", "greedy accuracy per prompt family and model",
-       when=lambda bs: all(C.has(b["outcomes"].data, "correct") for b in bs))
+def _by_model(bundles: list) -> list[tuple[str, Any]]:
+    """Joined tables per model (the files of one model, e.g. one per family, together)."""
+    import pandas as pd
+
+    out: dict[str, list] = {}
+    for b in bundles:
+        out.setdefault(b["outcomes"].model_label, []).append(joined(b))
+    return [(lab, pd.concat(fr, ignore_index=True)) for lab, fr in out.items()]
+
+
+@combo(("outcomes", "prompts"), "accuracy", "greedy accuracy (95% Wilson CI) per prompt family, "
+       "one bar per model", together=True,
+       when=lambda bs: all(C.has(b["outcomes"].data, "correct") for b in bs)
+       and len(_by_model(bs)) * len({f for b in bs for f in joined(b)["family"].astype(str)}) > 1)
 def draw_accuracy(fig: Any, bundles: list, _v: Any) -> None:
     ax = fig.subplots()
-    labels = unique_labels([b["outcomes"] for b in bundles])
-    frames = [(lab, joined(b)) for lab, b in zip(labels, bundles, strict=True)]
+    frames = _by_model(bundles)
     fams = sorted({f for _, d in frames for f in d["family"].astype(str)})
     width = 0.8 / len(frames)
     x = np.arange(len(fams))
     for i, (label, d) in enumerate(frames):
-        acc = d.dropna(subset=["correct"]).groupby("family")["correct"].mean()
-        vals = [float(acc.get(f, np.nan)) for f in fams]
-        ax.bar(x + (i - (len(frames) - 1) / 2) * width, vals, width, color=style.colour(i),
-               label=label)
+        g = d.dropna(subset=["correct"]).groupby("family")["correct"]
+        k, n = g.sum(), g.count()
+        vals, lo, hi = (np.array([C.wilson(int(k.get(f, 0)), int(n.get(f, 0)))[j] for f in fams])
+                        for j in range(3))
+        xs = x + (i - (len(frames) - 1) / 2) * width
+        ax.bar(xs, vals, width, yerr=np.clip([vals - lo, hi - vals], 0, None),
+               color=style.colour(i), label=label, error_kw={"lw": 0.8})
+        for xi, v, f in zip(xs, vals, fams, strict=True):
+            if v == v:
+                ax.text(xi, min(hi[list(fams).index(f)], 0.9) + 0.02,
+                        f"{v:.0%}\nn={int(n.get(f, 0))}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x)
     ax.set_xticklabels(fams)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.08)
     ax.set_xlabel("prompt family")
     ax.set_ylabel("greedy accuracy")
     ax.legend(frameon=False)

@@ -69,6 +69,7 @@ class FigureSpec:
     size: Size | Callable[..., Size] = "single"
     when: Callable[[Any], bool] | None = None
     variants: Callable[[Any], Sequence[str | None]] | None = None
+    together: bool = False  # combo: every bundle in one figure (it groups them itself)
 
     def applies(self, inputs: Any) -> bool:
         return True if self.when is None else bool(self.when(inputs))
@@ -109,14 +110,16 @@ def compare(schema: str, name: str, what: str, size: Any = "single", when=None, 
 
 
 def combo(schemas: tuple[str, ...], name: str, what: str, size: Any = "single", when=None,
-          variants=None):
+          variants=None, together: bool = False):
     """Register ``draw(fig, bundles: list[dict[schema, Source]], variant)``.
 
     The first schema is the primary one: one bundle per primary file, each with the
-    partner file of every other schema that shares the most ``prompt_id`` values.
+    partner file of every other schema that shares the most ``prompt_id`` values. Bundles
+    share a figure when they are like with like (see ``like_with_like``), or all of them
+    when ``together`` (the figure groups them itself, e.g. by model).
     """
     return lambda f: _register(FigureSpec(name, tuple(schemas), "combo", f, what, size, when,
-                                          variants))
+                                          variants, together))
 
 
 def load_all() -> list[FigureSpec]:
@@ -195,16 +198,15 @@ def plan(sources: list[Source], compare_models: bool = True) -> list[Plot]:
             if len(group) < 2:
                 continue
             for spec in specs_for(schema, "compare"):
-                fit = [s for s in group if spec.applies(s)]
-                if len(fit) < 2:
-                    continue
-                for v in spec.variants_for(fit):
-                    plots.append(Plot(spec, fit, v, _stem("compare", schema, spec.name, v), fit))
+                for fit in like_with_like([s for s in group if spec.applies(s)]):
+                    for v in spec.variants_for(fit):
+                        plots.append(Plot(spec, fit, v, _stem("compare", schema, spec.name, v),
+                                          fit))
     for spec in (f for f in FIGURES if f.mode == "combo"):
         primary, *partners = spec.schemas
         if primary not in by_schema or any(p not in by_schema for p in partners):
             continue
-        bundles = []
+        complete = []
         for src in by_schema[primary]:
             bundle = {primary: src}
             for p in partners:
@@ -212,14 +214,70 @@ def plan(sources: list[Source], compare_models: bool = True) -> list[Plot]:
                 if match is not None:
                     bundle[p] = match
             if len(bundle) == len(spec.schemas):
-                bundles.append(bundle)
-        if not bundles or not spec.applies(bundles):
-            continue
-        stem = bundles[0][primary].stem if len(bundles) == 1 else "compare"
-        used = [s for b in bundles for s in b.values()]
-        for v in spec.variants_for(bundles):
-            plots.append(Plot(spec, bundles, v, _stem(stem, spec.name, v), used))
+                complete.append(bundle)
+        # one figure per group of like files (several models on one prompt set), else per file
+        if spec.together and complete:
+            grouped = [[b[primary] for b in complete]]
+        else:
+            grouped = like_with_like([b[primary] for b in complete]) if compare_models else []
+        in_groups = {id(s) for g in grouped for s in g}
+        sets = [[b for b in complete if any(b[primary] is x for x in g)] for g in grouped]
+        sets += [[b] for b in complete if id(b[primary]) not in in_groups]
+        for bundles in sets:
+            if not spec.applies(bundles):
+                continue
+            stem = (bundles[0][primary].stem if len(bundles) == 1
+                    else "all" if spec.together else "compare")
+            used = [s for b in bundles for s in b.values()]
+            for v in spec.variants_for(bundles):
+                plots.append(Plot(spec, bundles, v, _stem(stem, spec.name, v), used))
     return plots
+
+
+#: schemas whose files written from the same inputs are variants of one fit, drawn together
+#: (e.g. cunit ablation fits of one data table); for other schemas the same inputs do not
+#: make files alike (mediation summaries of two outcome metrics, probes of two labels)
+FITS_OF_ONE_TABLE = frozenset({"cunit_metrics"})
+
+
+def like_key(src: Source) -> Any:
+    """What files must share to be drawn together: the prompt set of a table, the node
+    set of a DAG, else, for fits (``FITS_OF_ONE_TABLE``), the input files (by sha256) of the
+    step that wrote them; None otherwise."""
+    if src.schema == "dag" and isinstance(src.data, dict):
+        return ("nodes", frozenset(str(n) for n in src.data.get("nodes") or []))
+    ids = _prompt_ids(src)
+    if ids:
+        return ("prompts", frozenset(ids))
+    if src.schema not in FITS_OF_ONE_TABLE:
+        return None
+    chain = src.meta.provenance if src.meta is not None else []
+    inputs = (chain[-1].get("inputs") or []) if chain else []
+    shas = frozenset(str(i.get("sha256")) for i in inputs if i.get("sha256"))
+    return ("inputs", shas) if shas else None
+
+
+def like_with_like(srcs: list[Source]) -> list[list[Source]]:
+    """Groups of two or more files that may share one comparison figure.
+
+    Like with like only: the same prompt set, each file from a different model (the same
+    study on several models; several files of one model are not "models compared"); the
+    same nodes (a learned DAG beside its own truth); or the same inputs (e.g. several fits
+    of one data table).
+    """
+    groups: dict[Any, list[Source]] = {}
+    for s in srcs:
+        groups.setdefault(like_key(s), []).append(s)
+    out = []
+    for key, group in groups.items():
+        if len(group) < 2:
+            continue
+        if key is None or key[0] == "prompts":
+            labels = [s.model_label for s in group if s.model]
+            if len(labels) < len(group) or len(set(labels)) < len(group):
+                continue
+        out.append(group)
+    return out
 
 
 def best_partner(src: Source, candidates: list[Source]) -> Source | None:

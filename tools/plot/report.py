@@ -1,15 +1,21 @@
-"""``dolm-plot report RUN_DIR``: one self-contained HTML page for a run.
+"""``dolm-plot report RUN_DIR``: one self-contained HTML page for a run, by study.
 
-Every figure dolm-plot can draw from the run's files (embedded as base64 PNG), a short
-table per file (the head of a table, the key numbers of a JSON summary, the datasets of
-an HDF5 file) and each file's provenance chain (tool, argv, inputs, model, seed,
-duration). Files of schemas plot has no figure for are listed with their provenance.
+The page opens with the studies the run holds and their headline numbers (the answer to
+each causal question, with 95% intervals); then one section per study: the question, the
+answer in numbers, the figures that show it, and the rest collapsed (every other figure,
+the figures not drawn and why, each file's table head and provenance chain). A file index
+closes the page. Studies are recognised by folder (see ``dolm_tools.plot.studies``); files
+of folders no study claims are reported by folder. Figures are embedded as PNG (palette
+quantised); figures compare files only like with like, and degenerate figures are skipped
+with the reason.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import html
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -18,7 +24,7 @@ from typing import Any
 
 from dolm.errors import InputError
 from dolm_tools.plot import style
-from dolm_tools.plot.draw import render
+from dolm_tools.plot.draw import DegenerateFigure, render
 from dolm_tools.plot.registry import (
     Plot,
     Source,
@@ -28,11 +34,13 @@ from dolm_tools.plot.registry import (
     model_label,
     plan,
 )
+from dolm_tools.plot.studies import STUDIES, Answer, Study, borrowed, study_for_folder
 
 SKIP_SUFFIXES = (".png", ".svg", ".pdf", ".html", ".partial", ".tmp", ".log", ".txt", ".md",
                  ".journal")
 HEAD_ROWS = 8
 MAX_COLS = 12
+KEY_FIGURES = 4
 
 
 @dataclass
@@ -43,7 +51,26 @@ class Entry:
     meta: Any
     source: Source | None = None
     note: str = ""
+    key: str = ""  # the file's name within its study (e.g. fit/dag.json, dilemma/lens.parquet)
+
+
+@dataclass
+class Group:
+    """A study (or an unclaimed folder) of the run: its files, figures and answer."""
+
+    key: str
+    title: str
+    study: Study | None
+    entries: list[Entry] = field(default_factory=list)
     figures: list[tuple[Plot, bytes]] = field(default_factory=list)
+    skipped: list[tuple[Plot, str]] = field(default_factory=list)
+    answer: Answer = field(default_factory=Answer)
+    error: str = ""
+    key_count: int = 0  # the first key_count figures show the answer; the rest go in details
+
+    @property
+    def anchor(self) -> str:
+        return "s-" + "".join(c if c.isalnum() else "-" for c in self.key)
 
 
 def find_files(run_dir: Path) -> list[Path]:
@@ -58,7 +85,7 @@ def find_files(run_dir: Path) -> list[Path]:
     return out
 
 
-def collect(run_dir: Path, progress: Any = None) -> tuple[list[Entry], list[tuple[Plot, bytes]]]:
+def load_entries(run_dir: Path) -> list[Entry]:
     from dolm.formats import read_meta, sniff
 
     known = set(known_schemas())
@@ -83,35 +110,144 @@ def collect(run_dir: Path, progress: Any = None) -> tuple[list[Entry], list[tupl
     if not entries:
         raise InputError(f"{run_dir}: no dolm files found (Parquet, HDF5 or JSON with a "
                          "dolm.schema)")
-    sources = [e.source for e in entries if e.source is not None]
-    label_sources(sources)
-    plots = plan(sources)
-    by_src = {id(e.source): e for e in entries if e.source is not None}
-    across: list[tuple[Plot, bytes]] = []
-    it = progress(plots) if progress else plots
-    for plot in it:
-        fig = render(plot)
-        png = style.figure_bytes(fig, "png")
-        if plot.spec.mode == "single":
-            by_src[id(plot.inputs)].figures.append((plot, png))
+    return entries
+
+
+def group_entries(run_dir: Path, entries: list[Entry]) -> list[Group]:
+    """Files by study: the folder a file lies in names its study (the run folder itself
+    when it is a study's); files of other folders are grouped by folder."""
+    own = study_for_folder(run_dir.resolve().name)
+    groups: dict[str, Group] = {}
+    for e in entries:
+        rel = e.path.relative_to(run_dir)
+        study = borrowed(rel)
+        if study is not None:
+            e.key = "/".join(rel.parts[-2:])
+        elif own is not None:
+            study, e.key = own, str(rel.as_posix())
+        elif len(rel.parts) > 1 and study_for_folder(rel.parts[0]) is not None:
+            study = study_for_folder(rel.parts[0])
+            e.key = Path(*rel.parts[1:]).as_posix()
+        if study is not None:
+            g = groups.setdefault(study.key, Group(study.key, study.title, study))
         else:
-            across.append((plot, png))
-    return entries, across
+            folder = rel.parts[0] if len(rel.parts) > 1 else "."
+            e.key = Path(*rel.parts[1:]).as_posix() if folder != "." else rel.as_posix()
+            g = groups.setdefault(f"folder:{folder}", Group(
+                f"folder:{folder}", f"Files in {folder if folder != '.' else 'the run folder'}",
+                None))
+        g.entries.append(e)
+    order = [s.key for s in STUDIES]
+    return sorted(groups.values(), key=lambda g: (order.index(g.key) if g.key in order
+                                                  else len(order), g.key))
+
+
+def truth_sources(entries: list[Entry]) -> list[Source]:
+    """The true DAG a variables table carries in its metadata (simulated data), as a
+    source to draw beside the DAG learned from it."""
+    out = []
+    for e in entries:
+        src = e.source
+        if src is None or src.schema != "variables":
+            continue
+        dag = (src.meta.extra or {}).get("true_dag")
+        if isinstance(dag, dict) and dag.get("nodes"):
+            out.append(Source(src.path, "dag", "json", dag, None,
+                              stem=f"true graph ({Path(src.path).name})"))
+    return out
+
+
+def plan_group(g: Group) -> list[Plot]:
+    sources = [e.source for e in g.entries if e.source is not None]
+    label_sources(sources)
+    truths = truth_sources(g.entries)
+    for s in sources:
+        if s.schema == "dag" and truths:
+            s.stem = f"learned ({Path(s.path).parent.name}/{Path(s.path).name})"
+    plots = plan(sources + truths)
+    # a true graph is drawn beside its learned graph, never alone
+    return [p for p in plots
+            if not (p.spec.mode == "single" and any(p.inputs is t for t in truths))]
+
+
+def order_figures(g: Group) -> None:
+    """The study's key figures first, in the study's order; the rest after."""
+    if g.study is None:
+        return
+    keyed = {id(e.source): e.key for e in g.entries if e.source is not None}
+
+    def rank(item: tuple[Plot, bytes]) -> int:
+        plot = item[0]
+        names = [keyed.get(id(s), Path(s.path).name) for s in plot.sources]
+        for i, (pattern, fig, variant) in enumerate(g.study.key_figures):
+            if plot.spec.name == fig and (variant is None or plot.variant == variant) and any(
+                    fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(Path(n).name, pattern)
+                    for n in names):
+                return i
+        return len(g.study.key_figures)
+
+    g.figures.sort(key=rank)
+    n_key = sum(1 for f in g.figures if rank(f) < len(g.study.key_figures))
+    g.key_count = min(n_key, KEY_FIGURES)
+
+
+def compact_png(png: bytes) -> bytes:
+    """The same image as a palette PNG (256 colours): a third of the bytes or less."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        q = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=0)
+        buf = io.BytesIO()
+        q.save(buf, format="PNG", optimize=True)
+    data = buf.getvalue()
+    return data if len(data) < len(png) else png
+
+
+def collect(run_dir: Path, progress: Any = None) -> list[Group]:
+    """Load, group by study, draw (skipping degenerate figures) and answer each study."""
+    groups = group_entries(run_dir, load_entries(run_dir))
+    work = [(g, p) for g in groups for p in plan_group(g)]
+    for g, plot in (progress(work) if progress else work):
+        try:
+            fig = render(plot)
+        except DegenerateFigure as exc:
+            g.skipped.append((plot, exc.reason))
+            continue
+        g.figures.append((plot, compact_png(style.figure_bytes(fig, "png"))))
+    for g in groups:
+        order_figures(g)
+        if g.study is not None:
+            files = {e.key: e.source for e in g.entries if e.source is not None}
+            try:
+                g.answer = g.study.answer(files)
+            except (KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+                g.error = (f"the headline numbers could not be read from these files "
+                           f"({type(exc).__name__}: {exc})")
+    return groups
 
 
 # ------------------------------------------------------------------ HTML
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
-max-width:1200px;color:#222;padding:0 1em}
-h1{font-size:1.6em}h2{font-size:1.3em;border-bottom:1px solid #ccc;margin-top:2em}
-h3{font-size:1.05em;margin-top:1.4em}
-table{border-collapse:collapse;font-size:12px;margin:.5em 0}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1em auto;
+max-width:1300px;color:#222;padding:0 1em;font-size:14px}
+h1{font-size:1.45em;margin:.3em 0}h2{font-size:1.25em;border-bottom:1px solid #ccc;
+margin-top:2em}h3{font-size:1.05em;margin-top:1.2em}
+table{border-collapse:collapse;font-size:12.5px;margin:.5em 0}
 th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
-th{background:#f4f4f4}code{font-size:12px}
+th{background:#f4f4f4}code{font-size:12px}caption{text-align:left;font-size:12px;color:#555;
+padding:2px 0}
+table.overview{width:100%;font-size:13px}table.overview td{padding:4px 8px}
+table.overview td.q{color:#444;max-width:430px}table.overview .hl{white-space:nowrap}
+table.overview .hl b{font-weight:600}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
+.figs{display:flex;flex-wrap:wrap;gap:0 1.2em;align-items:flex-start}
+.figs figure{flex:1 1 560px;max-width:100%}.figs figure.wide{flex-basis:100%}
 figcaption{font-size:12px;color:#555}.note{color:#a60}.muted{color:#777;font-size:12px}
-nav li{font-size:13px}
+.question{font-size:15px}.answers{display:flex;flex-wrap:wrap;gap:0 2em;align-items:flex-start}
+.cap{font-size:12px;color:#555;margin:.6em 0 0;max-width:560px}
+details{margin:.8em 0;border:1px solid #e4e4e4;padding:.3em .8em;
+border-radius:4px}summary{cursor:pointer;font-weight:600}
 """
 
 
@@ -123,11 +259,18 @@ def anchor(path: Path, run_dir: Path) -> str:
     return "f-" + "".join(c if c.isalnum() else "-" for c in str(path.relative_to(run_dir)))
 
 
-def img(plot: Plot, png: bytes) -> str:
+def img(plot: Plot, png: bytes, prefix: str = "", keys: dict | None = None) -> str:
+    """A figure (``keys``: source path -> the file's name within its study, for captions)."""
     data = base64.b64encode(png).decode("ascii")
     name = esc(plot.stem)
-    return (f'<figure id="{name}"><img alt="{name}" src="data:image/png;base64,{data}">'
-            f"<figcaption><b>{name}</b>: {esc(plot.spec.what)}</figcaption></figure>")
+    files = ", ".join(dict.fromkeys((keys or {}).get(s.path) or Path(s.path).name
+                                    for s in plot.sources))
+    cls = ' class="wide"' if style.pixels(plot.size)[0] > 1000 else ""
+    return (f'<figure id="{esc(prefix)}{name}"{cls}>'
+            f'<img alt="{name}" '
+            f'src="data:image/png;base64,{data}"><figcaption><b>{name}</b>: '
+            f"{esc(plot.spec.what)} <span class=\"muted\">({esc(files)})</span></figcaption>"
+            "</figure>")
 
 
 def table_head(df: Any) -> str:
@@ -241,12 +384,12 @@ def provenance(chain: list[dict]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def file_section(e: Entry, run_dir: Path) -> str:
+def file_details(e: Entry, run_dir: Path) -> str:
     rel = e.path.relative_to(run_dir)
     model = model_label(e.meta.model_entry())
-    parts = [f'<h2 id="{anchor(e.path, run_dir)}">{esc(rel)}</h2>',
-             f"<p>schema <b>{esc(e.meta.schema)}</b> v{esc(e.meta.version)} · model "
-             f"<b>{esc(model)}</b></p>"]
+    parts = [f'<details id="{anchor(e.path, run_dir)}"><summary>{esc(rel)} '
+             f'<span class="muted">— {esc(e.meta.schema)} v{esc(e.meta.version)}, model '
+             f"{esc(model)}</span></summary>"]
     if e.note:
         parts.append(f'<p class="note">{esc(e.note)}</p>')
     src = e.source
@@ -261,31 +404,97 @@ def file_section(e: Entry, run_dir: Path) -> str:
             parts.append(json_summary(json.loads(e.path.read_text())))
         except ValueError:
             pass
-    parts.extend(img(p, png) for p, png in e.figures)
     parts.append("<h3>Provenance</h3>" + provenance(e.meta.provenance))
+    parts.append("</details>")
     return "\n".join(parts)
 
 
-def build_html(run_dir: Path, entries: list[Entry], across: list[tuple[Plot, bytes]]) -> str:
+def headline_cell(g: Group) -> str:
+    if g.error:
+        return f'<span class="note">{esc(g.error)}</span>'
+    if not g.answer.headline:
+        return '<span class="muted">no summary numbers in these files</span>'
+    return "<br>".join(f'<span class="hl">{esc(k)}: <b>{esc(v)}</b></span>'
+                       for k, v in g.answer.headline)
+
+
+def overview(groups: list[Group]) -> str:
+    rows = []
+    for g in groups:
+        q = g.study.question.split("? ")[0].rstrip("?") + "?" if g.study else \
+            f"{len(g.entries)} files no study claims"
+        rows.append(f'<tr><td><a href="#{g.anchor}"><b>{esc(g.title)}</b></a></td>'
+                    f'<td class="q">{esc(q)}</td><td>{headline_cell(g)}</td></tr>')
+    return ('<table class="overview" id="studies"><tr><th>study</th><th>causal question</th>'
+            "<th>answer (95% CI)</th></tr>" + "".join(rows) + "</table>")
+
+
+def group_section(g: Group, run_dir: Path) -> str:
+    n_key = g.key_count if g.study else min(len(g.figures), KEY_FIGURES)
+    key, rest = g.figures[:n_key], g.figures[n_key:]
+    parts = [f'<section><h2 id="{g.anchor}">{esc(g.title)}</h2>']
+    if g.study is not None:
+        parts.append(f'<p class="question"><b>Question.</b> {esc(g.study.question)}</p>')
+        if g.error:
+            parts.append(f'<p class="note">{esc(g.error)}</p>')
+        if g.answer.tables or g.answer.notes:
+            parts.append('<p><b>Answer.</b></p><div class="answers">' + "".join(g.answer.tables)
+                         + "</div>" + "".join(f"<p>{esc(n)}</p>" for n in g.answer.notes))
+    prefix = g.anchor + "-"
+    keys = {str(e.path): e.key for e in g.entries}
+    if key:
+        parts.append('<div class="figs">' + "".join(img(p, png, prefix, keys) for p, png in key)
+                     + "</div>")
+    files = g.entries
+    summary = (f"Details: {len(rest)} more figure(s), {len(g.skipped)} not drawn, "
+               f"{len(files)} file(s) with their provenance")
+    parts.append(f"<details><summary>{esc(summary)}</summary>")
+    if rest:
+        parts.append('<div class="figs">' + "".join(img(p, png, prefix, keys) for p, png in rest)
+                     + "</div>")
+    if g.skipped:
+        parts.append("<h3>Figures not drawn</h3><ul>" + "".join(
+            f"<li><b>{esc(p.stem)}</b> ({esc(', '.join(Path(s.path).name for s in p.sources))})"
+            f": {esc(reason)}</li>" for p, reason in g.skipped) + "</ul>")
+    parts.append("<h3>Files</h3>" + "".join(file_details(e, run_dir) for e in files))
+    parts.append("</details></section>")
+    return "\n".join(parts)
+
+
+def file_index(groups: list[Group], run_dir: Path) -> str:
+    rows = []
+    for g in groups:
+        for e in g.entries:
+            src = e.source
+            size = (f"{len(src.data)} rows" if src is not None and src.kind == "table" else "")
+            n_fig = sum(1 for p, _ in g.figures if any(s.path == str(e.path) for s in p.sources))
+            rows.append(f'<tr><td><a href="#{anchor(e.path, run_dir)}">'
+                        f"{esc(e.path.relative_to(run_dir))}</a></td><td>{esc(e.meta.schema)}</td>"
+                        f'<td>{esc(size)}</td><td><a href="#{g.anchor}">{esc(g.title)}</a></td>'
+                        f"<td>{n_fig}</td></tr>")
+    return ('<h2 id="files">File index</h2><table><tr><th>file</th><th>schema</th><th>size</th>'
+            "<th>study</th><th>figures</th></tr>" + "".join(rows) + "</table>")
+
+
+def build_html(run_dir: Path, groups: list[Group]) -> str:
     from dolm import __version__
 
-    n_fig = len(across) + sum(len(e.figures) for e in entries)
-    nav = "".join(
-        f'<li><a href="#{anchor(e.path, run_dir)}">{esc(e.path.relative_to(run_dir))}</a> '
-        f"— {esc(e.meta.schema)}, {len(e.figures)} figure(s)</li>" for e in entries)
-    if across:
-        nav = (f'<li><a href="#across">Across files</a> — {len(across)} figure(s) comparing '
-               "models or joining tables</li>") + nav
-    body = [f"<h1>dolm report: {esc(run_dir.name or run_dir)}</h1>",
-            f'<p class="muted">{len(entries)} files, {n_fig} figures; drawn by dolm-plot '
+    n_fig = sum(len(g.figures) for g in groups)
+    n_files = sum(len(g.entries) for g in groups)
+    n_skip = sum(len(g.skipped) for g in groups)
+    models = sorted({model_label(e.meta.model_entry()) for g in groups for e in g.entries
+                     if e.meta.model_entry()})
+    name = run_dir.resolve().name or str(run_dir)
+    body = [f"<h1>dolm report: {esc(name)}</h1>",
+            f'<p class="muted">{len(groups)} studies, {n_fig} figures ({n_skip} degenerate '
+            f'ones not drawn), <a href="#files">{n_files} files</a>; model '
+            f"{esc(', '.join(models) or 'none recorded')}; drawn by dolm-plot "
             f"{esc(__version__)} from <code>{esc(run_dir)}</code></p>",
-            f"<nav><ul>{nav}</ul></nav>"]
-    if across:
-        body.append('<h2 id="across">Across files (models compared, tables joined)</h2>')
-        body.extend(img(p, png) for p, png in across)
-    body.extend(file_section(e, run_dir) for e in entries)
+            overview(groups)]
+    body.extend(group_section(g, run_dir) for g in groups)
+    body.append(file_index(groups, run_dir))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>dolm report: {esc(run_dir.name)}</title><style>{CSS}</style></head>"
+            f"<title>dolm report: {esc(name)}</title><style>{CSS}</style></head>"
             f"<body>\n{chr(10).join(body)}\n</body></html>\n")
 
 
@@ -299,9 +508,11 @@ def write_report(run_dir: str | Path, output: str | Path, force: bool,
         raise InputError(f"{run_dir}: folder not found")
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: not a folder (give the run directory)")
+    if str(output) != "-" and Path(output).exists() and not force:
+        raise InputError(f"--output {output}: file exists; pass --force to overwrite it")
     style.setup()
-    entries, across = collect(run_dir, progress)
-    text = build_html(run_dir, entries, across)
+    groups = collect(run_dir, progress)
+    text = build_html(run_dir, groups)
     if str(output) == "-":
         import sys
 
@@ -309,4 +520,4 @@ def write_report(run_dir: str | Path, output: str | Path, force: bool,
     else:
         with atomic_path(output, force) as tmp:
             tmp.write_text(text, encoding="utf-8")
-    return len(entries), len(across) + sum(len(e.figures) for e in entries)
+    return sum(len(g.entries) for g in groups), sum(len(g.figures) for g in groups)
