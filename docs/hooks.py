@@ -11,6 +11,7 @@ MkDocs (tests/test_docs.py uses it).
 from __future__ import annotations
 
 import importlib
+import re
 import tomllib
 from pathlib import Path
 
@@ -124,6 +125,26 @@ def _index(pages: dict[str, str]) -> str:
     ])
 
 
+def readme_setup_commands(readme: Path = ROOT / "README.md") -> list[str]:
+    """The README's two set-up commands (demo, test), as its "## Set up" section has them."""
+    section = readme.read_text().split("## Set up", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.+?)\n```", section, flags=re.S)
+    if len(blocks) != 2:
+        raise ValueError(f"{readme}: expected 2 bash blocks under '## Set up', found {len(blocks)}")
+    return blocks
+
+
+def insert_readme_commands(markdown: str) -> str:
+    """Replace the ``<!-- README:setup-demo -->`` / ``setup-test`` markers with the README's
+    commands, so the guide's install section never drifts from the README."""
+    for marker, cmd in zip(("setup-demo", "setup-test"), readme_setup_commands(), strict=True):
+        tag = f"<!-- README:{marker} -->"
+        if tag not in markdown:
+            raise ValueError(f"getting-started.md: marker {tag} missing")
+        markdown = markdown.replace(tag, f"```bash\n{cmd}\n```")
+    return markdown
+
+
 # ------------------------------------------------------------------ MkDocs events
 
 _PAGES: dict[str, str] = {}
@@ -144,6 +165,12 @@ def on_config(config):
         nav.append({"Reference": entries})
     config["nav"] = nav
     return config
+
+
+def on_page_markdown(markdown, page, config, files):
+    if page.file.src_uri == "getting-started.md":
+        return insert_readme_commands(markdown)
+    return markdown
 
 
 def on_files(files, config):
