@@ -68,6 +68,11 @@ lint:
 census:
     OMP_NUM_THREADS=1 python -m dolm.models.census --out docs/models.md
 
+# The user guide (MkDocs + Material) into site/; open site/index.html. Tool reference pages
+# are rendered from each tool's --help at build time (docs/hooks.py).
+docs:
+    NO_MKDOCS_2_WARNING=1 mkdocs build --strict -d site
+
 # The main job on the embedded model: prompts -> outcomes -> validate for every family,
 # every study at demo size, then one HTML report (runs/demo/report.html).
 demo:
