@@ -171,14 +171,15 @@ def unembed(lm, h: torch.Tensor, positions: torch.Tensor | None = None, *,
 
     ``positions``: (B,) -> (B, vocab); (B, k) -> (B, k, vocab); None -> every position.
     Writes at ``final_norm``/``logits`` (if any) see every position, as in a full forward.
+    The model's logit multipliers / soft-caps (Cohere, Granite, Gemma 2) are applied.
     """
     out_writes = {s: f for s, f in (writes or {}).items()
                   if lm.parse_site(s).kind in OUTPUT_KINDS}
     if out_writes:
         with lm.trace(write=out_writes):
-            logits = lm.adapter.unembed(lm.adapter.final_norm(h))
+            logits = lm.adapter.logits_from_final_norm(lm.adapter.final_norm(h))
         return _select(logits, positions)
-    return lm.adapter.unembed(lm.adapter.final_norm(_select(h, positions)))
+    return lm.adapter.logits_from_final_norm(lm.adapter.final_norm(_select(h, positions)))
 
 
 def _select(x: torch.Tensor, positions) -> torch.Tensor:

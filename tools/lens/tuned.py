@@ -83,7 +83,7 @@ def readout(lm: Any, h: torch.Tensor) -> torch.Tensor:
     param = next(ad.final_norm.parameters(), None)
     if param is not None and param.device != h.device:
         h = h.to(param.device)
-    return ad.unembed(ad.final_norm(h))
+    return ad.logits_from_final_norm(ad.final_norm(h))
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
