@@ -44,28 +44,33 @@ def _run(*args):
     return subprocess.run(["dolm-dla", *map(str, args)], capture_output=True, text=True, env=env)
 
 
-@pytest.fixture(scope="module")
-def randomised(tiny_model_dir, tmp_path_factory):
-    """family -> LoadedModel of the tiny model with every 1-D parameter randomised."""
+def randomise_1d(src, dst):
+    """Save the model at ``src`` to ``dst`` with every 1-D parameter randomised (norm gains
+    around 1, biases around 0) and return ``dolm.models.load(dst)``."""
     from dolm.models import load
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                base = 1.0 if "norm" in name or ".ln" in name else 0.0
+                p.copy_(base + 0.3 * torch.randn(p.shape, generator=g))
+    m.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return load(str(dst))
+
+
+@pytest.fixture(scope="module")
+def randomised(tiny_model_dir, tmp_path_factory):
+    """family -> LoadedModel of the tiny model with every 1-D parameter randomised."""
     made = {}
 
     def get(family):
         if family not in made:
-            src = tiny_model_dir(family)
-            dst = tmp_path_factory.mktemp(f"dla-{family}")
-            m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-            g = torch.Generator().manual_seed(11)
-            with torch.no_grad():
-                for name, p in m.named_parameters():
-                    if p.dim() == 1:
-                        base = 1.0 if "norm" in name or ".ln" in name else 0.0
-                        p.copy_(base + 0.3 * torch.randn(p.shape, generator=g))
-            m.save_pretrained(dst)
-            AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-            made[family] = load(str(dst))
+            made[family] = randomise_1d(tiny_model_dir(family),
+                                        tmp_path_factory.mktemp(f"dla-{family}"))
         return made[family]
 
     return get
@@ -120,6 +125,26 @@ def test_components_sum_to_the_logit(randomised, family):
         else:
             assert bias == 0  # RMSNorm has none
     assert len(table[table.kind == "head"]) == len(df) * lm.n_layers * lm.n_heads
+
+
+@pytest.mark.parametrize("model_type", ["cohere", "granite", "olmo2"])
+def test_multipliers_and_post_norms_still_sum(tmp_path, model_type):
+    """Logit multipliers (Cohere logit_scale 0.5, Granite / logits_scaling 2 with a residual
+    multiplier) are folded in, so components sum to the model's own logit difference; a
+    post-attention norm (OLMo 2) is linearised, so heads still sum to attn.L."""
+    from dolm.models import census
+
+    lm = randomise_1d(census.build(model_type, tmp_path / "src"), tmp_path / "dst")
+    df = prompts_frame([("the cat sat on the mat", "t", "s", None), ("- a dog", "a", "b", None)])
+    table = attribute(lm, df, metric="logit_diff")
+    for _, row in df.iterrows():
+        g = table[table.prompt_id == row.prompt_id]
+        want = _actual(lm, row.prompt, row.target, row.foil)
+        assert abs(g[g.in_total].value.sum() - want) < 1e-4, (model_type, row.prompt_id)
+        assert abs(g.metric_value.iloc[0] - want) < 1e-4
+        for layer in range(lm.n_layers):
+            parts = g[(g.layer == layer) & g.kind.isin(["head", "attn_bias"])].value.sum()
+            assert abs(parts - g[g.component == f"attn.{layer}"].value.iloc[0]) < 1e-4
 
 
 def test_study_columns(randomised):

@@ -19,6 +19,14 @@ centres for LayerNorm and ``u`` is the unembedding direction: ``W_U[target]`` (m
 ``b . u`` (``bias.final_norm``) and the unembedding bias (``bias.unembed``, when the model
 has one). The components with ``in_total`` (embed, pos_embed, attn.L, mlp.L, bias.*) sum
 to the model's own logit (difference), given as ``metric_value``.
+
+Logit multipliers (Cohere ``logit_scale``, Granite and MiniCPM3 ``logits_scaling``) are
+folded into ``u``, so the sum is still the model's logit. A final soft-cap (Gemma 2:
+``cap * tanh(z / cap)``) is not linear: there the attributions and ``metric_value`` are of
+the pre-cap logits ``z`` (what TransformerLens's ``cache.logit_attrs`` attributes; the cap
+is monotone, so ranks are those of ``z``); the file's ``extra.logits`` says which. A norm
+after the attention output (Gemma 2/3, OLMo 2) is linearised by its cached scale like the
+final norm, so ``head.L.H`` still sum (with ``attn_bias.L``) to ``attn.L``.
 """
 
 from __future__ import annotations
@@ -59,48 +67,129 @@ class NormLinear:
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return x - x.mean(dim=-1, keepdim=True) if self.centre else x
 
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm itself, (..., d) float64."""
+        return self.gamma * self.project(x) / self.scale(x)[..., None] + self.beta
 
-def final_norm_linear(lm: Any) -> NormLinear:
-    """Read the final norm's parameters (LayerNorm or RMSNorm variants)."""
-    m = lm.adapter.final_norm
+
+def norm_linear(lm: Any, m: Any = None) -> NormLinear:
+    """Read a norm's parameters: the final norm by default, or ``m`` (a post-attention norm).
+
+    Whether it centres (LayerNorm, Cohere's bias-free LayerNorm) or not (RMSNorm, T5-style
+    norms), and whether it scales by ``w`` or ``1 + w`` (Gemma), is found by running the
+    module on a probe input and keeping the form that reproduces it; no form does -> a
+    :class:`DolmRuntimeError` (dolm-dla does not know this norm).
+    """
+    final = m is None
+    m = lm.adapter.final_norm if final else m
     d = lm.d_model
     cls = type(m).__name__
+    what = "final norm" if final else "post-attention norm"
     weight = getattr(m, "weight", None)
     bias = getattr(m, "bias", None)
     eps = getattr(m, "eps", None)
     if eps is None:
         eps = getattr(m, "variance_epsilon", None)
     if eps is None:
-        raise DolmRuntimeError(f"final norm {cls}: no eps/variance_epsilon attribute; "
+        raise DolmRuntimeError(f"{what} {cls}: no eps/variance_epsilon attribute; "
                                "dolm-dla cannot linearise it")
-    ones = torch.ones(d, dtype=torch.float64)
-    g = ones if weight is None else weight.detach().to("cpu", torch.float64).reshape(-1)
-    centre = lm.adapter.norm != "rmsnorm"
-    if not centre and "gemma" in cls.lower():
-        g = 1.0 + g  # Gemma's RMSNorm scales by (1 + weight)
-    b = torch.zeros(d, dtype=torch.float64) if bias is None or not centre else \
+    w = torch.ones(d, dtype=torch.float64) if weight is None else \
+        weight.detach().to("cpu", torch.float64).reshape(-1)
+    b = torch.zeros(d, dtype=torch.float64) if bias is None else \
         bias.detach().to("cpu", torch.float64).reshape(-1)
-    if g.shape != (d,) or b.shape != (d,):
-        raise DolmRuntimeError(f"final norm {cls}: parameters of shape {tuple(g.shape)}, "
+    if w.shape != (d,) or b.shape != (d,):
+        raise DolmRuntimeError(f"{what} {cls}: parameters of shape {tuple(w.shape)}, "
                                f"expected ({d},)")
-    return NormLinear(gamma=g, beta=b, eps=float(eps), centre=centre, name=cls)
+    ref = weight if weight is not None else next(m.parameters(), None)
+    dev = ref.device if ref is not None else "cpu"
+    dtype = ref.dtype if ref is not None and ref.dtype.is_floating_point else torch.float32
+    x = 2.0 * torch.randn(4, d, generator=torch.Generator().manual_seed(0),
+                          dtype=torch.float64) + 1.5
+    with torch.no_grad():
+        y = m(x.to(dev, dtype)[None]).to("cpu", torch.float64)[0]
+    best = None
+    for centre in (True, False):
+        for g in (w, 1.0 + w):
+            cand = NormLinear(gamma=g, beta=b,
+                              eps=float(eps), centre=centre, name=cls)
+            err = float((cand.apply(x) - y).norm() / y.norm().clamp_min(1e-12))
+            if best is None or err < best[0]:
+                best = (err, cand)
+    if best[0] > (1e-3 if dtype in (torch.float32, torch.float64) else 5e-2):
+        raise DolmRuntimeError(f"{what} {cls}: neither a LayerNorm nor an RMSNorm of its "
+                               f"weight (relative error {best[0]:.2e}); dolm-dla cannot "
+                               "linearise it")
+    return best[1]
 
 
-def check_decomposable(lm: Any, heads: bool) -> None:
-    """InputError when this model's logits or heads are not linear in the components:
-    a logit multiplier or soft-cap after the unembedding (Cohere, Granite, Gemma 2), or
-    heads that pass through a post-norm before the residual stream (Gemma 2/3, OLMo 2)."""
+def final_norm_linear(lm: Any) -> NormLinear:
+    """The final norm as a :class:`NormLinear`."""
+    return norm_linear(lm)
+
+
+@dataclass
+class LogitMap:
+    """What the unembedding's output goes through before it is the model's logits.
+
+    ``pre`` multiplies the final norm's output (MiniCPM3 ``/ logits_scaling``), ``post`` the
+    unembedding's output (Cohere ``logit_scale``, Granite ``/ logits_scaling``); both are
+    folded into the attributions, so they still sum to the model's logits. ``softcap`` (Gemma
+    2: ``cap * tanh(z / cap)``) is not linear: the attributions and ``metric_value`` are then
+    those of the pre-cap logits ``z``, as TransformerLens's ``logit_attrs`` gives them (the
+    cap is monotone, so the target's rank is that of ``z``).
+    """
+
+    pre: float = 1.0
+    post: float = 1.0
+    softcap: float | None = None
+
+    def describe(self) -> str:
+        parts = [f"x {v:g} {w}" for v, w in ((self.pre, "before the unembedding"),
+                                             (self.post, "after it")) if v != 1.0]
+        if self.softcap is not None:
+            parts.append(f"pre-soft-cap logits (the model caps them at {self.softcap:g})")
+        return "; ".join(parts) or "the unembedding's output"
+
+
+def _factor(ops: tuple, where: str, model_type: Any) -> float:
+    k = 1.0
+    for op, val in ops:
+        if op not in ("mul", "div"):
+            raise InputError(f"--model: {model_type} applies {op} {val:g} {where} the "
+                             "unembedding; dolm-dla attributes logits linearly and does not "
+                             "serve it")
+        k = k * val if op == "mul" else k / val
+    return k
+
+
+def logit_map(lm: Any) -> LogitMap:
+    """The adapter's logit operations as a :class:`LogitMap`; InputError when they are not
+    linear multipliers followed by at most one final soft-cap."""
     ad = lm.adapter
-    ops = [f"{op} {val:g}" for op, val in ad.pre_unembed + ad.logit_ops]
-    if ops:
-        raise InputError(
-            f"--model: {lm.info.get('model_type')} transforms the unembedding's output "
-            f"({', '.join(ops)}); dolm-dla attributes logits linearly and does not serve it")
-    if heads and ad.post_norm:
-        raise InputError(
-            f"--heads: {lm.info.get('model_type')} normalises the attention output after "
-            "the heads are summed (a post-norm), so heads do not add up to attn.L; run "
-            "without --heads")
+    mt = lm.info.get("model_type")
+    ops = list(ad.logit_ops)
+    cap = None
+    if ops and ops[-1][0] == "softcap":
+        cap = float(ops.pop()[1])
+    return LogitMap(pre=_factor(ad.pre_unembed, "before", mt),
+                    post=_factor(tuple(ops), "after", mt), softcap=cap)
+
+
+def check_decomposable(lm: Any, heads: bool) -> LogitMap:
+    """The model's :class:`LogitMap`; InputError when its logits are not linear in the
+    components up to a final soft-cap, or (``heads``) when a post-attention norm stands
+    between the heads and the residual stream that is not a (Layer/RMS) norm dolm-dla can
+    linearise by its cached scale."""
+    ad = lm.adapter
+    lmap = logit_map(lm)
+    if heads and ad.spec.post_attn_norm:
+        try:
+            norm_linear(lm, ad.block_module(0, "post_attn_norm"))
+        except DolmRuntimeError as e:
+            raise InputError(
+                f"--heads: {lm.info.get('model_type')} normalises the attention output after "
+                f"the heads are summed, and {e}; run without --heads") from None
+    return lmap
 
 
 def unembed_matrix(lm: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -228,9 +317,40 @@ def _head_outputs(lm: Any, layer: int, z: torch.Tensor) -> tuple[torch.Tensor, t
     return per_head - bias, bias
 
 
+def _heads_to_residual(lm: Any, layer: int, per_head: torch.Tensor, bias: torch.Tensor,
+                       attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's part of ``attn_out.L`` (float64), and the rest (``attn_bias.L``).
+
+    A post-attention norm (Gemma 2/3, OLMo 2) is linearised by its scale on the summed
+    output, as the final norm is: head h contributes ``g * P(o_h) / s`` and the bias part is
+    ``g * P(b) / s + beta``; a residual multiplier (Granite) scales both. The parts must add
+    up to the ``attn_out.L`` read (``attn``), or dolm-dla refuses the model.
+    """
+    ad = lm.adapter
+    ph = per_head.detach().to("cpu", torch.float64)  # (B, H, d)
+    bp = bias.detach().to("cpu", torch.float64).expand(ph.shape[0], -1)  # (B, d)
+    if ad.spec.post_attn_norm:
+        pn = norm_linear(lm, ad.block_module(layer, "post_attn_norm"))
+        s = pn.scale(ph.sum(1) + bp)[:, None]  # the norm's input is the projection's output
+        ph = pn.gamma * pn.project(ph) / s[:, None]
+        bp = pn.gamma * pn.project(bp) / s + pn.beta
+    if ad.residual_scale is not None:
+        ph, bp = ph * ad.residual_scale, bp * ad.residual_scale
+    err = float(((ph.sum(1) + bp - attn).norm(dim=-1) /
+                 attn.norm(dim=-1).clamp_min(1e-12)).max())
+    if err > (1e-3 if lm.dtype == torch.float32 else 5e-2):
+        raise DolmRuntimeError(
+            f"layer {layer}: the heads do not add up to attn_out.{layer} for this model "
+            f"({lm.adapter.name}; relative error {err:.2e}); run dolm-dla with --no-heads")
+    return ph, bp
+
+
 def dla_batch(lm: Any, enc: Any, req: Request, rows: list[int], heads: bool,
-              norm: NormLinear, w_u: torch.Tensor, b_u: torch.Tensor | None) -> dict:
-    """Attributions for one batch: (B, n_components) values, metric values, scales."""
+              norm: NormLinear, w_u: torch.Tensor, b_u: torch.Tensor | None,
+              lmap: LogitMap | None = None) -> dict:
+    """Attributions for one batch: (B, n_components) values, metric values, scales.
+    ``lmap``: the model's logit multipliers and soft-cap (default: :func:`logit_map`)."""
+    lmap = logit_map(lm) if lmap is None else lmap
     n = lm.n_layers
     has_pos = lm.adapter.pos_embed is not None
     reads = ["resid_pre.0", f"resid_post.{n - 1}", "final_norm", "attn_out.*", "mlp_out.*"]
@@ -270,10 +390,9 @@ def dla_batch(lm: Any, enc: Any, req: Request, rows: list[int], heads: bool,
         comps.append(a)
         if heads:
             z = torch.cat([at(f"head.{layer}.{h}") for h in range(lm.n_heads)], dim=-1)
-            per_head, bias = _head_outputs(lm, layer, z)
-            ph = f64(per_head)
+            ph, bp = _heads_to_residual(lm, layer, *_head_outputs(lm, layer, z), a)
             comps += [ph[:, h] for h in range(lm.n_heads)]
-            comps.append(f64(bias).expand_as(a))
+            comps.append(bp)
         comps.append(m)
     x = f64(at(f"resid_post.{n - 1}"))
     recon = comps[0] + (comps[1] if has_pos else 0) + attn_total + mlp_total
@@ -285,7 +404,7 @@ def dla_batch(lm: Any, enc: Any, req: Request, rows: list[int], heads: bool,
             f"attention and MLP outputs for this model ({lm.adapter.name}; relative error "
             f"{err:.2e}); dolm-dla cannot decompose it")
     s = norm.scale(x)  # (B,)
-    y_hat = norm.gamma * norm.project(x) / s[:, None] + norm.beta
+    y_hat = norm.apply(x)
     y = f64(at("final_norm"))
     nerr = float(((y_hat - y).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)).max())
     if nerr > tol:
@@ -296,16 +415,24 @@ def dla_batch(lm: Any, enc: Any, req: Request, rows: list[int], heads: bool,
     wdev = w_u.device
     t_ids = torch.tensor([req.target[i] for i in rows], device=wdev)
     u = w_u[t_ids].to("cpu", torch.float64)
-    logits = out.logits[bidx.to(out.logits.device), last.to(out.logits.device)]
-    logits = logits.detach().to("cpu", torch.float64)
-    actual = logits[torch.arange(len(rows)), t_ids.cpu()]
     ub = None if b_u is None else b_u[t_ids].to("cpu", torch.float64)
     if req.metric == "logit_diff":
         f_ids = torch.tensor([req.foil[i] for i in rows], device=wdev)
         u = u - w_u[f_ids].to("cpu", torch.float64)
-        actual = actual - logits[torch.arange(len(rows)), f_ids.cpu()]
         if ub is not None:
             ub = ub - b_u[f_ids].to("cpu", torch.float64)
+    if lmap.softcap is None:  # the model's own logits
+        logits = out.logits[bidx.to(out.logits.device), last.to(out.logits.device)]
+        logits = logits.detach().to("cpu", torch.float64)
+        actual = logits[torch.arange(len(rows)), t_ids.cpu()]
+        if req.metric == "logit_diff":
+            actual = actual - logits[torch.arange(len(rows)), f_ids.cpu()]
+    else:  # the logits before the soft-cap, from the final norm's output
+        actual = lmap.post * (lmap.pre * (y * u).sum(-1) + (0 if ub is None else ub))
+    k = lmap.pre * lmap.post  # linear multipliers, folded into the unembedding direction
+    u = k * u
+    if ub is not None:
+        ub = lmap.post * ub
     gu = norm.gamma * u  # (B, d)
 
     def attribute(c: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -323,8 +450,8 @@ def dla_batch(lm: Any, enc: Any, req: Request, rows: list[int], heads: bool,
     if any(p is not None for p in pairs):
         c1 = torch.tensor([p[0] if p else 0 for p in pairs], device=wdev)
         c2 = torch.tensor([p[1] if p else 0 for p in pairs], device=wdev)
-        g1 = norm.gamma * w_u[c1].to("cpu", torch.float64)
-        g2 = norm.gamma * w_u[c2].to("cpu", torch.float64)
+        g1 = k * norm.gamma * w_u[c1].to("cpu", torch.float64)
+        g2 = k * norm.gamma * w_u[c2].to("cpu", torch.float64)
         study = {
             "attn_to_1": torch.stack([attribute(a, g1) for a in attn_parts], 1),
             "attn_to_2": torch.stack([attribute(a, g2) for a in attn_parts], 1),
@@ -410,7 +537,7 @@ def run_dla(run: Any, *, df: Any, prompts: str, model_opts: Any, output: str, fo
     from dolm.models import iter_batched
 
     lm = load_model(model_opts, run=run)
-    check_decomposable(lm, heads)
+    lmap = check_decomposable(lm, heads)
     req = resolve(lm, df, prompts, metric=metric, target=target, foil=foil,
                   first_token=first_token)
     norm = final_norm_linear(lm)
@@ -421,7 +548,7 @@ def run_dla(run: Any, *, df: Any, prompts: str, model_opts: Any, output: str, fo
 
     def fn(start: int, stop: int) -> dict:
         enc = lm.encode(texts[start:stop], names=names[start:stop])
-        return dla_batch(lm, enc, req, list(range(start, stop)), heads, norm, w_u, b_u)
+        return dla_batch(lm, enc, req, list(range(start, stop)), heads, norm, w_u, b_u, lmap)
 
     bar = progress(total=len(df), desc="dla", unit="prompt")
     for start, stop, res in iter_batched(len(df), fn, model_opts.batch_size):
@@ -430,6 +557,7 @@ def run_dla(run: Any, *, df: Any, prompts: str, model_opts: Any, output: str, fo
     bar.close()
     table = to_frame(lm, df, req, results, heads)
     extra = {"metric": req.metric, "heads": heads, "norm": norm.name,
+             "logits": lmap.describe(),
              "final_position": "last prompt token", "components": "see dolm_tools.dla.core"}
     write_table(table, output, schema=SCHEMA, run=run, force=force, extra=extra)
     if output != "-":
