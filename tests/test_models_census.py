@@ -8,7 +8,9 @@ the whole census over every causal-LM type of the installed transformers is
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -201,3 +203,55 @@ def test_moe_router_sites(built):
         lm.expand_sites("expert.0.1")
     with pytest.raises(InputError, match="not a mixture of experts"):
         load(str(built("olmo"))).expand_sites("router.0")
+
+
+# ---------------------------------------------------------------- refusals by the executables
+
+
+def _cli(*args):
+    env = dict(os.environ, DOLM_PROGRESS="0", OMP_NUM_THREADS="1")
+    return subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env)
+
+
+def test_encoder_decoder_exits_3(tmp_path):
+    """A tiny T5 (an encoder-decoder with no causal-LM class) saved as a user has it."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    folder = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32,
+                                        num_layers=1, num_heads=2)).save_pretrained(folder)
+    r = _cli("dolm-validate", "--model", folder)
+    assert r.returncode == 3, r.stderr
+    assert "'t5' is an encoder-decoder model" in r.stderr and str(folder) in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_identity_failure_exits_3(built):
+    """dolm-validate as a user runs it, with Granite's row stripped of its multipliers (the
+    defect the census guards against): the failed identity is named, exit 3."""
+    code = ("import sys; from dolm.models import adapters; adapters.EXTRAS['granite'] = {}; "
+            "from dolm_tools.validate.cli import main; sys.argv[0] = 'dolm-validate'; main()")
+    folder = built("granite")
+    r = _cli(sys.executable, "-c", code, "--model", folder)
+    assert r.returncode == 3, r.stderr
+    assert "identity 'resid_post.0 = resid_pre + attn_out" in r.stderr, r.stderr
+    assert "granite" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_head_site_on_ssm_exits_3(built, tmp_path):
+    import pandas as pd
+    from dolm.formats import write_table
+
+    prompts = tmp_path / "p.parquet"
+    write_table(pd.DataFrame([{"prompt_id": "p0", "family": "test", "prompt": "the cat sat",
+                               "target": "t", "split": "eval",
+                               **dict.fromkeys(["foil", "choices", "cf_prompt", "cf_target",
+                                                "cf_foil", "spans", "cf_spans", "group_id"])}]),
+                str(prompts),
+                schema="prompts", run=None)
+    for site in ("head.0.0", "q.0.1"):
+        r = _cli("dolm-collect-acts", prompts, "--model", built("mamba"), "-o",
+                 tmp_path / "o.parquet", "--acts", tmp_path / "a.h5", "--sites", site)
+        assert r.returncode == 3, r.stderr
+        assert site in r.stderr and "mamba" in r.stderr and "no attention" in r.stderr, r.stderr
+        assert not (tmp_path / "o.parquet").exists() and not (tmp_path / "a.h5").exists()
