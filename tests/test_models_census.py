@@ -1,9 +1,10 @@
 """Verify-then-trust and the census: adapters chosen from the module structure, checked by
 the identities of ``dolm.models.verify`` before a model is served.
 
-A fast subset of the census (one type per layout dolm knows, plus the refusals) runs here;
-the whole census over every causal-LM type of the installed transformers is
-``just census`` (about 5 minutes on one core; it writes docs/models.md).
+A fast subset of the census (one type per layout dolm knows, plus the refusals) runs here,
+and the committed docs/models.md is checked to be the census of the installed transformers
+(every type listed, the counts, the subset's verdicts); the whole census over every
+causal-LM type is ``just census`` (about 5 minutes on one core; it writes docs/models.md).
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ def built(census_dir):
     out = {}
 
     def get(mt):
-        if mt not in out:
-            out[mt] = census.build(mt, census_dir / mt)
+        if mt not in out:  # test_census_verdicts may have built it (same seed) already
+            folder = census_dir / mt
+            done = (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+            out[mt] = folder if done else census.build(mt, folder)
         return out[mt]
 
     return get
@@ -66,6 +69,28 @@ def test_census_verdicts(census_dir, model_type):
     want, text = CASES[model_type]
     assert verdict == want, why
     assert text in why
+
+
+def test_committed_census_is_this_installations():
+    """docs/models.md (the whole census, ``just census``) is for the installed transformers,
+    lists every causal-LM type it maps, and agrees with the verdicts measured above."""
+    import re
+    from pathlib import Path
+
+    import transformers
+    from dolm.models.census import causal_lm_types
+
+    text = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    assert f"transformers {transformers.__version__} maps" in text, \
+        "docs/models.md is for another transformers: run `just census`"
+    rows = dict(re.findall(r"^\| (\S+) \| (SUPPORTED|REFUSED|SKIPPED|CRASH) \|", text, re.M))
+    assert sorted(rows) == causal_lm_types()
+    counts = {v: list(rows.values()).count(v) for v in ("SUPPORTED", "REFUSED", "SKIPPED")}
+    assert f"**{counts['SUPPORTED']} supported, {counts['REFUSED']} refused, " \
+           f"{counts['SKIPPED']} skipped, 0 crashed**" in text
+    assert counts["SUPPORTED"] >= 100 and "CRASH" not in rows.values()
+    for mt, (verdict, _) in CASES.items():
+        assert rows[mt] == verdict, mt
 
 
 def test_olmo_is_layernorm_and_mla_head_width(built):
@@ -137,7 +162,7 @@ def test_ssm_sites_and_head_refusal(built):
     for layer in range(lm.n_layers):
         total = tr[f"resid_pre.{layer}"] + tr[f"mixer_out.{layer}"]
         assert (total - tr[f"resid_post.{layer}"]).abs().max() < 1e-5
-    for site in ("head.0.0", "attn_out.1", "mlp_out.0"):
+    for site in ("head.0.0", "q.0.1", "pattern.1.0", "attn_out.1", "mlp_out.0"):
         with pytest.raises(InputError, match="no attention"):
             lm.expand_sites(site)
     att = load(str(built("biogpt")))
@@ -199,10 +224,28 @@ def test_moe_router_sites(built):
     assert torch.equal(tr["router.1"].reshape(b * s, n_experts), seen["logits"])
     with pytest.raises(InputError, match="read-only"):
         lm.trace(write={"router.0": lambda a, i: a})
-    with pytest.raises(InputError, match="fused"):
-        lm.expand_sites("expert.0.1")
-    with pytest.raises(InputError, match="not a mixture of experts"):
-        load(str(built("olmo"))).expand_sites("router.0")
+    # expert.L.E: each expert's weighted term, zero where the router did not pick it; the
+    # experts sum to mlp_out.L (Mixtral has no shared expert); a write replaces one term
+    names = lm.expand_sites("expert.1.*")
+    assert names == [f"expert.1.{e}" for e in range(n_experts)]
+    with torch.no_grad(), lm.trace(read=names + ["mlp_out.1", "router.1"]) as tr:
+        base = lm.forward(enc).logits
+    assert (sum(tr[x] for x in names) - tr["mlp_out.1"]).abs().max() < 1e-6
+    top = tr["router.1"].topk(lm.config.num_experts_per_tok, dim=-1).indices
+    for e, name in enumerate(names):
+        picked = (top == e).any(-1)
+        assert (tr[name][~picked] == 0).all() and (tr[name][picked].abs().sum(-1) > 0).all()
+    with torch.no_grad(), lm.trace(write={"expert.1.0": lambda a, i: torch.zeros_like(a)}):
+        ablated = lm.forward(enc).logits
+    with torch.no_grad(), lm.trace(write={"mlp_out.1": lambda a, i: a - tr["expert.1.0"]}):
+        by_hand = lm.forward(enc).logits
+    assert (ablated - base).abs().max() > 1e-3 and (ablated - by_hand).abs().max() < 1e-5
+    with pytest.raises(InputError, match="expert 4 out of range 0..3"):
+        lm.expand_sites("expert.0.4")
+    olmo = load(str(built("olmo")))
+    for site in ("router.0", "expert.0.0"):
+        with pytest.raises(InputError, match="not a mixture of experts"):
+            olmo.expand_sites(site)
 
 
 # ---------------------------------------------------------------- refusals by the executables
@@ -249,9 +292,8 @@ def test_head_site_on_ssm_exits_3(built, tmp_path):
                                                 "cf_foil", "spans", "cf_spans", "group_id"])}]),
                 str(prompts),
                 schema="prompts", run=None)
-    for site in ("head.0.0", "q.0.1"):
-        r = _cli("dolm-collect-acts", prompts, "--model", built("mamba"), "-o",
-                 tmp_path / "o.parquet", "--acts", tmp_path / "a.h5", "--sites", site)
-        assert r.returncode == 3, r.stderr
-        assert site in r.stderr and "mamba" in r.stderr and "no attention" in r.stderr, r.stderr
-        assert not (tmp_path / "o.parquet").exists() and not (tmp_path / "a.h5").exists()
+    r = _cli("dolm-collect-acts", prompts, "--model", built("mamba"), "-o",
+             tmp_path / "o.parquet", "--acts", tmp_path / "a.h5", "--sites", "head.0.0")
+    assert r.returncode == 3, r.stderr
+    assert "head.0.0" in r.stderr and "mamba" in r.stderr and "no attention" in r.stderr, r.stderr
+    assert not (tmp_path / "o.parquet").exists() and not (tmp_path / "a.h5").exists()

@@ -482,6 +482,22 @@ def invert_ops(x, ops):
     return x
 
 
+def _experts_problem(experts) -> str | None:
+    """Why ``expert.L.E`` cannot be served (None: it can). dolm computes one expert's term
+    by calling the experts module itself with the other experts' routing weights zeroed,
+    so the module must take ``(hidden_states, top_k_index, top_k_weights)``."""
+    if experts is None:
+        return "no experts module beside the router"
+    try:
+        params = list(inspect.signature(type(experts).forward).parameters)[1:4]
+    except (TypeError, ValueError):
+        params = []
+    if params != ["hidden_states", "top_k_index", "top_k_weights"]:
+        return (f"its experts module {type(experts).__name__} does not take (hidden_states, "
+                "top_k_index, top_k_weights), which dolm needs to run one expert")
+    return None
+
+
 def _qkv_problem(attn) -> str | None:
     """Why q/k/v/pattern sites cannot be served on this attention module (None: they can):
     they need the module to call transformers' attention interface and its modeling file
@@ -551,10 +567,11 @@ class Adapter:
                                                   "router module")
             self.unavailable.setdefault("expert", self.unavailable["router"])
         else:
-            experts = _child(self.layers[0], spec.router.rpartition(".")[0] + ".experts")
-            self.unavailable["expert"] = (
-                f"the experts are fused into one {type(experts).__name__} module, so one "
-                "expert's output is no module's output; read router.L or mlp_out.L")
+            why = _experts_problem(next((m for m in map(self.experts_module,
+                                                        range(len(self.layers)))
+                                         if m is not None), None))
+            if why:
+                self.unavailable["expert"] = why
         if spec.mixer is None:
             self.unavailable["mixer_out"] = ("its blocks have attention and an MLP "
                                              "(mixer_out is for state-space blocks)")
@@ -590,6 +607,12 @@ class Adapter:
     def mlp_out_module(self, layer: int):
         part = "post_mlp_norm" if self.spec.post_mlp_norm else "mlp"
         return self.block_module(layer, part)
+
+    def experts_module(self, layer: int):
+        """The MoE block's experts (a sibling of the router), or None."""
+        if self.spec.router is None:
+            return None
+        return _child(self.layers[layer], self.spec.router.rpartition(".")[0] + ".experts")
 
     def logits_from_final_norm(self, h):
         """The model's logits from the final norm's output (multipliers and caps applied)."""

@@ -181,6 +181,8 @@ class Trace:
             return ("mixer", site.layer)
         if kind == "router":
             return ("router", site.layer)
+        if kind == "expert":
+            return ("experts", site.layer)
         if kind == "head":
             return ("attn_o", site.layer)
         if kind in QKV_KINDS:
@@ -350,6 +352,34 @@ class Trace:
 
         return hook
 
+    def _experts_hook(self, layer, reads, writes):
+        """Forward hook on a MoE block's experts module: expert E's term is the module run
+        again with every other expert's routing weight zeroed; a write replaces that term
+        in the module's output."""
+        want = sorted({s.head for s in reads} | {s.head for s, _ in writes})
+        read_names = {s.head: s.name for s in reads}
+        write_fns = {s.head: (s.name, fn) for s, fn in writes}
+        apply, store = self._apply, self._store
+        to_site, from_site = self._unflatten_maps(layer)
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+
+        def hook(module, args, kwargs, output):
+            given = dict(zip(names, args))
+            given.update({k: v for k, v in kwargs.items() if k in names})
+            x, idx, w = (given[k] for k in names)
+            out = output
+            for e in want:
+                old = module.forward(x, idx, w * (idx == e).to(w.dtype))
+                act = to_site(old, args, kwargs)
+                if e in write_fns:
+                    act = apply(write_fns[e][0], write_fns[e][1], act)
+                    out = out + (from_site(act, args, kwargs) - old).to(out.dtype)
+                if e in read_names:
+                    store(read_names[e], act)
+            return out if write_fns else None
+
+        return hook
+
     def _unflatten_maps(self, layer):
         """OPT-style blocks run the MLP on (batch * seq, d): the site is reshaped to the
         block input's (batch, seq, d), recorded by a pre-hook on the block."""
@@ -483,6 +513,14 @@ class Trace:
                     to_site, _ = self._unflatten_maps(key[1])
                     h = ad.block_module(key[1], "router").register_forward_hook(
                         self._simple_forward_hook(reads, [], to_site), **fwd)
+                elif kind == "experts":
+                    experts = ad.experts_module(key[1])
+                    if experts is None:
+                        raise InputError(f"layer {key[1]} has no experts (a dense MLP): "
+                                         f"expert.{key[1]}.E does not exist; read mlp_out."
+                                         f"{key[1]}")
+                    h = experts.register_forward_hook(
+                        self._experts_hook(key[1], reads, writes), **fwd)
                 elif kind == "mixer":
                     h = ad.block_module(key[1], "mixer").register_forward_hook(
                         self._simple_forward_hook(reads, writes,

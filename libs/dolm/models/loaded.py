@@ -168,7 +168,9 @@ class LoadedModel:
         self.d_vocab = int(getattr(unembed, "out_features", None) or cfg.vocab_size)
         self.n_ctx = int(getattr(cfg, "max_position_embeddings", None)
                          or getattr(cfg, "n_positions", 0) or 0) or None
-        self.sites = SiteSpace(self.n_layers, self.n_heads, ad.unavailable)
+        n_experts = 0 if "expert" in ad.unavailable else int(
+            _cfg(cfg, "num_local_experts", "num_experts", "n_routed_experts") or 0)
+        self.sites = SiteSpace(self.n_layers, self.n_heads, ad.unavailable, n_experts)
         self._prepends_bos: bool | None = None
         info.setdefault("n_layers", self.n_layers)
 

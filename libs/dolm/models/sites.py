@@ -28,8 +28,13 @@ site               what                                          shape
 ``attn.L``         attention pattern, read-only                  (batch, heads, q, k)
 ``router.L``       router logits of a mixture-of-experts MLP,     (batch, seq, experts)
                    read-only (``mlp_out.L`` stays the whole MoE
-                   output; ``expert.L.E`` is refused: transformers
-                   5 fuses the experts into one module)
+                   output)
+``expert.L.E``     expert E's output as the experts module adds   (batch, seq, d_model)
+                   it, weighted by its routing weight (zero at
+                   tokens not routed to E; the experts sum to the
+                   experts module's output, before any shared
+                   expert or residual multiplier). Read and write:
+                   a write replaces E's term in the sum
 ``final_norm``     final norm output                             (batch, seq, d_model)
 ``logits``         unembedding output                            (batch, seq, d_vocab)
 =================  ===========================================  =========================
@@ -56,8 +61,9 @@ GLOBAL_KINDS = ("embed", "final_norm", "logits")
 LAYER_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn",
                "mixer_out", "router")
 HEAD_KINDS = ("head", "q", "k", "v", "pattern")
+EXPERT_KINDS = ("expert",)
 READ_ONLY_KINDS = ("attn", "router")
-ALL_KINDS = GLOBAL_KINDS[:1] + LAYER_KINDS + HEAD_KINDS + GLOBAL_KINDS[1:]
+ALL_KINDS = GLOBAL_KINDS[:1] + LAYER_KINDS + HEAD_KINDS + EXPERT_KINDS + GLOBAL_KINDS[1:]
 
 
 class Site(NamedTuple):
@@ -76,7 +82,7 @@ class Site(NamedTuple):
         return f"{self.kind}.{self.layer}.{self.head}"
 
 
-def valid_forms(n_layers: int, n_heads: int, unavailable=()) -> str:
+def valid_forms(n_layers: int, n_heads: int, unavailable=(), n_experts: int = 0) -> str:
     layer = [k for k in LAYER_KINDS if k not in unavailable]
     text = "valid sites: embed, " + ", ".join(f"{k}.L" for k in layer)
     text += f" (L in 0..{n_layers - 1} or *)"
@@ -85,21 +91,25 @@ def valid_forms(n_layers: int, n_heads: int, unavailable=()) -> str:
         text += f", {heads[0]}.L.H (H in 0..{n_heads - 1} or *)"
         if heads[1:]:
             text += ", " + ", ".join(f"{k}.L.H" for k in heads[1:]) + " (same H)"
+    if n_experts and "expert" not in unavailable:
+        text += f", expert.L.E (E in 0..{n_experts - 1} or *)"
     return text + ", final_norm, logits"
 
 
 class SiteSpace:
     """Parses and expands site names for a model with ``n_layers`` and ``n_heads``."""
 
-    def __init__(self, n_layers: int, n_heads: int, unavailable: dict | None = None):
+    def __init__(self, n_layers: int, n_heads: int, unavailable: dict | None = None,
+                 n_experts: int = 0):
         self.n_layers = n_layers
         self.n_heads = n_heads
+        self.n_experts = n_experts
         # kind -> why this architecture has no such site
         self.unavailable = dict(unavailable or {})
         self._cache: dict[str, Site] = {}
 
     def _bad(self, site: str, why: str) -> InputError:
-        forms = valid_forms(self.n_layers, self.n_heads, self.unavailable)
+        forms = valid_forms(self.n_layers, self.n_heads, self.unavailable, self.n_experts)
         return InputError(f"site {site!r}: {why}; {forms}")
 
     def _index(self, site: str, text: str, n: int, what: str) -> int | None:
@@ -129,13 +139,18 @@ class SiteSpace:
             if len(parts) != 2:
                 raise self._bad(site, f"{kind} takes one index (the layer)")
             return kind, self._index(site, parts[1], self.n_layers, "layer"), None
-        if kind in HEAD_KINDS:
+        if kind in HEAD_KINDS + EXPERT_KINDS:
+            what = "expert" if kind in EXPERT_KINDS else "head"
             if len(parts) != 3:
-                raise self._bad(site, f"{kind} takes two indices (layer and head)")
+                raise self._bad(site, f"{kind} takes two indices (layer and {what})")
             layer = self._index(site, parts[1], self.n_layers, "layer")
-            head = self._index(site, parts[2], self.n_heads, "head")
+            head = self._index(site, parts[2], self._width(kind), what)
             return kind, layer, head
         raise self._bad(site, f"unknown site kind {kind!r}")
+
+    def _width(self, kind: str) -> int:
+        """How many values the last index of ``kind`` takes (heads or experts)."""
+        return self.n_experts if kind in EXPERT_KINDS else self.n_heads
 
     def parse(self, site: str) -> Site:
         """Parse one concrete site name (no ``*``); cached."""
@@ -175,7 +190,7 @@ class SiteSpace:
                 if kind in LAYER_KINDS:
                     names = [f"{kind}.{lyr}" for lyr in layers]
                 else:
-                    heads = range(self.n_heads) if head is None else [head]
+                    heads = range(self._width(kind)) if head is None else [head]
                     names = [f"{kind}.{lyr}.{h}" for lyr in layers for h in heads]
             for name in names:
                 if name not in seen:
