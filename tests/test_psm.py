@@ -218,6 +218,42 @@ def test_with_replacement_is_k_nearest():
         assert m.pool[m.focal == i].tolist() == want.tolist()
 
 
+def test_all_ties_is_every_unit_as_near_as_the_kth():
+    rng = np.random.default_rng(1)
+    df_, dp = np.round(rng.normal(size=30), 1), np.round(rng.normal(size=50), 1)  # ties
+    for k, cal in ((1, None), (2, None), (2, 0.15)):
+        m = match(df_, dp, np.arange(30), rng.permutation(50), k=k, replace=True,
+                  caliper=cal, all_ties=True)
+        for i in range(30):
+            dist = np.abs(dp - df_[i])
+            near = np.sort(dist)[:k]  # the k nearest; those inside the caliper are matched
+            near = near[near <= (np.inf if cal is None else cal)]
+            want = set(np.flatnonzero(dist <= near.max())) if len(near) else set()
+            assert set(m.pool[m.focal == i].tolist()) == want
+
+
+def test_all_ties_atc_on_discrete_covariates_is_the_cell_average():
+    """With replacement and --ties all, a propensity score taking one value per covariate
+    cell makes each control's set every treated unit of its cell: the ATC is the average
+    over controls of (treated mean of the cell - own outcome), by hand below. One tie rule
+    (canonical) sends all of a cell's controls to one treated unit instead."""
+    rng = np.random.default_rng(3)
+    n = 600
+    cell = rng.integers(0, 4, size=n)
+    t = (rng.random(n) < np.array([0.2, 0.35, 0.5, 0.6])[cell]).astype(int)
+    y = (rng.random(n) < 0.3 + 0.1 * cell - 0.15 * t).astype(float)
+    df = pd.DataFrame({"cell": cell.astype(str), "t": t, "y": y})
+    u = prepare(df, "t", "y", ["cell"])
+    opt = dict(refute=False, estimands=("ATC",), replace=True, caliper=None,
+               common_support="none")
+    e = run_psm(u, Options(ties="all", **opt)).summary["contrasts"][0]["effects"][0]
+    m1 = pd.Series(y[t == 1]).groupby(cell[t == 1]).mean()
+    want = np.mean(m1.loc[cell[t == 0]].to_numpy() - y[t == 0])
+    assert e["estimate"] == pytest.approx(want, abs=1e-12)
+    canon = run_psm(u, Options(**opt)).summary["contrasts"][0]["effects"][0]
+    assert abs(canon["estimate"] - want) > 0.01
+
+
 def test_rosenbaum_gamma1_equals_wilcoxon():
     rng = np.random.default_rng(0)
     d = rng.normal(0.3, 1, size=200)

@@ -106,10 +106,14 @@ def _sibling(output: str, suffix: str) -> str | None:
               help="Order in which focal units pick their matches without replacement "
               "[default: MatchIt's: largest distance first for the ATT, smallest for the ATC, "
               "data order for a Mahalanobis distance]. random uses --seed.")
-@click.option("--ties", type=click.Choice(["canonical", "data", "matchit-4.5.1"]),
+@click.option("--ties", type=click.Choice(["canonical", "all", "data", "matchit-4.5.1"]),
               default="canonical", show_default=True,
               help="canonical: equidistant candidates are ordered by the canonical unit order "
-              "(results independent of the input's row order); data: R MatchIt's rule (sort "
+              "(results independent of the input's row order); all: with replacement, every "
+              "unit as near as the k-th match joins the set, each weighted 1/(set size) "
+              "(Abadie-Imbens; use it with discrete covariates, where one tie rule would send "
+              "every tied unit to the same match; without replacement or with a Mahalanobis "
+              "distance or --caliper-on it is canonical); data: R MatchIt's rule (sort "
               "by distance keeping the input's row order, take the nearer neighbour, the left "
               "one on a tie); matchit-4.5.1: as data, plus the integer truncation of distance "
               "differences in MatchIt 4.5.1-4.5.3 (MatchIt issue #163: the propensity "

@@ -41,7 +41,7 @@ class Options:
     positivity_eps: float = 0.01
     distance: str = "logit"  # ps | logit | mahalanobis | robust-mahalanobis
     m_order: str | None = None  # largest | smallest | random | data; None = MatchIt's default
-    ties: str = "canonical"  # canonical (row-order free) | data (MatchIt) | matchit-4.5.1
+    ties: str = "canonical"  # canonical (row-order free) | all | data (MatchIt) | matchit-4.5.1
     exact: tuple[str, ...] = ()  # columns matched exactly
     mahvars: tuple[str, ...] = ()  # Mahalanobis on these within the propensity caliper
     caliper_on: tuple[tuple[str, float], ...] = ()  # (column, SDs of the column)
@@ -130,7 +130,8 @@ def match_contrast(
     width = None if opt.caliper is None else opt.caliper * sd
     m = Matched(ps=ps, lg=lg, keep=keep, caliper_width=width, sd_logit=sd, info=info)
     ex = extra or Extra(data_rank=rank)
-    tie_rank = ex.data_rank if opt.ties != "canonical" else rank
+    data_ties = opt.ties in ("data", "matchit-4.5.1")
+    tie_rank = ex.data_rank if data_ties else rank
     Z = None
     if opt.distance in ("mahalanobis", "robust-mahalanobis") or opt.mahvars:
         base = ex.X_mah if opt.mahvars else ex.X_all
@@ -203,13 +204,13 @@ def match_contrast(
                     Z[focal], Z[pool], tie_rank[pool], order, opt.ratio, replace,
                     width if (opt.mahvars or opt.caliper is not None) else None,
                     scalar[focal], scalar[pool], cf, cp, cal_w)
-            elif opt.ties != "canonical" or cal_w is not None:
+            elif data_ties or cal_w is not None:
                 res = nearest.match_scalar(scalar[focal], scalar[pool], tie_rank[focal],
                                            tie_rank[pool], order, opt.ratio, replace, width,
                                            cf, cp, cal_w, matchit451=opt.ties == "matchit-4.5.1")
             else:
                 res = match(scalar[focal], scalar[pool], rank[focal], rank[pool], opt.ratio,
-                            replace, width, order=order)
+                            replace, width, order=order, all_ties=opt.ties == "all" and replace)
             fs.append(focal[res.focal])
             ps_.append(pool[res.pool])
             ds.append(res.distance)
