@@ -86,9 +86,12 @@ def _sibling(output: str, suffix: str) -> str | None:
 @click.option("--max-pairs", type=click.IntRange(min=1), default=10_000_000,
               show_default=True,
               help="--method optimal/full: refuse a stratum with more treated x control pairs.")
-@click.option("--estimator", type=click.Choice(["diff", "regression"]), default="diff",
-              show_default=True,
-              help="diff: weighted difference in means of the matched sample; regression: "
+@click.option("--estimator", type=click.Choice(["diff", "bias-corrected", "regression"]),
+              default="diff", show_default=True,
+              help="diff: weighted difference in means of the matched sample; "
+              "bias-corrected: the same with each match's outcome moved to its focal unit's "
+              "covariates by a linear regression (Abadie-Imbens 2011; inexact matches, as "
+              "within a caliper without replacement, otherwise leave a bias); regression: "
               "g-computation (outcome on treatment, centred covariates and their "
               "interactions) on the matched sample, cluster-robust SEs by matched set.")
 @click.option("--ratio", "-k", type=click.IntRange(min=1), default=1, show_default=True,

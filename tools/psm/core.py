@@ -49,7 +49,7 @@ class Options:
     match_method: str = "nearest"  # nearest | optimal | full | exact | cem | subclass
     n_subclass: int = 6
     max_pairs: int = 10_000_000  # optimal/full: budget of the dense distance matrix
-    estimator: str = "diff"  # diff (matched difference) | regression (g-computation)
+    estimator: str = "diff"  # diff | bias-corrected (Abadie-Imbens 2011) | regression
     stabilize: bool = False  # ipw: stabilised ATE weights
     trim: float = 0.0  # ipw: drop propensity outside [trim, 1 - trim]
     learner: str = "linear"  # aipw: linear | gbm
@@ -447,7 +447,12 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
                 r = est_mod.wls_effect(y, t, w, X=Xm, target=est, cluster=_clusters(n, use))
                 r["n_sets"] = int(sum(len(u.focal) for u in use))
             else:
+                if opt.estimator == "bias-corrected":
+                    use = [eff.bias_correct(sets[d], Xm, y, d == "ATT")
+                           for d in _directions((est,))]
                 r = eff.estimate(use, n, sigma2, opt.se, opt.n_boot, rng)
+                if opt.estimator == "bias-corrected":
+                    r["se_method"] += "; Abadie-Imbens (2011) regression bias correction"
             r = {"estimand": est, **r, **_population(est, sets, t, m)}
         effects.append(r)
         weights[est] = w
