@@ -411,7 +411,10 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         sets[dname] = eff.set_diffs(y, pf, pm, dname == "ATT")
 
     rng = np.random.default_rng([opt.seed, 17])
-    sigma2 = eff.cond_var(m.lg, y, t) if opt.se == "ai" and m.subclass is None else None
+    sigma2 = None
+    if opt.se == "ai" and m.subclass is None:
+        def sigma2(need: np.ndarray, _lg=m.lg) -> np.ndarray:
+            return eff.cond_var(_lg, y, t, need=need)
     effects = []
     sensitivity: dict[str, Any] = {}
     sd_y = float(np.std(y, ddof=1))
@@ -475,14 +478,16 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
     ones = np.ones(n)
     counts = {}
     flagged: dict[str, dict[str, list[str]]] = {}
-    orders: dict[int, np.ndarray | None] = {}
+    orders: dict[int, bal.SortedColumn | None] = {}
+    sds: dict[int, tuple[float, float]] = {}
     before: dict[int, dict] = {}
     for est in opt.estimands:
         w = weights[est]
         for j, (name, x, binary, kind) in enumerate(cols):
-            sd = bal.scale_sd(x, t, est)
-            if j not in orders:
-                orders[j] = None if binary else np.argsort(x, kind="stable")
+            if j not in orders:  # sorted once per column, reused by every estimand
+                orders[j] = None if binary else bal.SortedColumn.of(x, t)
+                sds[j] = bal.group_sds(x, t)
+            sd = bal.scale_from(*sds[j], est)
             for sample, ww in (("all", ones), ("matched", w)):
                 if sample == "all":  # the same for every estimand but the SMD's scale
                     if j not in before:

@@ -69,34 +69,40 @@ def bias_correct(s: SetDiffs, X: np.ndarray, y: np.ndarray, focal_treated: bool)
     return SetDiffs(focal=s.focal, d=d, size=s.size, pair_focal=s.pair_focal, pair_match=pm)
 
 
-def cond_var(dist: np.ndarray, y: np.ndarray, t: np.ndarray, J: int = 2) -> np.ndarray:
-    """sigma^2(X_j, W_j): J/(J+1) (y_j - mean of its J nearest same-group units)^2."""
+def cond_var(dist: np.ndarray, y: np.ndarray, t: np.ndarray, J: int = 2,
+             need: np.ndarray | None = None) -> np.ndarray:
+    """sigma^2(X_j, W_j): J/(J+1) (y_j - mean of its J nearest same-group units)^2, for the
+    units ``need`` (indices; default all; the others are left 0)."""
     out = np.zeros(len(y))
+    want = np.ones(len(y), dtype=bool) if need is None else np.isin(np.arange(len(y)), need)
     for g in (0, 1):
         idx = np.flatnonzero(t == g)
         n = len(idx)
-        if n < 2:
+        if n < 2 or not want[idx].any():
             continue
         jj = min(J, n - 1)
         o = idx[np.lexsort((idx, dist[idx]))]
         v, yy = dist[o], y[o]
-        pos = np.arange(n)
+        pos = np.flatnonzero(want[o])
+        m = len(pos)
         offs = np.concatenate([np.arange(-jj, 0), np.arange(1, jj + 1)])
         cand = pos[:, None] + offs[None, :]
         valid = (cand >= 0) & (cand < n)
         cc = np.clip(cand, 0, n - 1)
-        dd = np.abs(v[cc] - v[:, None])
+        dd = np.abs(v[cc] - v[pos][:, None])
         dd[~valid] = np.inf
-        rows = np.repeat(pos, cand.shape[1])
-        srt = np.lexsort((np.abs(offs)[None, :].repeat(n, 0).ravel(), dd.ravel(), rows))
-        srt = srt.reshape(n, cand.shape[1])[:, :jj]
+        rows = np.repeat(np.arange(m), cand.shape[1])
+        srt = np.lexsort((np.abs(offs)[None, :].repeat(m, 0).ravel(), dd.ravel(), rows))
+        srt = srt.reshape(m, cand.shape[1])[:, :jj]
         nb = cc.ravel()[srt]
-        out[o] = jj / (jj + 1) * (yy - yy[nb].mean(axis=1)) ** 2
+        out[o[pos]] = jj / (jj + 1) * (yy[pos] - yy[nb].mean(axis=1)) ** 2
     return out
 
 
-def ai_variance(sets: list[SetDiffs], n_units: int, sigma2: np.ndarray) -> float:
-    """Abadie-Imbens variance of the mean of d over all the given sets (see module doc)."""
+def ai_variance(sets: list[SetDiffs], n_units: int, sigma2) -> float:
+    """Abadie-Imbens variance of the mean of d over all the given sets (see module doc).
+    ``sigma2``: conditional variances per unit, or a function of the unit indices that
+    need them returning the full-length array (:func:`cond_var` with ``need``)."""
     d = np.concatenate([s.d for s in sets])
     N = len(d)
     tau = d.mean()
@@ -109,7 +115,10 @@ def ai_variance(sets: list[SetDiffs], n_units: int, sigma2: np.ndarray) -> float
         w += np.bincount(s.pair_match, weights=inv_m, minlength=n_units)
         q += np.bincount(s.pair_match, weights=inv_m**2, minlength=n_units)
     extra = (f + w) ** 2 - f - q
-    v = (np.sum((d - tau) ** 2) + np.sum(extra * sigma2)) / N**2
+    # extra is 0 for a unit used once (1:1 without replacement): only the others need sigma^2
+    used = np.flatnonzero(np.abs(extra) > 1e-12)
+    s2 = sigma2(used)[used] if callable(sigma2) else sigma2[used]
+    v = (np.sum((d - tau) ** 2) + np.sum(extra[used] * s2)) / N**2
     return float(max(v, 0.0))
 
 
@@ -131,7 +140,7 @@ def bootstrap(sets: list[SetDiffs], n_boot: int, rng: np.random.Generator) -> np
 def estimate(
     sets: list[SetDiffs],
     n_units: int,
-    sigma2: np.ndarray | None,
+    sigma2,
     se_method: str,
     n_boot: int,
     rng: np.random.Generator,

@@ -96,6 +96,17 @@ def _with_replacement(d_focal, d_pool, rank_pool, k, cal):
     down = np.lexsort((-rank_pool, d_pool))  # read right-to-left: value down, rank up
     vals = d_pool[up]
     pos = np.searchsorted(vals, d_focal)
+    if kk == 1:  # the nearer of two candidates; on equal distance the smaller rank
+        r_ok, l_ok = pos < n, pos > 0
+        r = up[np.minimum(pos, n - 1)]
+        lft = down[np.maximum(pos - 1, 0)]
+        dr = np.where(r_ok, d_pool[r] - d_focal, np.inf)
+        dl = np.where(l_ok, d_focal - d_pool[lft], np.inf)
+        take_r = (dr < dl) | ((dr == dl) & (rank_pool[r] < rank_pool[lft]))
+        best = np.where(take_r, r, lft)
+        bdist = np.where(take_r, dr, dl)
+        ok = bdist <= cal
+        return np.flatnonzero(ok), best[ok], bdist[ok]
     right = pos[:, None] + np.arange(kk)[None, :]
     left = pos[:, None] - 1 - np.arange(kk)[None, :]
     okr, okl = right < n, left >= 0
