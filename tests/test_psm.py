@@ -274,6 +274,29 @@ def test_bias_correction_removes_the_matching_bias_of_a_linear_outcome():
         assert abs(plain.summary["contrasts"][0]["effects"][0]["estimate"] - 1.5) > 0.02
 
 
+def test_balance_on_squares_and_interactions_by_hand():
+    df = confounded(400, 2)
+    df["g"] = np.where(df.x3 > 0.3, "hi", "lo")
+    u = prepare(df, "t", "y", ["x1", "x2", "g"])
+    res = run_psm(u, Options(refute=False, estimands=("ATT",),
+                             balance_terms=("squares", "interactions")))
+    b = res.balance.set_index(["variable", "sample"])
+    names = set(res.balance.variable)
+    assert {"x1^2", "x2^2", "x1*x2", "x1*g[hi]", "x2*g[lo]"} <= names
+    assert "g[hi]^2" not in names and "g[hi]*g[lo]" not in names  # binary / same covariate
+    w = res.units.set_index("row")["weight_att"].reindex(np.arange(len(df))).to_numpy()
+    t = df.t.to_numpy()
+    for name, v in (("x1^2", df.x1**2), ("x1*x2", df.x1 * df.x2),
+                    ("x2*g[lo]", df.x2 * (df.g == "lo"))):
+        v = v.to_numpy()
+        sd = np.std(v[t == 1], ddof=1)
+        before = (v[t == 1].mean() - v[t == 0].mean()) / sd
+        m1, m0 = (t == 1) & (w > 0), (t == 0) & (w > 0)
+        after = (np.average(v[m1], weights=w[m1]) - np.average(v[m0], weights=w[m0])) / sd
+        assert b.loc[(name, "all"), "smd"] == pytest.approx(before, rel=1e-9)
+        assert b.loc[(name, "matched"), "smd"] == pytest.approx(after, rel=1e-9)
+
+
 def test_rosenbaum_gamma1_equals_wilcoxon():
     rng = np.random.default_rng(0)
     d = rng.normal(0.3, 1, size=200)

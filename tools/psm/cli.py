@@ -157,6 +157,11 @@ def _sibling(output: str, suffix: str) -> str | None:
               help="Run DoWhy's placebo, random-common-cause and data-subset refuters.")
 @click.option("--refute-sims", type=click.IntRange(min=2), default=50, show_default=True,
               help="Simulations per refuter (each re-runs the propensity fit and matching).")
+@click.option("--balance-terms", "balance_terms", default="",
+              help="Also report balance on these terms of the covariates, as cobalt's "
+              "poly = 2 / int = TRUE: 'squares' (each non-binary covariate squared, "
+              "'x^2'), 'interactions' (each pair of encoded columns, 'a*b'; levels of one "
+              "categorical are skipped), or 'squares,interactions'.")
 @click.option("--dropna", is_flag=True,
               help="Drop rows with missing treatment/outcome/covariates (reported).")
 @output_option(help="Summary JSON ('-' for stdout).")
@@ -171,8 +176,8 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
          match_method, stabilize, trim, learner, folds, n_subclass, max_pairs, estimator, ratio,
          replace, distance, m_order,
          ties, caliper, no_caliper, caliper_on, common_support, exact, mahvars, pool_short,
-         estimands, se, n_boot, refute, refute_sims, dropna, output, pairs, balance, units,
-         force, seed):
+         estimands, se, n_boot, refute, refute_sims, balance_terms, dropna, output, pairs,
+         balance, units, force, seed):
     """Propensity score matching of TABLE: balance, ATT/ATC/ATE, sensitivity.
 
     Every level of --treatment is compared with the reference level. Writes the summary
@@ -241,6 +246,11 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
     if u.dropped_na:
         log(f"dolm-psm: --dropna: dropped {u.dropped_na['rows']} rows with missing values "
             f"({u.dropped_na['by_column']})")
+    terms = tuple(x.strip() for x in balance_terms.split(",") if x.strip())
+    bad_terms = sorted(set(terms) - {"squares", "interactions"})
+    if bad_terms:
+        raise InputError(f"--balance-terms: expected 'squares' and/or 'interactions', "
+                         f"found {', '.join(map(repr, bad_terms))}")
     opt = Options(method=propensity, ratio=ratio, replace=replace, caliper=cal,
                   common_support=common_support, distance=distance, m_order=m_order,
                   ties=ties, exact=tuple(exact_cols), mahvars=tuple(mah_cols),
@@ -249,7 +259,7 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
                   estimator=estimator, stabilize=stabilize, trim=trim, learner=learner,
                   folds=folds,
                   estimands=est, se=se, n_boot=n_boot, seed=seed, refute=refute,
-                  refute_sims=refute_sims)
+                  refute_sims=refute_sims, balance_terms=terms)
     res = run_psm(u, opt)
     summary = {"tool": "psm", "input": str(table), **res.summary,
                "covariates_from": "dag" if dag_info else "option", "dag": dag_info}

@@ -54,6 +54,7 @@ class Options:
     trim: float = 0.0  # ipw: drop propensity outside [trim, 1 - trim]
     learner: str = "linear"  # aipw: linear | gbm
     folds: int = 5  # aipw cross-fitting folds
+    balance_terms: tuple[str, ...] = ()  # squares | interactions: extra balance rows
 
 
 STRATA_METHODS = ("exact", "cem", "subclass")
@@ -240,6 +241,29 @@ def _optimal(opt: Options, dname: str, scalar, focal, pool, width, Z):
     got[f] = True
     o = np.lexsort((p, f))
     return Matches(f[o], p[o], D[f[o], p[o]], np.flatnonzero(~got))
+
+
+def balance_terms(X: np.ndarray, D, terms: tuple[str, ...]) -> list[tuple]:
+    """Balance columns (name, values, binary, kind) for squares and pairwise interactions
+    of the encoded covariates (cobalt's poly = 2 and int = TRUE); constant products (two
+    levels of one categorical) are left out."""
+    out = []
+    p = X.shape[1]
+    if "squares" in terms:
+        out += [(f"{D.names[j]}^2", X[:, j] ** 2, False, "continuous")
+                for j in range(p) if not D.binary[j]]
+    if "interactions" in terms:
+        for a in range(p):
+            for b in range(a + 1, p):
+                if D.source[a] == D.source[b]:
+                    continue
+                v = X[:, a] * X[:, b]
+                if np.ptp(v) == 0:
+                    continue
+                both = D.binary[a] and D.binary[b]
+                out.append((f"{D.names[a]}*{D.names[b]}", v, both,
+                            "binary" if both else "continuous"))
+    return out
 
 
 def _directions(estimands: tuple[str, ...]) -> tuple[str, ...]:
@@ -475,6 +499,7 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         (nm, Xall[:, j], D.binary[j], "binary" if D.binary[j] else "continuous")
         for j, nm in enumerate(D.names)
     ]
+    cols += balance_terms(Xall, D, opt.balance_terms)
     ones = np.ones(n)
     counts = {}
     flagged: dict[str, dict[str, list[str]]] = {}
