@@ -25,6 +25,7 @@ TRUE = 1.0
 # name -> (estimand, Options fields)
 ESTIMATORS = {
     "nearest 1:1, caliper 0.2, diff (AI)": ("ATT", dict()),
+    "nearest 1:1, caliper 0.2, bias-corrected (AI)": ("ATT", dict(estimator="bias-corrected")),
     "nearest 1:1 with replacement, diff (AI)": ("ATT", dict(replace=True, caliper=None)),
     "nearest 1:2 with replacement, diff (AI)": ("ATT", dict(replace=True, ratio=2,
                                                             caliper=None)),
@@ -73,6 +74,8 @@ def main() -> None:
 
     hits = {k: 0 for k in ESTIMATORS}
     est_sum = {k: 0.0 for k in ESTIMATORS}
+    est_sq = {k: 0.0 for k in ESTIMATORS}
+    se_sum = {k: 0.0 for k in ESTIMATORS}
     width = {k: 0.0 for k in ESTIMATORS}
     secs = {k: 0.0 for k in ESTIMATORS}
     t0 = time.time()
@@ -85,22 +88,29 @@ def main() -> None:
             e = res.summary["contrasts"][0]["effects"][0]
             hits[name] += e["ci_low"] <= TRUE <= e["ci_high"]
             est_sum[name] += e["estimate"]
+            est_sq[name] += e["estimate"] ** 2
+            se_sum[name] += e["se"]
             width[name] += e["ci_high"] - e["ci_low"]
         if (rep + 1) % 25 == 0:
             print(f"{rep + 1} replicates, {time.time() - t0:.0f} s", file=sys.stderr)
     rows = {k: {"estimand": ESTIMATORS[k][0], "coverage": hits[k] / a.reps,
                 "mean_estimate": est_sum[k] / a.reps, "mean_ci_width": width[k] / a.reps,
+                "sd_estimate": float(np.sqrt(max(est_sq[k] / a.reps - (est_sum[k] / a.reps) ** 2,
+                                                 0.0) * a.reps / max(a.reps - 1, 1))),
+                "mean_se": se_sum[k] / a.reps,
                 "seconds_per_run": secs[k] / a.reps} for k in ESTIMATORS}
     out = {"reps": a.reps, "n": a.n, "truth": TRUE, "design": __doc__.split("\n\n")[1],
            "estimators": rows}
     os.makedirs(os.path.dirname(a.output) or ".", exist_ok=True)
     with open(a.output, "w") as f:
         json.dump(out, f, indent=1)
-    print("| estimator | estimand | coverage | mean estimate | mean CI width |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| estimator | estimand | coverage | mean estimate | SD of estimates | mean SE |"
+          " mean CI width |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for k, r in rows.items():
         print(f"| {k} | {r['estimand']} | {100 * r['coverage']:.1f}% | "
-              f"{r['mean_estimate']:.3f} | {r['mean_ci_width']:.3f} |")
+              f"{r['mean_estimate']:.3f} | {r['sd_estimate']:.3f} | {r['mean_se']:.3f} | "
+              f"{r['mean_ci_width']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -137,7 +137,12 @@ def _markdown(out: pd.DataFrame, summ: dict, exp: pd.DataFrame, outcome: str) ->
             f"{_num(r.rosenbaum_gamma)} | {_num(r.e_value)} |")
     lines += ["", "naive: difference in means in the observational design (confounded by "
               "difficulty and input length); matched: dolm-psm nearest-neighbour matching on "
-              f"the propensity score; true: mean of {outcome}(format) - {outcome}(direct) "
+              "the propensity score (1:1 within a 0.2 SD caliper; a direction whose pool is "
+              "smaller than its focal group is matched with replacement, and with "
+              "replacement every equally near unit joins the set, --ties all, because the "
+              "discrete covariates give many units the same score); n: matched sets, so a "
+              "caliper can leave the estimate about fewer units than the population the "
+              "true effect averages over; true: mean of {outcome}(format) - {outcome}(direct) "
               "over the same units in the experiment design. Gamma: Rosenbaum bound at which "
               "significance is lost; E-value on the risk-ratio scale.", ""]
     return "\n".join(lines)

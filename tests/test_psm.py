@@ -218,6 +218,85 @@ def test_with_replacement_is_k_nearest():
         assert m.pool[m.focal == i].tolist() == want.tolist()
 
 
+def test_all_ties_is_every_unit_as_near_as_the_kth():
+    rng = np.random.default_rng(1)
+    df_, dp = np.round(rng.normal(size=30), 1), np.round(rng.normal(size=50), 1)  # ties
+    for k, cal in ((1, None), (2, None), (2, 0.15)):
+        m = match(df_, dp, np.arange(30), rng.permutation(50), k=k, replace=True,
+                  caliper=cal, all_ties=True)
+        for i in range(30):
+            dist = np.abs(dp - df_[i])
+            near = np.sort(dist)[:k]  # the k nearest; those inside the caliper are matched
+            near = near[near <= (np.inf if cal is None else cal)]
+            want = set(np.flatnonzero(dist <= near.max())) if len(near) else set()
+            assert set(m.pool[m.focal == i].tolist()) == want
+
+
+def test_all_ties_atc_on_discrete_covariates_is_the_cell_average():
+    """With replacement and --ties all, a propensity score taking one value per covariate
+    cell makes each control's set every treated unit of its cell: the ATC is the average
+    over controls of (treated mean of the cell - own outcome), by hand below. One tie rule
+    (canonical) sends all of a cell's controls to one treated unit instead."""
+    rng = np.random.default_rng(3)
+    n = 600
+    cell = rng.integers(0, 4, size=n)
+    t = (rng.random(n) < np.array([0.2, 0.35, 0.5, 0.6])[cell]).astype(int)
+    y = (rng.random(n) < 0.3 + 0.1 * cell - 0.15 * t).astype(float)
+    df = pd.DataFrame({"cell": cell.astype(str), "t": t, "y": y})
+    u = prepare(df, "t", "y", ["cell"])
+    opt = dict(refute=False, estimands=("ATC",), replace=True, caliper=None,
+               common_support="none")
+    e = run_psm(u, Options(ties="all", **opt)).summary["contrasts"][0]["effects"][0]
+    m1 = pd.Series(y[t == 1]).groupby(cell[t == 1]).mean()
+    want = np.mean(m1.loc[cell[t == 0]].to_numpy() - y[t == 0])
+    assert e["estimate"] == pytest.approx(want, abs=1e-12)
+    canon = run_psm(u, Options(**opt)).summary["contrasts"][0]["effects"][0]
+    assert abs(canon["estimate"] - want) > 0.01
+
+
+def test_bias_correction_removes_the_matching_bias_of_a_linear_outcome():
+    """Without noise and with an outcome linear in the covariates, the Abadie-Imbens (2011)
+    correction gives the effect exactly however poor the matches (every treated unit, few
+    controls, no caliper); the plain difference keeps the covariate gap of its pairs."""
+    rng = np.random.default_rng(5)
+    n = 300
+    X = rng.normal(size=(n, 3))
+    t = (rng.random(n) < 1 / (1 + np.exp(-(0.3 + 1.2 * X[:, 0])))).astype(int)
+    y = 2.0 * X[:, 0] - X[:, 1] + 0.5 * X[:, 2] + 1.5 * t
+    df = pd.DataFrame({"x1": X[:, 0], "x2": X[:, 1], "x3": X[:, 2], "t": t, "y": y})
+    u = prepare(df, "t", "y", ["x1", "x2", "x3"])
+    for est in ("ATT", "ATC"):
+        opt = dict(refute=False, estimands=(est,), caliper=None, common_support="none")
+        bc = run_psm(u, Options(estimator="bias-corrected", **opt))
+        plain = run_psm(u, Options(**opt))
+        e = bc.summary["contrasts"][0]["effects"][0]
+        assert e["estimate"] == pytest.approx(1.5, abs=1e-9)
+        assert abs(plain.summary["contrasts"][0]["effects"][0]["estimate"] - 1.5) > 0.02
+
+
+def test_balance_on_squares_and_interactions_by_hand():
+    df = confounded(400, 2)
+    df["g"] = np.where(df.x3 > 0.3, "hi", "lo")
+    u = prepare(df, "t", "y", ["x1", "x2", "g"])
+    res = run_psm(u, Options(refute=False, estimands=("ATT",),
+                             balance_terms=("squares", "interactions")))
+    b = res.balance.set_index(["variable", "sample"])
+    names = set(res.balance.variable)
+    assert {"x1^2", "x2^2", "x1*x2", "x1*g[hi]", "x2*g[lo]"} <= names
+    assert "g[hi]^2" not in names and "g[hi]*g[lo]" not in names  # binary / same covariate
+    w = res.units.set_index("row")["weight_att"].reindex(np.arange(len(df))).to_numpy()
+    t = df.t.to_numpy()
+    for name, v in (("x1^2", df.x1**2), ("x1*x2", df.x1 * df.x2),
+                    ("x2*g[lo]", df.x2 * (df.g == "lo"))):
+        v = v.to_numpy()
+        sd = np.std(v[t == 1], ddof=1)
+        before = (v[t == 1].mean() - v[t == 0].mean()) / sd
+        m1, m0 = (t == 1) & (w > 0), (t == 0) & (w > 0)
+        after = (np.average(v[m1], weights=w[m1]) - np.average(v[m0], weights=w[m0])) / sd
+        assert b.loc[(name, "all"), "smd"] == pytest.approx(before, rel=1e-9)
+        assert b.loc[(name, "matched"), "smd"] == pytest.approx(after, rel=1e-9)
+
+
 def test_rosenbaum_gamma1_equals_wilcoxon():
     rng = np.random.default_rng(0)
     d = rng.normal(0.3, 1, size=200)

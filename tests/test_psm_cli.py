@@ -40,7 +40,7 @@ def test_csv_run_writes_valid_files(tmp_path):
     units().to_csv(csv, index=False)
     out = tmp_path / "res.json"
     r = psm(csv, "-t", "t", "-y", "y", "-c", "x*,fmt", "--id", "uid", "-k", "2", "--replace",
-            "--refute-sims", "3", "-o", out)
+            "--refute-sims", "3", "--balance-terms", "squares,interactions", "-o", out)
     assert r.returncode == 0, r.stderr
     assert "unpenalised logistic regression on standardised covariates" in r.stderr
     files = [out] + [tmp_path / f"res.{k}.parquet" for k in ("pairs", "balance", "units")]
@@ -60,7 +60,8 @@ def test_csv_run_writes_valid_files(tmp_path):
     assert meta.schema == "psm_pairs" and pairs.treated_id.str.startswith("u").all()
     assert pairs.groupby(["estimand", "set_id"]).size().max() == 2
     bal, _ = read_table(str(files[2]))
-    assert {"fmt[a]", "fmt[b]", "x1", "x2", "distance"} <= set(bal.variable)
+    assert {"fmt[a]", "fmt[b]", "x1", "x2", "distance", "x1^2", "x1*fmt[b]"} <= set(bal.variable)
+    assert "fmt[a]*fmt[b]" not in set(bal.variable)
     # existing outputs are kept without --force
     r2 = psm(csv, "-t", "t", "-y", "y", "-c", "x1", "-o", out, "--no-refute")
     assert r2.returncode == 3 and "--force" in r2.stderr
@@ -124,6 +125,8 @@ BAD = [
      "pass --replace, or --pool-short"),
     (["-t", "t", "-y", "y", "-c", "x1", "--method", "full", "--max-pairs", "100"],
      "--method full: "),
+    (["-t", "t", "-y", "y", "-c", "x1", "--balance-terms", "cubes"],
+     "--balance-terms: expected 'squares' and/or 'interactions', found 'cubes'"),
 ]
 
 

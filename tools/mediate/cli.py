@@ -38,10 +38,12 @@ def _sibling(output: str, suffix: str) -> str | None:
               "(e.g. 'attn_to.numbers.*'). Each is analysed on its own.")
 @click.option("--covariates", "-c", default="",
               help="Pre-treatment covariates for both models (names or patterns).")
-@click.option("--mediator-model", type=click.Choice(["auto", "linear", "logistic"]),
-              default="auto", show_default=True, help="auto: logistic for 0/1 columns.")
-@click.option("--outcome-model", type=click.Choice(["auto", "linear", "logistic"]),
-              default="auto", show_default=True, help="auto: logistic for 0/1 columns.")
+@click.option("--mediator-model", type=click.Choice(["auto", "linear", "logistic", "probit"]),
+              default="auto", show_default=True,
+              help="auto: logistic for 0/1 columns; probit as in R mediation's framing example.")
+@click.option("--outcome-model", type=click.Choice(["auto", "linear", "logistic", "probit"]),
+              default="auto", show_default=True,
+              help="auto: logistic for 0/1 columns; probit as in R mediation's framing example.")
 @click.option("--interaction", is_flag=True,
               help="Treatment x mediator interaction in the outcome model.")
 @click.option("--ci", "ci_method", type=click.Choice(["quasi-bayesian", "bootstrap"]),

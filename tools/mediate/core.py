@@ -22,7 +22,7 @@ RHO_GRID = np.round(np.linspace(-0.95, 0.95, 39), 4)
 
 @dataclass
 class Options:
-    mediator_model: str = "auto"  # auto | linear | logistic
+    mediator_model: str = "auto"  # auto | linear | logistic | probit
     outcome_model: str = "auto"
     interaction: bool = False
     ci: str = "quasi-bayesian"  # quasi-bayesian | bootstrap
@@ -190,8 +190,8 @@ def prepare(df: pd.DataFrame, treatment: str, outcome: str, mediators: list[str]
 def _kind(choice: str, v: np.ndarray, option: str, col: str) -> str:
     if choice == "auto":
         return "logistic" if _binary(v) else "linear"
-    if choice == "logistic" and not _binary(v):
-        raise InputError(f"{option} logistic: column {col!r} is not 0/1")
+    if choice in ("logistic", "probit") and not _binary(v):
+        raise InputError(f"{option} {choice}: column {col!r} is not 0/1")
     return choice
 
 
@@ -204,6 +204,9 @@ def analyse_one(name: str, m: np.ndarray, d: Data, opt: Options, outcome: str) -
     fy = st.fit_model(d.y, dy, kind_y,
                       ["const", "T", "M", *(["T:M"] if opt.interaction else []), *d.x_names])
     rng = np.random.default_rng([opt.seed, zlib.crc32(name.encode())])
+    if opt.ci == "bootstrap" and "probit" in (kind_m, kind_y):
+        raise InputError("--ci bootstrap: the bootstrap refits logistic and linear models "
+                         "only; use the quasi-Bayesian intervals with a probit model")
     if opt.ci == "bootstrap":
         point = st.point_effects(fm, fy, d.X, spec, rng)
         draws = st.bootstrap(d.t, m, d.y, d.X, fm, fy, spec, opt.sims, rng)

@@ -1,8 +1,8 @@
 """Causal mediation analysis (Imai, Keele & Tingley 2010), vectorised.
 
 Models (one mediator at a time, covariates X in both):
-  mediator  M ~ 1 + T + X                 linear (OLS) or logistic
-  outcome   Y ~ 1 + T + M [+ T:M] + X     linear (OLS) or logistic
+  mediator  M ~ 1 + T + X                 linear (OLS), logistic or probit
+  outcome   Y ~ 1 + T + M [+ T:M] + X     linear (OLS), logistic or probit
 
 With mu(a, b) = mean over units of E[Y(t_a, M(t_b))] the quantities are (R's ``mediate``
 names in brackets): ACME(control) = mu(0,1) - mu(0,0) [d0], ACME(treated) = mu(1,1) - mu(1,0)
@@ -18,8 +18,8 @@ Inference, as in R's ``mediation`` and ``statsmodels.stats.mediation``:
 
 Hand-rolled for speed: R and statsmodels loop over draws and simulate a mediator value per
 unit; here all draws are matrix algebra. Where E over the mediator's distribution has a
-closed form it is used exactly (linear outcome: E[M]; logistic mediator with logistic
-outcome: the two-point mixture); for a logistic outcome with a linear mediator one mediator
+closed form it is used exactly (linear outcome: E[M]; binary mediator with binary
+outcome: the two-point mixture); for a binary outcome with a linear mediator one mediator
 draw per unit and simulation is used, as in R (the same noise under both treatment values).
 The bootstrap refits use weighted least squares / Newton steps on resampling counts.
 """
@@ -30,7 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
-from scipy.special import expit
+from scipy.special import expit, ndtr
+
+INV_LINK = {"logistic": expit, "probit": ndtr}  # binary models: P(1) from the linear predictor
 
 EFFECTS = (
     "acme_control", "acme_treated", "acme_average",
@@ -42,7 +44,7 @@ EFFECTS = (
 
 @dataclass
 class ModelFit:
-    kind: str  # "linear" | "logistic"
+    kind: str  # "linear" | "logistic" | "probit"
     params: np.ndarray
     cov: np.ndarray
     sigma: float | None  # residual SD (linear), df-corrected as R's summary()$sigma
@@ -62,8 +64,9 @@ def fit_model(y: np.ndarray, X: np.ndarray, kind: str, names: list[str]) -> Mode
                         float(np.sqrt(r.scale)), names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = sm.Logit(y, X).fit(disp=0, method="newton", maxiter=100)
-    return ModelFit("logistic", np.asarray(r.params), np.asarray(r.cov_params()), None, names,
+        model = sm.Probit if kind == "probit" else sm.Logit
+        r = model(y, X).fit(disp=0, method="newton", maxiter=100)
+    return ModelFit(kind, np.asarray(r.params), np.asarray(r.cov_params()), None, names,
                     converged=bool(r.mle_retvals.get("converged", True)))
 
 
@@ -98,6 +101,7 @@ def mu_table(thM: np.ndarray, thY: np.ndarray, sigma_m: float | None, kind_m: st
     bX = thY[:, spec.y_x_start:]
     xbar = X.mean(axis=0)
     mu = np.empty((2, 2, J))
+    inv_m, inv_y = INV_LINK.get(kind_m), INV_LINK.get(kind_y)
     slope = [bM + bTM * tv[a] for a in (0, 1)]  # d E[Y] / d M under t_a
 
     if kind_y == "linear":
@@ -108,7 +112,7 @@ def mu_table(thM: np.ndarray, thY: np.ndarray, sigma_m: float | None, kind_m: st
             for s in _chunks(J, len(X), chunk_elems):
                 base = a0[s, None] + aX[s] @ X.T
                 for b in (0, 1):
-                    em[b][s] = expit(base + aT[s, None] * tv[b]).mean(axis=1)
+                    em[b][s] = inv_m(base + aT[s, None] * tv[b]).mean(axis=1)
         cst = b0 + bX @ xbar
         for a in (0, 1):
             for b in (0, 1):
@@ -124,17 +128,17 @@ def mu_table(thM: np.ndarray, thY: np.ndarray, sigma_m: float | None, kind_m: st
         if buf is None or buf.shape != baseM.shape:
             buf = np.empty_like(baseM)
             mb = np.empty_like(baseM)
-        if kind_m == "logistic":
+        if kind_m != "linear":
             # E over M in {0, 1}: p_b * E[Y | m=1] + (1 - p_b) * E[Y | m=0]
             p = []
             for b in (0, 1):
                 pb = baseM + (aT[s] * tv[b])[:, None]
-                p.append(expit(pb, out=pb))
+                p.append(inv_m(pb, out=pb))
             for a in (0, 1):
                 np.add(baseY, (bT[s] * tv[a])[:, None], out=buf)
-                y0 = expit(buf)
+                y0 = inv_y(buf)
                 buf += slope[a][s, None]
-                y1 = expit(buf, out=buf)
+                y1 = inv_y(buf, out=buf)
                 y1 -= y0  # mean(p y1 + (1 - p) y0) = mean(y0) + mean(p (y1 - y0))
                 m0 = y0.mean(axis=1)
                 for b in (0, 1):
@@ -150,7 +154,7 @@ def mu_table(thM: np.ndarray, thY: np.ndarray, sigma_m: float | None, kind_m: st
                     np.multiply(mb, slope[a][s, None], out=buf)
                     buf += baseY
                     buf += (bT[s] * tv[a])[:, None]
-                    expit(buf, out=buf)
+                    inv_y(buf, out=buf)
                     mu[a, b, s] = buf.mean(axis=1)
     return mu
 

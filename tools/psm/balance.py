@@ -14,6 +14,8 @@ score), before ("all") and after ("matched") matching:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -30,14 +32,43 @@ def wvar(x: np.ndarray, w: np.ndarray) -> float:
     return float(np.sum(w * (x - m) ** 2) / denom)
 
 
+@dataclass
+class SortedColumn:
+    """One column sorted once (stable) with its treatment flags, reused by every call."""
+
+    order: np.ndarray
+    xs: np.ndarray
+    ts: np.ndarray
+    distinct: bool  # every value once: each subset's eCDF steps at every unit
+
+    @classmethod
+    def of(cls, x: np.ndarray, t: np.ndarray) -> SortedColumn:
+        order = np.argsort(x, kind="stable")
+        xs = x[order]
+        return cls(order, xs, t[order], bool(np.all(xs[1:] != xs[:-1])))
+
+
 def ecdf_diffs(x, t, w, order=None) -> tuple[float, float]:
     """Mean and max |F_t - F_c| of the weighted eCDFs over the distinct values of x among
-    the units with w > 0. ``order`` (argsort of x) may be passed to reuse one sort."""
-    if order is None:
-        order = np.argsort(x, kind="stable")
-    ws, ts, xs = w[order], t[order], x[order]
+    the units with w > 0. ``order`` (argsort of x, or a :class:`SortedColumn`) may be
+    passed to reuse one sort."""
+    if isinstance(order, SortedColumn):
+        ws = w[order.order]
+        if order.distinct:
+            keep = ws > 0
+            ws, ts = (ws, order.ts) if keep.all() else (ws[keep], order.ts[keep])
+            w1 = ws * ts
+            c = np.cumsum(w1) / w1.sum() - np.cumsum(ws - w1) / (ws.sum() - w1.sum())
+            d = np.abs(c)
+            return float(d.mean()), float(d.max())
+        ts, xs = order.ts, order.xs
+    else:
+        if order is None:
+            order = np.argsort(x, kind="stable")
+        ws, ts, xs = w[order], t[order], x[order]
     keep = ws > 0
-    ws, ts, xs = ws[keep], ts[keep], xs[keep]
+    if not keep.all():
+        ws, ts, xs = ws[keep], ts[keep], xs[keep]
     w1 = np.where(ts == 1, ws, 0.0)
     w0 = ws - w1
     c1 = np.cumsum(w1) / w1.sum()
@@ -47,15 +78,26 @@ def ecdf_diffs(x, t, w, order=None) -> tuple[float, float]:
     return float(d.mean()), float(d.max())
 
 
-def scale_sd(x: np.ndarray, t: np.ndarray, estimand: str) -> float:
-    """The SMD denominator in the full sample (before matching)."""
-    s1 = np.std(x[t == 1], ddof=1) if np.sum(t == 1) > 1 else np.nan
-    s0 = np.std(x[t == 0], ddof=1) if np.sum(t == 0) > 1 else np.nan
+def group_sds(x: np.ndarray, t: np.ndarray) -> tuple[float, float]:
+    """SDs of x among the treated and the controls (NaN for a group of fewer than 2)."""
+    m1 = t == 1
+    s1 = np.std(x[m1], ddof=1) if np.sum(m1) > 1 else np.nan
+    s0 = np.std(x[~m1], ddof=1) if np.sum(~m1) > 1 else np.nan
+    return float(s1), float(s0)
+
+
+def scale_from(s1: float, s0: float, estimand: str) -> float:
+    """The SMD denominator for an estimand from the group SDs (:func:`group_sds`)."""
     if estimand == "ATT":
         return float(s1)
     if estimand == "ATC":
         return float(s0)
     return float(np.sqrt((s1**2 + s0**2) / 2))
+
+
+def scale_sd(x: np.ndarray, t: np.ndarray, estimand: str) -> float:
+    """The SMD denominator in the full sample (before matching)."""
+    return scale_from(*group_sds(x, t), estimand)
 
 
 def balance_row(x, t, w, binary: bool, sd: float, order=None) -> dict[str, float | None]:

@@ -86,9 +86,12 @@ def _sibling(output: str, suffix: str) -> str | None:
 @click.option("--max-pairs", type=click.IntRange(min=1), default=10_000_000,
               show_default=True,
               help="--method optimal/full: refuse a stratum with more treated x control pairs.")
-@click.option("--estimator", type=click.Choice(["diff", "regression"]), default="diff",
-              show_default=True,
-              help="diff: weighted difference in means of the matched sample; regression: "
+@click.option("--estimator", type=click.Choice(["diff", "bias-corrected", "regression"]),
+              default="diff", show_default=True,
+              help="diff: weighted difference in means of the matched sample; "
+              "bias-corrected: the same with each match's outcome moved to its focal unit's "
+              "covariates by a linear regression (Abadie-Imbens 2011; inexact matches, as "
+              "within a caliper without replacement, otherwise leave a bias); regression: "
               "g-computation (outcome on treatment, centred covariates and their "
               "interactions) on the matched sample, cluster-robust SEs by matched set.")
 @click.option("--ratio", "-k", type=click.IntRange(min=1), default=1, show_default=True,
@@ -106,10 +109,14 @@ def _sibling(output: str, suffix: str) -> str | None:
               help="Order in which focal units pick their matches without replacement "
               "[default: MatchIt's: largest distance first for the ATT, smallest for the ATC, "
               "data order for a Mahalanobis distance]. random uses --seed.")
-@click.option("--ties", type=click.Choice(["canonical", "data", "matchit-4.5.1"]),
+@click.option("--ties", type=click.Choice(["canonical", "all", "data", "matchit-4.5.1"]),
               default="canonical", show_default=True,
               help="canonical: equidistant candidates are ordered by the canonical unit order "
-              "(results independent of the input's row order); data: R MatchIt's rule (sort "
+              "(results independent of the input's row order); all: with replacement, every "
+              "unit as near as the k-th match joins the set, each weighted 1/(set size) "
+              "(Abadie-Imbens; use it with discrete covariates, where one tie rule would send "
+              "every tied unit to the same match; without replacement or with a Mahalanobis "
+              "distance or --caliper-on it is canonical); data: R MatchIt's rule (sort "
               "by distance keeping the input's row order, take the nearer neighbour, the left "
               "one on a tie); matchit-4.5.1: as data, plus the integer truncation of distance "
               "differences in MatchIt 4.5.1-4.5.3 (MatchIt issue #163: the propensity "
@@ -150,6 +157,11 @@ def _sibling(output: str, suffix: str) -> str | None:
               help="Run DoWhy's placebo, random-common-cause and data-subset refuters.")
 @click.option("--refute-sims", type=click.IntRange(min=2), default=50, show_default=True,
               help="Simulations per refuter (each re-runs the propensity fit and matching).")
+@click.option("--balance-terms", "balance_terms", default="",
+              help="Also report balance on these terms of the covariates, as cobalt's "
+              "poly = 2 / int = TRUE: 'squares' (each non-binary covariate squared, "
+              "'x^2'), 'interactions' (each pair of encoded columns, 'a*b'; levels of one "
+              "categorical are skipped), or 'squares,interactions'.")
 @click.option("--dropna", is_flag=True,
               help="Drop rows with missing treatment/outcome/covariates (reported).")
 @output_option(help="Summary JSON ('-' for stdout).")
@@ -164,8 +176,8 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
          match_method, stabilize, trim, learner, folds, n_subclass, max_pairs, estimator, ratio,
          replace, distance, m_order,
          ties, caliper, no_caliper, caliper_on, common_support, exact, mahvars, pool_short,
-         estimands, se, n_boot, refute, refute_sims, dropna, output, pairs, balance, units,
-         force, seed):
+         estimands, se, n_boot, refute, refute_sims, balance_terms, dropna, output, pairs,
+         balance, units, force, seed):
     """Propensity score matching of TABLE: balance, ATT/ATC/ATE, sensitivity.
 
     Every level of --treatment is compared with the reference level. Writes the summary
@@ -234,6 +246,11 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
     if u.dropped_na:
         log(f"dolm-psm: --dropna: dropped {u.dropped_na['rows']} rows with missing values "
             f"({u.dropped_na['by_column']})")
+    terms = tuple(x.strip() for x in balance_terms.split(",") if x.strip())
+    bad_terms = sorted(set(terms) - {"squares", "interactions"})
+    if bad_terms:
+        raise InputError(f"--balance-terms: expected 'squares' and/or 'interactions', "
+                         f"found {', '.join(map(repr, bad_terms))}")
     opt = Options(method=propensity, ratio=ratio, replace=replace, caliper=cal,
                   common_support=common_support, distance=distance, m_order=m_order,
                   ties=ties, exact=tuple(exact_cols), mahvars=tuple(mah_cols),
@@ -242,7 +259,7 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
                   estimator=estimator, stabilize=stabilize, trim=trim, learner=learner,
                   folds=folds,
                   estimands=est, se=se, n_boot=n_boot, seed=seed, refute=refute,
-                  refute_sims=refute_sims)
+                  refute_sims=refute_sims, balance_terms=terms)
     res = run_psm(u, opt)
     summary = {"tool": "psm", "input": str(table), **res.summary,
                "covariates_from": "dag" if dag_info else "option", "dag": dag_info}

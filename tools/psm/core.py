@@ -41,7 +41,7 @@ class Options:
     positivity_eps: float = 0.01
     distance: str = "logit"  # ps | logit | mahalanobis | robust-mahalanobis
     m_order: str | None = None  # largest | smallest | random | data; None = MatchIt's default
-    ties: str = "canonical"  # canonical (row-order free) | data (MatchIt) | matchit-4.5.1
+    ties: str = "canonical"  # canonical (row-order free) | all | data (MatchIt) | matchit-4.5.1
     exact: tuple[str, ...] = ()  # columns matched exactly
     mahvars: tuple[str, ...] = ()  # Mahalanobis on these within the propensity caliper
     caliper_on: tuple[tuple[str, float], ...] = ()  # (column, SDs of the column)
@@ -49,11 +49,12 @@ class Options:
     match_method: str = "nearest"  # nearest | optimal | full | exact | cem | subclass
     n_subclass: int = 6
     max_pairs: int = 10_000_000  # optimal/full: budget of the dense distance matrix
-    estimator: str = "diff"  # diff (matched difference) | regression (g-computation)
+    estimator: str = "diff"  # diff | bias-corrected (Abadie-Imbens 2011) | regression
     stabilize: bool = False  # ipw: stabilised ATE weights
     trim: float = 0.0  # ipw: drop propensity outside [trim, 1 - trim]
     learner: str = "linear"  # aipw: linear | gbm
     folds: int = 5  # aipw cross-fitting folds
+    balance_terms: tuple[str, ...] = ()  # squares | interactions: extra balance rows
 
 
 STRATA_METHODS = ("exact", "cem", "subclass")
@@ -130,7 +131,8 @@ def match_contrast(
     width = None if opt.caliper is None else opt.caliper * sd
     m = Matched(ps=ps, lg=lg, keep=keep, caliper_width=width, sd_logit=sd, info=info)
     ex = extra or Extra(data_rank=rank)
-    tie_rank = ex.data_rank if opt.ties != "canonical" else rank
+    data_ties = opt.ties in ("data", "matchit-4.5.1")
+    tie_rank = ex.data_rank if data_ties else rank
     Z = None
     if opt.distance in ("mahalanobis", "robust-mahalanobis") or opt.mahvars:
         base = ex.X_mah if opt.mahvars else ex.X_all
@@ -203,13 +205,13 @@ def match_contrast(
                     Z[focal], Z[pool], tie_rank[pool], order, opt.ratio, replace,
                     width if (opt.mahvars or opt.caliper is not None) else None,
                     scalar[focal], scalar[pool], cf, cp, cal_w)
-            elif opt.ties != "canonical" or cal_w is not None:
+            elif data_ties or cal_w is not None:
                 res = nearest.match_scalar(scalar[focal], scalar[pool], tie_rank[focal],
                                            tie_rank[pool], order, opt.ratio, replace, width,
                                            cf, cp, cal_w, matchit451=opt.ties == "matchit-4.5.1")
             else:
                 res = match(scalar[focal], scalar[pool], rank[focal], rank[pool], opt.ratio,
-                            replace, width, order=order)
+                            replace, width, order=order, all_ties=opt.ties == "all" and replace)
             fs.append(focal[res.focal])
             ps_.append(pool[res.pool])
             ds.append(res.distance)
@@ -239,6 +241,29 @@ def _optimal(opt: Options, dname: str, scalar, focal, pool, width, Z):
     got[f] = True
     o = np.lexsort((p, f))
     return Matches(f[o], p[o], D[f[o], p[o]], np.flatnonzero(~got))
+
+
+def balance_terms(X: np.ndarray, D, terms: tuple[str, ...]) -> list[tuple]:
+    """Balance columns (name, values, binary, kind) for squares and pairwise interactions
+    of the encoded covariates (cobalt's poly = 2 and int = TRUE); constant products (two
+    levels of one categorical) are left out."""
+    out = []
+    p = X.shape[1]
+    if "squares" in terms:
+        out += [(f"{D.names[j]}^2", X[:, j] ** 2, False, "continuous")
+                for j in range(p) if not D.binary[j]]
+    if "interactions" in terms:
+        for a in range(p):
+            for b in range(a + 1, p):
+                if D.source[a] == D.source[b]:
+                    continue
+                v = X[:, a] * X[:, b]
+                if np.ptp(v) == 0:
+                    continue
+                both = D.binary[a] and D.binary[b]
+                out.append((f"{D.names[a]}*{D.names[b]}", v, both,
+                            "binary" if both else "continuous"))
+    return out
 
 
 def _directions(estimands: tuple[str, ...]) -> tuple[str, ...]:
@@ -410,7 +435,10 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         sets[dname] = eff.set_diffs(y, pf, pm, dname == "ATT")
 
     rng = np.random.default_rng([opt.seed, 17])
-    sigma2 = eff.cond_var(m.lg, y, t) if opt.se == "ai" and m.subclass is None else None
+    sigma2 = None
+    if opt.se == "ai" and m.subclass is None:
+        def sigma2(need: np.ndarray, _lg=m.lg) -> np.ndarray:
+            return eff.cond_var(_lg, y, t, need=need)
     effects = []
     sensitivity: dict[str, Any] = {}
     sd_y = float(np.std(y, ddof=1))
@@ -446,7 +474,12 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
                 r = est_mod.wls_effect(y, t, w, X=Xm, target=est, cluster=_clusters(n, use))
                 r["n_sets"] = int(sum(len(u.focal) for u in use))
             else:
+                if opt.estimator == "bias-corrected":
+                    use = [eff.bias_correct(sets[d], Xm, y, d == "ATT")
+                           for d in _directions((est,))]
                 r = eff.estimate(use, n, sigma2, opt.se, opt.n_boot, rng)
+                if opt.estimator == "bias-corrected":
+                    r["se_method"] += "; Abadie-Imbens (2011) regression bias correction"
             r = {"estimand": est, **r, **_population(est, sets, t, m)}
         effects.append(r)
         weights[est] = w
@@ -466,17 +499,20 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         (nm, Xall[:, j], D.binary[j], "binary" if D.binary[j] else "continuous")
         for j, nm in enumerate(D.names)
     ]
+    cols += balance_terms(Xall, D, opt.balance_terms)
     ones = np.ones(n)
     counts = {}
     flagged: dict[str, dict[str, list[str]]] = {}
-    orders: dict[int, np.ndarray | None] = {}
+    orders: dict[int, bal.SortedColumn | None] = {}
+    sds: dict[int, tuple[float, float]] = {}
     before: dict[int, dict] = {}
     for est in opt.estimands:
         w = weights[est]
         for j, (name, x, binary, kind) in enumerate(cols):
-            sd = bal.scale_sd(x, t, est)
-            if j not in orders:
-                orders[j] = None if binary else np.argsort(x, kind="stable")
+            if j not in orders:  # sorted once per column, reused by every estimand
+                orders[j] = None if binary else bal.SortedColumn.of(x, t)
+                sds[j] = bal.group_sds(x, t)
+            sd = bal.scale_from(*sds[j], est)
             for sample, ww in (("all", ones), ("matched", w)):
                 if sample == "all":  # the same for every estimand but the SMD's scale
                     if j not in before:

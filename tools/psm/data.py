@@ -207,7 +207,8 @@ def prepare(
         s = work[c]
         if pd.api.types.is_bool_dtype(s):
             work[c] = s.astype(float)
-        nun = work[c].nunique()
+        num = pd.api.types.is_numeric_dtype(work[c])
+        nun = work[c].nunique() if not num else (2 if work[c].min() < work[c].max() else 1)
         if nun < 2:
             val = work[c].iloc[0] if len(work) else None
             raise InputError(

@@ -57,11 +57,14 @@ def match(
     replace: bool = False,
     caliper: float | None = None,
     order: np.ndarray | None = None,
+    all_ties: bool = False,
 ) -> Matches:
     """Match every focal unit to up to ``k`` pool units on the scalar distance ``d``.
 
     Among pool units at equal distance the one with the smallest ``rank`` wins. ``order``:
     the focal units' matching order without replacement (default: largest ``d`` first).
+    ``all_ties`` (with replacement only): every pool unit as near as the k-th nearest joins
+    the set (Abadie & Imbens 2006's J_M(i)), so a set can hold more than ``k`` units.
     """
     cal = np.inf if caliper is None else float(caliper)
     if len(d_pool) == 0 or len(d_focal) == 0:
@@ -69,6 +72,8 @@ def match(
         return Matches(e, e, np.zeros(0), np.arange(len(d_focal)))
     if replace:
         f, p, dist = _with_replacement(d_focal, d_pool, rank_pool, k, cal)
+        if all_ties:
+            f, p, dist = _add_ties(d_focal, d_pool, f, dist)
     else:
         pool_order = np.lexsort((rank_pool, d_pool))
         vals = d_pool[pool_order]
@@ -91,6 +96,17 @@ def _with_replacement(d_focal, d_pool, rank_pool, k, cal):
     down = np.lexsort((-rank_pool, d_pool))  # read right-to-left: value down, rank up
     vals = d_pool[up]
     pos = np.searchsorted(vals, d_focal)
+    if kk == 1:  # the nearer of two candidates; on equal distance the smaller rank
+        r_ok, l_ok = pos < n, pos > 0
+        r = up[np.minimum(pos, n - 1)]
+        lft = down[np.maximum(pos - 1, 0)]
+        dr = np.where(r_ok, d_pool[r] - d_focal, np.inf)
+        dl = np.where(l_ok, d_focal - d_pool[lft], np.inf)
+        take_r = (dr < dl) | ((dr == dl) & (rank_pool[r] < rank_pool[lft]))
+        best = np.where(take_r, r, lft)
+        bdist = np.where(take_r, dr, dl)
+        ok = bdist <= cal
+        return np.flatnonzero(ok), best[ok], bdist[ok]
     right = pos[:, None] + np.arange(kk)[None, :]
     left = pos[:, None] - 1 - np.arange(kk)[None, :]
     okr, okl = right < n, left >= 0
@@ -106,6 +122,29 @@ def _with_replacement(d_focal, d_pool, rank_pool, k, cal):
     ok = bdist <= cal
     f = np.repeat(np.arange(len(d_focal)), kk).reshape(len(d_focal), kk)
     return f[ok], best[ok], bdist[ok]
+
+
+def _add_ties(d_focal, d_pool, f, dist):
+    """Every pool unit no farther than each focal unit's farthest match (within the caliper
+    that match already passed)."""
+    if len(f) == 0:
+        return f, np.zeros(0, dtype=np.int64), dist
+    dk = np.zeros(len(d_focal))
+    np.maximum.at(dk, f, dist)
+    foc = np.unique(f)
+    x, r = d_focal[foc], dk[foc]
+    srt = np.argsort(d_pool, kind="stable")
+    vals = d_pool[srt]
+    slack = 1e-9 * (1.0 + np.abs(x) + r)  # |v - x| <= r is checked exactly below
+    lo = np.searchsorted(vals, x - r - slack, "left")
+    hi = np.searchsorted(vals, x + r + slack, "right")
+    cnt = hi - lo
+    ff = np.repeat(foc, cnt)
+    start = np.repeat(lo - np.concatenate([[0], np.cumsum(cnt)[:-1]]), cnt)
+    j = start + np.arange(cnt.sum())
+    dd = np.abs(vals[j] - d_focal[ff])
+    ok = dd <= dk[ff]
+    return ff[ok], srt[j[ok]], dd[ok]
 
 
 def _find(parent: list[int], x: int) -> int:

@@ -13,6 +13,7 @@ the ATT came out below zero for a true effect of 1.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -34,10 +35,17 @@ def fit_propensity(
     Runs single-threaded: these fits are small, and OpenMP/BLAS thread pools on a busy
     machine cost far more than they gain (HistGradientBoosting: 20 s vs 0.4 s on 600 rows).
     """
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
+    with _controller().limit(limits=1):
         return _fit(X, t, names, method, seed)
+
+
+@functools.cache
+def _controller():
+    """One threadpoolctl controller per process: finding the loaded BLAS/OpenMP libraries
+    costs ~0.1 s of CPU, more than a 100k-unit logistic fit's share of a run."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def _fit(X, t, names, method, seed):

@@ -24,29 +24,38 @@ import numpy as np
 from scipy import optimize, stats
 
 
-def rosenbaum_p_upper(d: np.ndarray, gamma: float) -> float:
-    """Upper bound of the one-sided signed-rank p-value (alternative: effect > 0)."""
+def _rank_sums(d: np.ndarray) -> tuple[float, float, float, int]:
+    """(T, sum of ranks, sum of squared ranks, n) of the signed-rank test on d != 0."""
     d = d[d != 0]
     if len(d) == 0:
-        return 1.0
+        return 0.0, 0.0, 0.0, 0
     r = stats.rankdata(np.abs(d))
-    T = float(np.sum(r[d > 0]))
+    return float(np.sum(r[d > 0])), float(r.sum()), float(np.sum(r**2)), len(d)
+
+
+def _p_upper(sums: tuple[float, float, float, int], gamma: float) -> float:
+    T, s1, s2, n = sums
+    if n == 0:
+        return 1.0
     pp = gamma / (1 + gamma)
-    E = pp * r.sum()
-    V = pp * (1 - pp) * np.sum(r**2)
-    return float(stats.norm.sf((T - E) / np.sqrt(V)))
+    return float(stats.norm.sf((T - pp * s1) / np.sqrt(pp * (1 - pp) * s2)))
+
+
+def rosenbaum_p_upper(d: np.ndarray, gamma: float) -> float:
+    """Upper bound of the one-sided signed-rank p-value (alternative: effect > 0)."""
+    return _p_upper(_rank_sums(d), gamma)
 
 
 def rosenbaum(d: np.ndarray, alpha: float = 0.05, grid=(1, 1.25, 1.5, 2, 3, 5)) -> dict:
     sign = 1.0 if np.mean(d) >= 0 else -1.0
-    dd = sign * np.asarray(d, dtype=float)
-    table = [{"gamma": float(g), "p_upper": rosenbaum_p_upper(dd, g)} for g in grid]
-    p1 = rosenbaum_p_upper(dd, 1.0)
+    sums = _rank_sums(sign * np.asarray(d, dtype=float))  # ranked once for every Gamma
+    table = [{"gamma": float(g), "p_upper": _p_upper(sums, g)} for g in grid]
+    p1 = _p_upper(sums, 1.0)
     if p1 >= alpha:
         gcrit = None
         note = f"not significant at alpha={alpha} even without hidden bias (Gamma = 1)"
     else:
-        f = lambda lg: rosenbaum_p_upper(dd, float(np.exp(lg))) - alpha  # noqa: E731
+        f = lambda lg: _p_upper(sums, float(np.exp(lg))) - alpha  # noqa: E731
         hi = np.log(2.0)
         while f(hi) < 0 and hi < np.log(1e6):
             hi *= 2
