@@ -294,16 +294,21 @@ class Patcher:
             starts = {c.start for c in cells}
             sites = engine.cache_sites(lm, sorted(keys) + sorted(starts))
             sites = [s for s in sites if s]
+            # the base run's keys/values, when the model can reuse them for the prefix
+            base_kv = [] if lm.supports_prefix_kv() else None
             c_cache, c_read = engine.forward_runs(lm, clean_ids, clean_len, sites,
-                                                  batch_size=o.batch_size, ids=ids_clean)
+                                                  batch_size=o.batch_size, ids=ids_clean,
+                                                  kv=None if denoise else base_kv)
             x_cache, x_read = engine.forward_runs(lm, cor_ids, cor_len, sites, embed_noise=noise,
-                                                  batch_size=o.batch_size, ids=ids_cor)
+                                                  batch_size=o.batch_size, ids=ids_cor,
+                                                  kv=base_kv if denoise else None)
             base_c, src_c = (x_cache, c_cache) if denoise else (c_cache, x_cache)
             runs = engine.Runs(
                 base_entry={lyr: base_c[engine.site_for_key(lm, lyr)] for lyr in starts},
                 src={k: src_c[engine.site_for_key(lm, k)] for k in keys},
                 inst_base=inst_base, inst_src=inst_src, shift=shift, t_base=t_base,
                 ids=ids_cor,  # per instance: its prompt's ids (clean and corrupted share them)
+                kv=base_kv,
             )
             out = engine.run_cells(lm, runs, cells, o.batch_size, progress=tick)
             return cells, owners, out, c_read, x_read, cor_map, None
