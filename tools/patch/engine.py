@@ -52,7 +52,7 @@ class Cell:
 
 
 @dataclass
-class Runs:
+class CachedRuns:
     """Cached states of the base and source runs of a group of instances.
 
     ``base_entry[l]``: ``resid_pre.l`` of the base runs (``l = n_layers``: last block
@@ -95,7 +95,7 @@ def site_for_key(lm, key) -> str:
     return cache_sites(lm, [key])[0]
 
 
-def _gather_src(lm, runs: Runs, key: str, inst: torch.Tensor, t: int) -> torch.Tensor:
+def _gather_src(lm, runs: CachedRuns, key: str, inst: torch.Tensor, t: int) -> torch.Tensor:
     """Source states of ``key`` for instances ``inst`` in base coordinates: (k, t, d)."""
     src = runs.src[key]
     dev = src.device
@@ -111,13 +111,13 @@ def first_position(c: Cell) -> int:
     return min(c.positions) if c.positions is not None else c.lo
 
 
-def cell_prefix(runs: Runs, c: Cell) -> int:
+def cell_prefix(runs: CachedRuns, c: Cell) -> int:
     """Positions of the cell whose keys/values come from the base run (0: none)."""
     return first_position(c) if runs.kv is not None else 0
 
 
 @torch.no_grad()
-def run_chunk(lm, runs: Runs, cells: list[Cell]) -> torch.Tensor:
+def run_chunk(lm, runs: CachedRuns, cells: list[Cell]) -> torch.Tensor:
     """Run one batch of cells (sorted by start layer); return ``read_logits`` rows.
 
     With ``runs.kv`` the positions before the batch's first patched position are taken
@@ -160,27 +160,27 @@ def run_chunk(lm, runs: Runs, cells: list[Cell]) -> torch.Tensor:
     return read_logits(unembed_at(lm, h, runs.t_base[inst] - 1 - p), runs.ids[inst])
 
 
-def run_cells(lm, runs: Runs, cells: list[Cell], batch_size, progress=None) -> torch.Tensor:
+def run_cells(lm, runs: CachedRuns, cells: list[Cell], batch_size, progress=None) -> torch.Tensor:
     """All cells, batched (``batch_size`` rows; ``auto`` backs off on out-of-memory)."""
     from dolm.models.batching import iter_batched
 
     for c in cells:
         c.start = rows_start(lm, c.sites)
     out = torch.empty(len(cells), runs.ids.shape[1] + 2, dtype=torch.float64)
-    # one group per KV prefix (a batch shares one prefix), each sorted by start layer
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, c in enumerate(cells):
-        groups[cell_prefix(runs, c)].append(i)
-    for pre in sorted(groups):
-        order = sorted(groups[pre], key=lambda i: (cells[i].start, i))
+    # cells in order of first patched position, so that a batch's rows share most of
+    # their unchanged prefix (the batch reuses the keys/values before its smallest one);
+    # inside a batch, rows are sorted by start layer (they join at their own layer)
+    order = sorted(range(len(cells)), key=lambda i: (cell_prefix(runs, cells[i]),
+                                                      cells[i].start, i))
 
-        def fn(a: int, z: int, order=order):
-            return run_chunk(lm, runs, [cells[i] for i in order[a:z]])
+    def fn(a: int, z: int):
+        rows = sorted(order[a:z], key=lambda i: (cells[i].start, i))
+        return rows, run_chunk(lm, runs, [cells[i] for i in rows])
 
-        for a, z, res in iter_batched(len(order), fn, batch_size, max_batch_size=64):
-            out[torch.tensor(order[a:z])] = res
-            if progress is not None:
-                progress(z - a)
+    for a, z, (rows, res) in iter_batched(len(order), fn, batch_size, max_batch_size=64):
+        out[torch.tensor(rows)] = res
+        if progress is not None:
+            progress(z - a)
     return out
 
 
