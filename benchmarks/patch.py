@@ -228,8 +228,8 @@ def main(argv=None) -> int:
     lines.append(ratio("dolm-patch / layer floor", t_ours, floor, ""))
     lines.append(ratio("plain HF forwards / dolm-patch", t_hf, t_ours))
     lines += ["", f"Prefix KV reuse: {'on' if lm.supports_prefix_kv() else 'off'} "
-              "(`lm.supports_prefix_kv()`; cells are grouped by patched position, each group "
-              "runs only positions p..T-1)."]
+              "(`lm.supports_prefix_kv()`; cells are ordered by first patched position and "
+              "each batch steps only positions p..T-1, p its smallest)."]
     if max_diff is not None:
         lines += ["", f"Largest difference between the two grids' logit differences: "
                   f"{max_diff:.2e}."]
