@@ -9,7 +9,9 @@ costs the layer-passes it needs and no more. Cells are sorted by start layer and
 into batches; inside a batch a cell *joins* at its start layer (its row is appended to
 the running hidden states), so rows of every start layer share one batch. After the
 last block only the position the metric reads goes through the final norm and the
-unembedding.
+unembedding. Where the model allows it (``lm.supports_prefix_kv()``), positions before a
+batch's first patched position are not recomputed at all: their keys/values come from the
+base run (``CachedRuns.kv``) and cells are ordered by first patched position.
 
 ``resid_pre.l`` and ``resid_post.l`` (= ``resid_pre.(l+1)``) patches are written
 directly into the running hidden states at the entry of a layer; the sites inside a
