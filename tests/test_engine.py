@@ -204,3 +204,91 @@ def test_mediate_interventional_matches_oracle(tiny_lm):
                 lp = torch.log_softmax(logits[read: read + len(tgt)].float(), -1)
                 ref = float(lp.gather(1, torch.tensor(tgt)[:, None]).sum())
                 assert abs(res[key][i, si, 0] - ref) < 1e-4, (key, site, i)
+
+
+LONG = ["the capital of France is a city on the river and the king is",
+        "a red cat and a blue dog is", "the king of the city and the queen of the land are"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "gpt_neox"])
+def test_prefix_kv_equals_full_recompute(tiny_lm, family):
+    """run_rows with the prefix's keys/values from the clean run (lm.forward_kv) gives the
+    full recompute's states at every real position, in batches that mix start layers,
+    patched positions and pad lengths (mistral: prompts longer than its window of 8)."""
+    from dolm.engine import row_writer, rows_start, run_rows
+
+    lm = tiny_lm(family)
+    assert lm.supports_prefix_kv()
+    enc = lm.encode(LONG)
+    n, t = lm.n_layers, enc.input_ids.shape[1]
+    assert min(enc.lengths) < t and (family != "mistral" or t > 8)
+    with torch.no_grad():
+        hs = lm.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                      output_hidden_states=True, use_cache=False).hidden_states
+        _, kv = lm.forward_kv(enc.input_ids, enc.attention_mask)
+    rng = torch.Generator().manual_seed(0)
+    variants = [(0, "resid_pre.0", 5), (1, "attn_out.0", 6), (2, "mlp_out.1", 7),
+                (0, f"resid_pre.{n - 1}", 9), (2, "resid_pre.1", 5), (1, "mlp_out.0", 4)]
+    variants.sort(key=lambda v: rows_start(lm, [v[1]]))
+    prompts = [p for p, _, _ in variants]
+    starts = [rows_start(lm, [s]) for _, s, _ in variants]
+    values = torch.randn(len(variants), lm.d_model, generator=rng)
+
+    def run(prefix):
+        writes = {}
+        for site in {s for _, s, _ in variants}:
+            rows = [i for i, v in enumerate(variants) if v[1] == site]
+            mask = torch.zeros(len(rows), t, dtype=torch.bool)
+            value = torch.zeros(len(rows), t, lm.d_model)
+            for q, i in enumerate(rows):
+                mask[q, variants[i][2]] = True
+                value[q, variants[i][2]] = values[i]
+            writes[site] = row_writer(rows, mask[:, prefix:], value[:, prefix:])
+
+        def past(layer, k):
+            return kv[layer][0][prompts[:k]], kv[layer][1][prompts[:k]]
+
+        with torch.no_grad():
+            return run_rows(lm, starts, lambda lyr, a, z: hs[lyr][prompts[a:z]], t, writes,
+                            prefix=prefix, past=past if prefix else None)
+
+    full = run(0)
+    for prefix in (1, 4):
+        got = run(prefix)
+        assert got.shape[1] == t - prefix
+        for i, p in enumerate(prompts):
+            real = enc.lengths[p] - prefix
+            torch.testing.assert_close(got[i, :real], full[i, prefix:prefix + real],
+                                       atol=1e-5, rtol=1e-5)
+
+
+def _values(rows):
+    """Logit differences and probabilities (recovery divides by small differences)."""
+    return [r["value"] for r in rows if r["metric"] in ("logit_diff", "prob_target")]
+
+
+def test_patch_prefix_kv_matches_full_recompute(tiny_lm):
+    """dolm-patch's grid (every position, joint and windowed cells, both directions) is the
+    same with and without prefix KV reuse."""
+    from test_patch_helpers import PAIRS, patch_rows, prompts_df
+
+    lm = tiny_lm("gpt2")
+    df = prompts_df(PAIRS)
+    out = {}
+    for reuse in (True, False):
+        lm._prefix_kv_ok = reuse
+        try:
+            for direction in ("denoise", "noise"):
+                rows, _, _ = patch_rows(lm, df, sites="resid_pre,mlp_out,head.1.*",
+                                        direction=direction, window=3, batch_size=7)
+                out[reuse, direction] = _values(rows)
+            rows, _, _ = patch_rows(lm, df, sites="resid_post,attn_out", positions="span:subject",
+                                    joint=True, batch_size=4)
+            out[reuse, "joint"] = _values(rows)
+        finally:
+            lm._prefix_kv_ok = None
+    for key in ("denoise", "noise", "joint"):
+        a = np.array(out[True, key], dtype=float)
+        b = np.array(out[False, key], dtype=float)
+        assert len(a) > 20
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

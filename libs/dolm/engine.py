@@ -15,6 +15,13 @@ layer share one batch and each row costs exactly the layers it needs. Blocks run
 unpadded row of the batch's length: rows are right-padded and attention is causal, so pad
 positions never reach a real position and one context broadcasts over any number of rows.
 
+Prefix KV reuse: rows that change no position before ``p`` need not recompute those
+positions in any layer; their keys/values come from the clean run (``lm.forward_kv``) and
+only positions ``p..`` are stepped (``run_rows(prefix=p, past=...)``), for every model
+whose blocks take a KV cache (``lm.supports_prefix_kv()``, checked against the full
+recompute; others keep ``prefix=0``). Rows are right-padded, so a prefix shorter than
+every row's patched position holds only real tokens.
+
 The one start-layer rule is :func:`start_layer`; :func:`entry_site` names the cached
 state a row starting at a layer joins with; :func:`row_writer` is the one write function
 (rows of the batch, a position mask, new values).
@@ -117,30 +124,42 @@ def split_writes(lm, writes: dict) -> tuple[dict[int, list[Callable]], dict]:
     return entry, block
 
 
-def context_for(lm, t: int, cache: dict | None = None):
-    """Per-block arguments for one unpadded row of length ``t`` (cached in ``cache``)."""
-    ctx = cache.get(t) if cache is not None else None
+def context_for(lm, t: int, cache: dict | None = None, prefix: int = 0):
+    """Per-block arguments for one unpadded row of length ``t`` whose positions before
+    ``prefix`` come from cached keys/values (cached in ``cache``)."""
+    ctx = cache.get((t, prefix)) if cache is not None else None
     if ctx is None:
-        ctx = lm.layer_context(torch.ones(1, t, dtype=torch.long, device=lm.device))
+        ctx = lm.layer_context(torch.ones(1, t, dtype=torch.long, device=lm.device),
+                               prefix=prefix)
         if cache is not None:
-            cache[t] = ctx
+            cache[(t, prefix)] = ctx
     return ctx
 
 
 def run_rows(lm, starts: Sequence[int], entry: Callable[[int, int, int], torch.Tensor], t: int,
              writes: dict | None = None, *, tokens: torch.Tensor | None = None,
-             contexts: dict | None = None) -> torch.Tensor:
-    """Step one batch of rows through the layers; return the last block's output (B, t, d).
+             contexts: dict | None = None, prefix: int = 0,
+             past: Callable[[int, int], tuple] | None = None) -> torch.Tensor:
+    """Step one batch of rows through the layers; return the last block's output.
 
     ``starts``: each row's start layer, non-decreasing. ``entry(layer, a, z)``: the
     cached hidden states at the entry of ``layer`` for rows ``a..z`` ((z - a, >= t, d)).
     ``writes``: ``{site: fn(act, batch_index)}`` (see :func:`row_writer`); each function
     only touches rows whose start is at or below its site's layer. ``tokens``: (B, t) ids
     of the rows that write ``embed`` (they start at 0 and run from their tokens).
+
+    KV reuse: with ``prefix = p > 0`` no row changes a position before ``p``, so those
+    positions are not recomputed: their keys/values in every layer come from the clean
+    run, ``past(layer, k) -> (keys, values)`` of rows ``0..k`` at positions ``< p``
+    ((k, kv_heads, >= p, head_dim), e.g. from ``lm.forward_kv``). Only positions
+    ``p..t-1`` are stepped: writes and the result (B, t - p, d) are in those coordinates
+    (position ``q`` is index ``q - p``). Needs ``lm.supports_prefix_kv()``.
     """
     n, b = lm.n_layers, len(starts)
+    if prefix and (past is None or tokens is not None):
+        raise ValueError("run_rows: a prefix needs past keys/values and no embed rows")
     entry_writes, block_writes = split_writes(lm, writes)
-    ctx = context_for(lm, t, contexts)
+    ctx = context_for(lm, t, contexts, prefix)
     dev = lm.device
     h = None
     j = 0
@@ -155,14 +174,25 @@ def run_rows(lm, starts: Sequence[int], entry: Callable[[int, int, int], torch.T
                 if lyr == 0 and tokens is not None:
                     new = lm.embed_resid(tokens[j:k].to(dev))
                 else:
-                    new = entry(lyr, j, k)[:, :t].to(device=dev, dtype=lm.dtype)
+                    new = entry(lyr, j, k)[:, prefix:t].to(device=dev, dtype=lm.dtype)
                 h = new if h is None else torch.cat([h.to(new.device), new], dim=0)
                 j = k
             for fn in entry_writes.get(lyr, ()):
                 h = fn(h, None)
             if lyr < n:
-                h = lm.run_layers(h, lyr, lyr + 1, ctx)
+                kv = _prefix_past(past, j, prefix) if prefix else None
+                h = lm.run_layers(h, lyr, lyr + 1, ctx, past=kv)
     return h
+
+
+def _prefix_past(past, k: int, prefix: int) -> Callable[[int], tuple]:
+    """``past`` for the ``k`` rows in the batch, cut to the prefix positions."""
+
+    def kv(layer: int):
+        keys, values = past(layer, k)
+        return keys[..., :prefix, :], values[..., :prefix, :]
+
+    return kv
 
 
 def unembed(lm, h: torch.Tensor, positions: torch.Tensor | None = None, *,

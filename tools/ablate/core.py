@@ -161,7 +161,7 @@ class Ablator:
         v_cond = np.repeat(np.arange(len(conds)), n)
         v_prompt = np.tile(np.arange(n), len(conds))
         v_start = np.asarray(cond_start, dtype=np.int64)[v_cond]
-        kind_code = np.asarray([KINDS.index(c.kind) for c in conds])[v_cond]
+        v_kind = np.asarray([c.kind for c in conds], dtype=object)[v_cond]
         sample = np.asarray([c.sample or 0 for c in conds])[v_cond]
         site_sets = [set(c.cset.sites) for c in conds]
         in_site = {s: np.asarray([s in ss for ss in site_sets]) for s in sites}
@@ -178,12 +178,12 @@ class Ablator:
                 def value_fn(act_rows, sel, s=s):
                     vr = rows[sel.numpy()]
                     new = torch.zeros_like(act_rows, dtype=torch.float32)
-                    kc = kind_code[vr]
+                    kind = v_kind[vr]
                     tt = act_rows.shape[1]
-                    m = np.flatnonzero(kc == 1)
+                    m = np.flatnonzero(kind == "mean")
                     if len(m):
                         new[m] = means[s][gidx[v_prompt[vr[m]], :tt]]
-                    r = np.flatnonzero(kc == 2)
+                    r = np.flatnonzero(kind == "resample")
                     if len(r):
                         p = v_prompt[vr[r]]
                         d = torch.as_tensor(donors[p, sample[vr[r]]])

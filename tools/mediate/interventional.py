@@ -180,18 +180,24 @@ def make_pairs(df: pd.DataFrame, *, treatment: str | None, pair_by: str | None,
 
 
 def _parse_position(spec: str) -> tuple[str, Any]:
-    s = str(spec).strip()
-    if s == "last":
+    """``--position`` in the language of :mod:`dolm.positions`, restricted to one position
+    per prompt: ``last``, a negative offset (-1 = last) or a span name (its last token)."""
+    from dolm.positions import parse_spec
+
+    msg = "--position: expected last, a negative offset (-1 = last) or a span name"
+    try:
+        s = parse_spec(str(spec), "--position")
+    except InputError:
+        raise InputError(f"{msg}, found {spec!r}") from None
+    if s.kind == "last":
         return "end", -1
-    if re.fullmatch(r"-\d+", s):
-        if int(s) == 0:
-            raise InputError("--position: expected last, a negative offset (-1 = last) or a "
-                             "span name, found 0")
-        return "end", int(s)
-    if re.fullmatch(r"[A-Za-z_][\w]*", s):
-        return "span", s
-    raise InputError(f"--position: expected last, a negative offset (-1 = last) or a span "
-                     f"name, found {spec!r}")
+    if s.kind == "ints" and len(s.ints) == 1 and s.text.startswith("-"):
+        if s.ints[0] == 0:
+            raise InputError(f"{msg}, found 0")
+        return "end", s.ints[0]
+    if s.kind.startswith("span") and not s.text.startswith("span:") and s.text.isidentifier():
+        return "span", s.text
+    raise InputError(f"{msg}, found {spec!r}")
 
 
 def prepare(lm: Any, pairs: list[Pair], position: str, anchor: str = "context") -> Prepared:

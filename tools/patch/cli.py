@@ -107,7 +107,7 @@ def main(run, prompts, mode, sites, positions, head_positions, joint_positions, 
              "joint_positions": joint_positions, "head_positions": head_positions}
     if mode == "noise":
         extra.update(span=span, samples=samples, noise_scale=noise_scale,
-                     noise_std=patcher.o.noise_scale * patcher.embed_std)
+                     noise_std=patcher.opts.noise_scale * patcher.embed_std)
     effects = frame(rows, "effects")
     write_table(effects, output, schema="effects", run=run, force=force, extra=extra)
     if summary is not None:

@@ -9,7 +9,9 @@ costs the layer-passes it needs and no more. Cells are sorted by start layer and
 into batches; inside a batch a cell *joins* at its start layer (its row is appended to
 the running hidden states), so rows of every start layer share one batch. After the
 last block only the position the metric reads goes through the final norm and the
-unembedding.
+unembedding. Where the model allows it (``lm.supports_prefix_kv()``), positions before a
+batch's first patched position are not recomputed at all: their keys/values come from the
+base run (``CachedRuns.kv``) and cells are ordered by first patched position.
 
 ``resid_pre.l`` and ``resid_post.l`` (= ``resid_pre.(l+1)``) patches are written
 directly into the running hidden states at the entry of a layer; the sites inside a
@@ -52,14 +54,14 @@ class Cell:
 
 
 @dataclass
-class Runs:
+class CachedRuns:
     """Cached states of the base and source runs of a group of instances.
 
     ``base_entry[l]``: ``resid_pre.l`` of the base runs (``l = n_layers``: last block
     output), (n_base, T, d). ``src[key]``: source states; key is ``entry.l`` or an
     in-block site name. Per instance: ``inst_base``/``inst_src`` rows, ``shift`` (source
     position = base position + shift), ``t_base`` (base length), ``ids`` (token ids the
-    metric reads, (n_inst, K)).
+    metric reads, (n_inst, K)). ``kv``: see below.
     """
 
     base_entry: dict[int, torch.Tensor]
@@ -70,6 +72,9 @@ class Runs:
     t_base: torch.Tensor
     ids: torch.Tensor
     contexts: dict[int, object] = field(default_factory=dict)
+    #: per layer, the base runs' (keys, values) ((n_base, kv_heads, T, head_dim)), when the
+    #: model reuses the unchanged prefix's keys/values (``lm.supports_prefix_kv()``)
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def src_key(lm, name: str) -> str:
@@ -92,7 +97,7 @@ def site_for_key(lm, key) -> str:
     return cache_sites(lm, [key])[0]
 
 
-def _gather_src(lm, runs: Runs, key: str, inst: torch.Tensor, t: int) -> torch.Tensor:
+def _gather_src(lm, runs: CachedRuns, key: str, inst: torch.Tensor, t: int) -> torch.Tensor:
     """Source states of ``key`` for instances ``inst`` in base coordinates: (k, t, d)."""
     src = runs.src[key]
     dev = src.device
@@ -103,11 +108,27 @@ def _gather_src(lm, runs: Runs, key: str, inst: torch.Tensor, t: int) -> torch.T
     return src[rows[:, None], pos]
 
 
+def first_position(c: Cell) -> int:
+    """The cell's first patched base position (positions before it are unchanged)."""
+    return min(c.positions) if c.positions is not None else c.lo
+
+
+def cell_prefix(runs: CachedRuns, c: Cell) -> int:
+    """Positions of the cell whose keys/values come from the base run (0: none)."""
+    return first_position(c) if runs.kv is not None else 0
+
+
 @torch.no_grad()
-def run_chunk(lm, runs: Runs, cells: list[Cell]) -> torch.Tensor:
-    """Run one batch of cells (sorted by start layer); return ``read_logits`` rows."""
+def run_chunk(lm, runs: CachedRuns, cells: list[Cell]) -> torch.Tensor:
+    """Run one batch of cells (sorted by start layer); return ``read_logits`` rows.
+
+    With ``runs.kv`` the positions before the batch's first patched position are taken
+    from the base run's keys/values and not recomputed (``run_rows(prefix=...)``).
+    """
     inst = torch.tensor([c.inst for c in cells], dtype=torch.long)
     t = int(runs.t_base[inst].max())
+    p = min(cell_prefix(runs, c) for c in cells)
+    p = min(p, int(runs.t_base[inst].min()) - 1)
     ar = torch.arange(t)
     by_site: dict[str, list[int]] = defaultdict(list)  # site -> rows writing it
     for i, c in enumerate(cells):
@@ -124,31 +145,42 @@ def run_chunk(lm, runs: Runs, cells: list[Cell]) -> torch.Tensor:
             if cells[row].positions is not None:
                 mask[q] = False
                 mask[q, list(cells[row].positions)] = True
-        writes[name] = row_writer(r, mask, src)
+        writes[name] = row_writer(r, mask[:, p:], src[:, p:])
     base_rows = runs.inst_base[inst]
 
     def entry(layer: int, j: int, k: int) -> torch.Tensor:
         base = runs.base_entry[layer]
         return base[base_rows[j:k].to(base.device)]
 
-    h = run_rows(lm, [c.start for c in cells], entry, t, writes, contexts=runs.contexts)
-    return read_logits(unembed_at(lm, h, runs.t_base[inst] - 1), runs.ids[inst])
+    def past(layer: int, k: int):
+        keys, values = runs.kv[layer]
+        rows = base_rows[:k].to(keys.device)
+        return keys[rows, :, :p], values[rows, :, :p]
+
+    h = run_rows(lm, [c.start for c in cells], entry, t, writes, contexts=runs.contexts,
+                 prefix=p, past=past if p else None)
+    return read_logits(unembed_at(lm, h, runs.t_base[inst] - 1 - p), runs.ids[inst])
 
 
-def run_cells(lm, runs: Runs, cells: list[Cell], batch_size, progress=None) -> torch.Tensor:
+def run_cells(lm, runs: CachedRuns, cells: list[Cell], batch_size, progress=None) -> torch.Tensor:
     """All cells, batched (``batch_size`` rows; ``auto`` backs off on out-of-memory)."""
     from dolm.models.batching import iter_batched
 
     for c in cells:
         c.start = rows_start(lm, c.sites)
-    order = sorted(range(len(cells)), key=lambda i: (cells[i].start, i))
     out = torch.empty(len(cells), runs.ids.shape[1] + 2, dtype=torch.float64)
+    # cells in order of first patched position, so that a batch's rows share most of
+    # their unchanged prefix (the batch reuses the keys/values before its smallest one);
+    # inside a batch, rows are sorted by start layer (they join at their own layer)
+    order = sorted(range(len(cells)), key=lambda i: (cell_prefix(runs, cells[i]),
+                                                      cells[i].start, i))
 
     def fn(a: int, z: int):
-        return run_chunk(lm, runs, [cells[i] for i in order[a:z]])
+        rows = sorted(order[a:z], key=lambda i: (cells[i].start, i))
+        return rows, run_chunk(lm, runs, [cells[i] for i in rows])
 
-    for a, z, res in iter_batched(len(order), fn, batch_size, max_batch_size=64):
-        out[torch.tensor(order[a:z])] = res
+    for a, z, (rows, res) in iter_batched(len(order), fn, batch_size, max_batch_size=64):
+        out[torch.tensor(rows)] = res
         if progress is not None:
             progress(z - a)
     return out
@@ -158,12 +190,14 @@ def run_cells(lm, runs: Runs, cells: list[Cell], batch_size, progress=None) -> t
 
 
 def forward_runs(lm, input_ids: torch.Tensor, lengths: list[int], sites: list[str],
-                 embed_noise=None, batch_size="auto", ids: torch.Tensor | None = None):
+                 embed_noise=None, batch_size="auto", ids: torch.Tensor | None = None,
+                 kv: list | None = None):
     """Full forwards of padded ``input_ids`` reading ``sites``.
 
     ``embed_noise(a, z)``: optional (z - a, T, d) tensor added to the ``embed`` output of
     rows a..z. Returns (dict site -> (N, T, d) on the model's device, read rows (N, K+2)
-    at each row's last position when ``ids`` is given).
+    at each row's last position when ``ids`` is given). ``kv``: a list that receives
+    every layer's (keys, values) of all rows (``lm.forward_kv``).
     """
     from dolm.models.batching import iter_batched
 
@@ -173,6 +207,7 @@ def forward_runs(lm, input_ids: torch.Tensor, lengths: list[int], sites: list[st
         mask[i, :length] = 1
     store: dict[str, list[torch.Tensor]] = defaultdict(list)
     reads: list[torch.Tensor] = []
+    kv_parts: list[list] = []
 
     @torch.no_grad()
     def fn(a: int, z: int):
@@ -184,10 +219,16 @@ def forward_runs(lm, input_ids: torch.Tensor, lengths: list[int], sites: list[st
                 return act + noise.to(device=act.device, dtype=act.dtype)
 
             write = {"embed": add}
+        ids_a, mask_a = input_ids[a:z].to(lm.device), mask[a:z].to(lm.device)
+        layer_kv = None
         with lm.trace(read=sites, write=write) as tr:
-            out = lm.model(input_ids=input_ids[a:z].to(lm.device),
-                           attention_mask=mask[a:z].to(lm.device), use_cache=False)
+            if kv is None:
+                out = lm.model(input_ids=ids_a, attention_mask=mask_a, use_cache=False)
+            else:
+                out, layer_kv = lm.forward_kv(ids_a, mask_a)
         vals = {s: tr[s].clone() for s in sites}
+        if layer_kv is not None:
+            vals["kv"] = layer_kv
         rd = None
         if ids is not None:
             last = torch.tensor([x - 1 for x in lengths[a:z]])
@@ -196,11 +237,16 @@ def forward_runs(lm, input_ids: torch.Tensor, lengths: list[int], sites: list[st
         return vals, rd
 
     for _, _, (vals, rd) in iter_batched(n, fn, batch_size, max_batch_size=64):
+        if "kv" in vals:
+            kv_parts.append(vals.pop("kv"))
         for s, v in vals.items():
             store[s].append(v)
         if rd is not None:
             reads.append(rd)
     cat = {s: torch.cat(v, dim=0) for s, v in store.items()}
+    if kv is not None:
+        kv[:] = [(torch.cat([part[i][0] for part in kv_parts]),
+                  torch.cat([part[i][1] for part in kv_parts])) for i in range(lm.n_layers)]
     return cat, (torch.cat(reads, dim=0) if reads else None)
 
 

@@ -39,6 +39,22 @@ class Options:
 
 
 @dataclass
+class GroupResult:
+    """What one group of prompts produced: the cells (one per instance and template) and
+    the template each belongs to; ``out`` (exact: read rows per cell) or ``est``
+    (attribution: estimated change per cell); the clean and corrupted runs' read rows;
+    ``cor_map``: (prompt, noise sample) of each corrupted row (= instance)."""
+
+    cells: list
+    owners: list[int]
+    out: object
+    clean_read: object
+    cor_read: object
+    cor_map: list[tuple[int, int]]
+    est: object = None
+
+
+@dataclass
 class Template:
     """A cell of one prompt's grid, before it is copied to each noise sample."""
 
@@ -99,7 +115,7 @@ class Patcher:
     def __init__(self, lm, prompts: list[Prompt], opts: Options, progress=None):
         self.lm = lm
         self.prompts = prompts
-        self.o = opts
+        self.opts = opts
         self.progress = progress
         self.grids = parse_sites(lm, opts.sites)
         if opts.window < 1:
@@ -116,42 +132,42 @@ class Patcher:
         names = [p.prompt_id for p in ps]
         self.enc = lm.encode([p.text for p in ps], names=names, device="cpu")
         self.len_clean = list(self.enc.lengths)
-        if self.o.mode == "counterfactual":
+        if self.opts.mode == "counterfactual":
             self.enc_cf = lm.encode([p.cf_text for p in ps], names=names, device="cpu")
             self.len_cf = list(self.enc_cf.lengths)
-            check_pairs(ps, self.len_clean, self.len_cf, self.o.align)
+            check_pairs(ps, self.len_clean, self.len_cf, self.opts.align)
         else:
             self.enc_cf = None
             self.len_cf = None
             self.noise_pos = [
-                span_tokens(self.enc, i, p.spans, self.o.span, p.prompt_id, "--span")
+                span_tokens(self.enc, i, p.spans, self.opts.span, p.prompt_id, "--span")
                 for i, p in enumerate(ps)
             ]
         self.ids = ids_matrix(ps)
 
     def _lengths(self, i: int) -> tuple[int, int]:
         """(base length, source length) of prompt i."""
-        if self.o.mode == "noise":
+        if self.opts.mode == "noise":
             return self.len_clean[i], self.len_clean[i]
         c, x = self.len_clean[i], self.len_cf[i]
-        return (x, c) if self.o.direction == "denoise" else (c, x)
+        return (x, c) if self.opts.direction == "denoise" else (c, x)
 
     # ------------------------------------------------------------------ grid
     def templates(self, i: int) -> list[Template]:
-        o, lm, p = self.o, self.lm, self.prompts[i]
-        tb, ts = self._lengths(i)
-        lo_valid = max(0, tb - ts) if o.align == "last" else 0
+        o, lm, p = self.opts, self.lm, self.prompts[i]
+        n_base, n_src = self._lengths(i)
+        lo_valid = max(0, n_base - n_src) if o.align == "last" else 0
         aligned = o.align == "last"
         t_clean = self.len_clean[i]
         base_is_clean = o.mode == "noise" or o.direction == "noise"
         if self.pos_kind == "all":
-            positions = list(range(lo_valid, tb))
+            positions = list(range(lo_valid, n_base))
         elif self.pos_kind == "last":
-            positions = [tb - 1]
+            positions = [n_base - 1]
         elif self.pos_kind == "span":
             toks = span_tokens(self.enc, i, p.spans, self.pos_arg, p.prompt_id, "--positions span:")
-            shift = 0 if (base_is_clean or not aligned) else t_clean - tb
-            positions = sorted({q - shift for q in toks if 0 <= q - shift < tb})
+            shift = 0 if (base_is_clean or not aligned) else t_clean - n_base
+            positions = sorted({q - shift for q in toks if 0 <= q - shift < n_base})
             positions = [q for q in positions if q >= lo_valid]
             if not positions:
                 raise InputError(f"--positions span:{self.pos_arg}: prompt {p.prompt_id}: no "
@@ -159,12 +175,12 @@ class Patcher:
         else:
             positions = []
             for q in self.pos_arg:
-                qq = q + tb if q < 0 else q
-                if not (lo_valid <= qq < tb):
-                    lo_txt = lo_valid - tb if aligned else lo_valid
+                qq = q + n_base if q < 0 else q
+                if not (lo_valid <= qq < n_base):
+                    lo_txt = lo_valid - n_base if aligned else lo_valid
                     raise InputError(
                         f"--positions: position {q} is out of range for prompt {p.prompt_id} "
-                        f"({tb} tokens; valid {lo_txt}..{tb - 1 if not aligned else -1})")
+                        f"({n_base} tokens; valid {lo_txt}..{n_base - 1 if not aligned else -1})")
                 positions.append(qq)
             positions = sorted(set(positions))
         if self.pos_kind == "all":
@@ -172,7 +188,7 @@ class Patcher:
         elif self.pos_kind == "span":
             joint_label = f"span:{self.pos_arg}"
         else:
-            joint_label = ",".join(str(q - tb if aligned else q) for q in positions)
+            joint_label = ",".join(str(q - n_base if aligned else q) for q in positions)
         joint_pos = tuple(positions)
         out = []
         for kind, names in self.grids:
@@ -187,7 +203,7 @@ class Patcher:
                                         positions=joint_pos, pos_label=joint_label))
                     continue
                 for q in positions:
-                    rep = q - tb if aligned else q
+                    rep = q - n_base if aligned else q
                     out.append(Template(i, kind, name, s.layer, s.head, win, sites, q, q + 1,
                                         rep))
         return out
@@ -197,7 +213,7 @@ class Patcher:
         """rows: (prompt index, sample) per noised row -> embed_noise(a, z)."""
         import torch
 
-        lm, o = self.lm, self.o
+        lm, o = self.lm, self.opts
         d = lm.d_model
         scale = o.noise_scale * self.embed_std
 
@@ -216,7 +232,7 @@ class Patcher:
     # ------------------------------------------------------------------ run
     def run(self):
         """All prompts, in groups of about ``group_cells`` cells: (effects rows, summaries)."""
-        o, lm = self.o, self.lm
+        o, lm = self.opts, self.lm
         if o.mode == "noise":
             w = lm.adapter.embed.weight
             self.embed_std = float(w.detach().float().std())
@@ -235,7 +251,7 @@ class Patcher:
             group = list(range(i, j))
             res = self._run_group(group, [t for g in group for t in tmpl_all[g]],
                                   bar.update if bar else None)
-            r, s = self._rows(group, tmpl_all, *res)
+            r, s = self._rows(group, tmpl_all, res)
             rows += r
             summaries += s
             i = j
@@ -246,7 +262,7 @@ class Patcher:
     def _run_group(self, group: list[int], templates: list[Template], tick):
         import torch
 
-        o, lm = self.o, self.lm
+        o, lm = self.opts, self.lm
         ps = group
         t_clean = max(self.len_clean[i] for i in ps)
         clean_ids = self.enc.input_ids[ps][:, :t_clean]
@@ -276,10 +292,10 @@ class Patcher:
         shift = torch.zeros(n_inst, dtype=torch.long)
         t_base = torch.zeros(n_inst, dtype=torch.long)
         for k, (g, _) in enumerate(cor_map):
-            tb, ts = self._lengths(g)
-            t_base[k] = tb
-            shift[k] = ts - tb
-        inst_of = defaultdict_list(cor_map)
+            n_base, n_src = self._lengths(g)
+            t_base[k] = n_base
+            shift[k] = n_src - n_base
+        inst_of = instances_by_prompt(cor_map)
         cells = []
         owners = []
         for ti, tp in enumerate(templates):
@@ -294,19 +310,25 @@ class Patcher:
             starts = {c.start for c in cells}
             sites = engine.cache_sites(lm, sorted(keys) + sorted(starts))
             sites = [s for s in sites if s]
-            c_cache, c_read = engine.forward_runs(lm, clean_ids, clean_len, sites,
-                                                  batch_size=o.batch_size, ids=ids_clean)
-            x_cache, x_read = engine.forward_runs(lm, cor_ids, cor_len, sites, embed_noise=noise,
-                                                  batch_size=o.batch_size, ids=ids_cor)
-            base_c, src_c = (x_cache, c_cache) if denoise else (c_cache, x_cache)
-            runs = engine.Runs(
+            # the base run's keys/values, when the model can reuse them for the prefix
+            base_kv = [] if lm.supports_prefix_kv() else None
+            clean_cache, clean_read = engine.forward_runs(lm, clean_ids, clean_len, sites,
+                                                  batch_size=o.batch_size, ids=ids_clean,
+                                                  kv=None if denoise else base_kv)
+            cor_cache, cor_read = engine.forward_runs(lm, cor_ids, cor_len, sites,
+                                                      embed_noise=noise, batch_size=o.batch_size,
+                                                      ids=ids_cor,
+                                                      kv=base_kv if denoise else None)
+            base_c, src_c = (cor_cache, clean_cache) if denoise else (clean_cache, cor_cache)
+            runs = engine.CachedRuns(
                 base_entry={lyr: base_c[engine.site_for_key(lm, lyr)] for lyr in starts},
                 src={k: src_c[engine.site_for_key(lm, k)] for k in keys},
                 inst_base=inst_base, inst_src=inst_src, shift=shift, t_base=t_base,
                 ids=ids_cor,  # per instance: its prompt's ids (clean and corrupted share them)
+                kv=base_kv,
             )
             out = engine.run_cells(lm, runs, cells, o.batch_size, progress=tick)
-            return cells, owners, out, c_read, x_read, cor_map, None
+            return GroupResult(cells, owners, out, clean_read, cor_read, cor_map)
         # attribution
         base_ids, base_len = (cor_ids, cor_len) if denoise else (clean_ids, clean_len)
         src_ids, src_len = (clean_ids, clean_len) if denoise else (cor_ids, cor_len)
@@ -319,12 +341,12 @@ class Patcher:
         src_acts, s_read = engine.forward_runs(lm, src_ids, src_len, grid_sites,
                                                embed_noise=src_noise, batch_size=o.batch_size,
                                                ids=ids_clean if denoise else ids_cor)
-        c_read, x_read = (s_read, b_read) if denoise else (b_read, s_read)
+        clean_read, cor_read = (s_read, b_read) if denoise else (b_read, s_read)
         est = engine.attribution_cells(lm, cells, acts, grads, src_acts, inst_base, inst_src,
                                        shift)
         if tick:
             tick(len(cells))
-        return cells, owners, None, c_read, x_read, cor_map, est
+        return GroupResult(cells, owners, None, clean_read, cor_read, cor_map, est)
 
     # ------------------------------------------------------------------ rows
     def _metrics(self, read, g: int):
@@ -342,18 +364,11 @@ class Patcher:
             ch = np.stack([lt, mx], axis=1)
         return ld, prob, ch
 
-    def _choice_label(self, g: int, idx: int) -> str | None:
-        p = self.prompts[g]
-        if p.choices:
-            return p.choices[idx]
-        if p.foil is not None:
-            return [p.target, p.foil][idx]
-        return p.target if idx == 0 else None
-
-    def _rows(self, group, tmpl_all, cells, owners, out, c_read, x_read, cor_map, est):
-        o = self.o
-        c_read = c_read.numpy()
-        x_read = x_read.numpy()
+    def _rows(self, group, tmpl_all, res: GroupResult):
+        o = self.opts
+        cells, owners, out, cor_map, est = res.cells, res.owners, res.out, res.cor_map, res.est
+        clean_read = res.clean_read.numpy()
+        cor_read = res.cor_read.numpy()
         templates = [t for g in group for t in tmpl_all[g]]
         local = {g: k for k, g in enumerate(group)}
         n_t = len(templates)
@@ -364,15 +379,15 @@ class Patcher:
         # clean / corrupt per prompt (corrupt: mean over samples)
         clean, corrupt = {}, {}
         for g in group:
-            ld, pr, ch = self._metrics(c_read[[local[g]]], g)
+            ld, pr, ch = self._metrics(clean_read[[local[g]]], g)
             m = np.where(inst_prompt == g)[0]
-            xld, xpr, xch = self._metrics(x_read[m], g)
+            xld, xpr, xch = self._metrics(cor_read[m], g)
             clean[g] = (ld[0], pr[0], ch[0])
             corrupt[g] = (np.mean(xld), np.mean(xpr), xch.mean(axis=0))
         if est is not None:
             patched_primary = np.zeros(n_t)
             # base value per instance + estimate
-            base_read = x_read if o.direction == "denoise" else None
+            base_read = cor_read if o.direction == "denoise" else None
             est = est.numpy()
             for ci, c in enumerate(cells):
                 g = inst_prompt[c.inst]
@@ -428,11 +443,12 @@ class Patcher:
             for name, v, cv, xv in metrics:
                 rows.append({**base, "metric": name, "value": _f(v), "clean_value": _f(cv),
                              "corrupt_value": _f(xv)})
-        summaries = summarise(self, group, templates, pld, ppr, pch, clean, corrupt, method)
+        summaries = summarise(self.prompts, o, templates, pld, ppr, pch, clean, corrupt, method)
         return rows, summaries
 
 
-def defaultdict_list(cor_map):
+def instances_by_prompt(cor_map) -> dict[int, list[int]]:
+    """Prompt index -> the instances (corrupted rows) of that prompt."""
     out: dict[int, list[int]] = {}
     for k, (g, _) in enumerate(cor_map):
         out.setdefault(g, []).append(k)

@@ -40,16 +40,26 @@ def _num(v):
     return v if math.isfinite(v) else None
 
 
-def summarise(pt, group, templates, pld, ppr, pch, clean, corrupt, method):
-    """One row per prompt x grid (site kind, window). ``pt`` is the Patcher."""
-    o = pt.o
+def choice_label(p, idx: int) -> str | None:
+    """The text of prompt ``p``'s choice ``idx`` (choices, else target/foil)."""
+    if p.choices:
+        return p.choices[idx]
+    if p.foil is not None:
+        return [p.target, p.foil][idx]
+    return p.target if idx == 0 else None
+
+
+def summarise(prompts, o, templates, pld, ppr, pch, clean, corrupt, method):
+    """One row per prompt x grid (site kind, window): ``prompts`` by index, ``o`` the
+    patch options, ``pld``/``ppr``/``pch`` per template (logit diff, prob, choice logits),
+    ``clean``/``corrupt`` per prompt (logit diff, prob, choice logits)."""
     primary = pld if o.metric == "logit_diff" else ppr
     by: dict[tuple, list[int]] = {}
     for ti, tp in enumerate(templates):
         by.setdefault((tp.prompt, tp.grid, tp.window), []).append(ti)
     rows = []
     for (g, grid, window), tis in by.items():
-        p = pt.prompts[g]
+        p = prompts[g]
         c_ld, c_pr, c_ch = clean[g]
         x_ld, x_pr, x_ch = corrupt[g]
         c_val, x_val = (c_ld, x_ld) if o.metric == "logit_diff" else (c_pr, x_pr)
@@ -75,7 +85,7 @@ def summarise(pt, group, templates, pld, ppr, pch, clean, corrupt, method):
         else:
             flips = None
         c_idx = int(np.argmax(c_ch))
-        clean_choice = pt._choice_label(g, c_idx)
+        clean_choice = choice_label(p, c_idx)
         has_set = bool(p.choices) or p.foil is not None
         intended = p.intended if p.intended is not None else p.target
         if has_set:

@@ -105,6 +105,15 @@ class Encoding:
 
 
 # --------------------------------------------------------------------------- stepping
+def _with_cache(rest: tuple, kwargs: dict, slot, cache) -> tuple[tuple, dict]:
+    where, key = slot
+    if where == "arg":
+        rest = (*rest[:key], cache, *rest[key + 1:])
+    else:
+        kwargs = {**kwargs, key: cache}
+    return rest, kwargs
+
+
 class _EmbedDone(Exception):
     """Raised at block 0's entry to end a forward once ``resid_pre.0`` is known."""
 
@@ -140,6 +149,42 @@ class LayerContext:
     position_ids: torch.Tensor | None
     shape: tuple[int, int]
     attn_impl: str
+    #: positions before the hidden states (their keys/values come from a cached run)
+    prefix: int = 0
+    #: where the blocks' KV-cache argument sits: ("arg", index) or ("kw", name)
+    cache_slot: tuple[str, object] | None = None
+
+
+class _PrefixKV:
+    """Stands in for the model's KV cache inside one block: the attention's
+    ``update(k, v, layer_idx, ...)`` returns the cached keys/values of the unchanged
+    prefix followed by the new ones; nothing is stored."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        k = self.keys.to(device=key_states.device, dtype=key_states.dtype)
+        v = self.values.to(device=value_states.device, dtype=value_states.dtype)
+        return torch.cat([k, key_states], dim=-2), torch.cat([v, value_states], dim=-2)
+
+
+def _cache_kwarg(module) -> str:
+    """Name of a forward's KV-cache argument (``cache`` in transformers >= 5.x)."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _find_slot(rest: tuple, kwargs: dict, cache) -> tuple[str, object] | None:
+    for i, a in enumerate(rest):
+        if a is cache:
+            return ("arg", i)
+    for k, a in kwargs.items():
+        if a is cache:
+            return ("kw", k)
+    return None
 
 
 class LoadedModel:
@@ -172,6 +217,7 @@ class LoadedModel:
             _cfg(cfg, "num_local_experts", "num_experts", "n_routed_experts") or 0)
         self.sites = SiteSpace(self.n_layers, self.n_heads, ad.unavailable, n_experts)
         self._prepends_bos: bool | None = None
+        self._prefix_kv_ok: bool | None = None
         info.setdefault("n_layers", self.n_layers)
 
     # ------------------------------------------------------------------ basics
@@ -400,22 +446,39 @@ class LoadedModel:
         return ids
 
     # ------------------------------------------------------------------ stepping
-    def layer_context(self, attention_mask: torch.Tensor, position_ids=None) -> LayerContext:
+    def layer_context(self, attention_mask: torch.Tensor, position_ids=None, *,
+                      prefix: int = 0) -> LayerContext:
         """Capture the per-block arguments for a batch with this attention mask.
 
         Runs the model's own forward with the blocks replaced by recorders, so masks
         (causal, padding, sliding window), rotary embeddings and position ids are
         exactly what the model computes; costs about one embedding lookup.
+
+        ``prefix > 0``: the context of hidden states for positions ``prefix..seq-1``
+        only (``attention_mask`` still covers all ``seq`` positions), whose attention
+        reads the keys/values of positions ``0..prefix-1`` from a cached run
+        (:meth:`run_layers` ``past=``). Only for models where :meth:`supports_prefix_kv`.
         """
         ad = self.adapter
         if attention_mask.dim() != 2:
             raise InputError("layer_context: attention_mask must be (batch, seq)")
         b, s = attention_mask.shape
+        if not 0 <= prefix < s:
+            raise InputError(f"layer_context: prefix {prefix} out of range 0..{s - 1}")
         store: dict[int, tuple] = {}
-        dummy = torch.zeros(b, s, self.d_model, dtype=self.dtype, device=self.device)
+        dummy = torch.zeros(b, s - prefix, self.d_model, dtype=self.dtype, device=self.device)
         mask = attention_mask.to(self.device)
         if position_ids is not None:
             position_ids = position_ids.to(self.device)
+        extra: dict = {"use_cache": False}
+        if prefix:
+            from transformers.cache_utils import DynamicCache
+
+            cache = DynamicCache()
+            zeros = torch.zeros(b, 1, prefix, 1, dtype=self.dtype, device=self.device)
+            for i in range(self.n_layers):
+                cache.update(zeros, zeros, i)
+            extra = {"use_cache": True, _cache_kwarg(ad.base_model): cache}
         original = getattr(ad.layers_parent, ad.layers_attr)
         first_error = None
         # the adapter says whether blocks return tuples; try the other form if it fails
@@ -427,7 +490,7 @@ class LoadedModel:
             try:
                 with torch.no_grad():
                     ad.base_model(inputs_embeds=dummy, attention_mask=mask,
-                                  position_ids=position_ids, use_cache=False)
+                                  position_ids=position_ids, **extra)
                 break
             except Exception as exc:
                 first_error = first_error or exc
@@ -437,8 +500,63 @@ class LoadedModel:
             raise first_error
         if len(store) != self.n_layers:  # pragma: no cover - architecture mismatch
             raise RuntimeError(f"layer_context captured {len(store)} of {self.n_layers} blocks")
+        slot = None
+        if prefix:
+            rest, kwargs = store[0]
+            slot = _find_slot(rest, kwargs, extra[_cache_kwarg(ad.base_model)])
+            if slot is None:
+                raise InputError(f"layer_context: {self.adapter.name} blocks take no KV cache; "
+                                 "prefix reuse is not available for this model")
         return LayerContext(args=store, attention_mask=attention_mask, position_ids=position_ids,
-                            shape=(b, s), attn_impl=self.config._attn_implementation)
+                            shape=(b, s - prefix), attn_impl=self.config._attn_implementation,
+                            prefix=prefix, cache_slot=slot)
+
+    def forward_kv(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """A full forward that also returns every layer's keys and values.
+
+        Returns ``(output, [(keys, values)] * n_layers)``, each (batch, kv_heads, seq,
+        head_dim) as the attention caches them; the keys/values of a prefix that a later
+        run leaves unchanged are what :meth:`run_layers` ``past=`` takes.
+        """
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache()
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                         **{_cache_kwarg(self.model): cache})
+        kv = []
+        for layer in getattr(cache, "layers", ()):
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if keys is None or values is None or keys.shape[-2] != input_ids.shape[1]:
+                raise InputError(f"forward_kv: {self.adapter.name} does not cache every "
+                                 "position's keys/values in every layer")
+            kv.append((keys, values))
+        if len(kv) != self.n_layers:
+            raise InputError(f"forward_kv: {len(kv)} cached layers for {self.n_layers} blocks")
+        return out, kv
+
+    def supports_prefix_kv(self) -> bool:
+        """Whether blocks can reuse a cached run's keys/values for an unchanged prefix
+        (checked once, on a 6-token input, against the full recompute)."""
+        if self._prefix_kv_ok is None:
+            self._prefix_kv_ok = self._probe_prefix_kv()
+        return self._prefix_kv_ok
+
+    @torch.no_grad()
+    def _probe_prefix_kv(self) -> bool:
+        t, p = 6, 3
+        ids = (torch.arange(t, device=self.device)[None] * 7 + 3) % self.d_vocab
+        try:
+            _, kv = self.forward_kv(ids)
+            h0 = self.embed_resid(ids)
+            full = self.run_layers(h0, 0, self.n_layers, self.layer_context(torch.ones_like(ids)))
+            ctx = self.layer_context(torch.ones_like(ids), prefix=p)
+            part = self.run_layers(h0[:, p:], 0, self.n_layers, ctx,
+                                   past=lambda i: (kv[i][0][..., :p, :], kv[i][1][..., :p, :]))
+        except Exception:  # any architecture that cannot: fall back to the full recompute
+            return False
+        ref = full[:, p:].float()
+        err = float((part.float() - ref).abs().max())
+        return err <= 1e-3 * max(1.0, float(ref.abs().max()))
 
     def run_from_layer(self, hidden: torch.Tensor, start_layer: int, attention_mask=None,
                        position_ids=None, *, context: LayerContext | None = None,
@@ -476,16 +594,26 @@ class LoadedModel:
                 return self._run_from_layer(hidden, start_layer, context, positions)
         return self._run_from_layer(hidden, start_layer, context, positions)
 
-    def run_layers(self, h: torch.Tensor, lo: int, hi: int, context: LayerContext) -> torch.Tensor:
+    def run_layers(self, h: torch.Tensor, lo: int, hi: int, context: LayerContext,
+                   past=None) -> torch.Tensor:
         """Run blocks ``lo..hi-1`` on the hidden states ``h`` (``resid_pre.lo``), with the
         per-block arguments of ``context`` (:meth:`layer_context`); returns
         ``resid_pre.hi`` (``hi == n_layers``: the last block's output). Hooks of an
-        enclosing ``lm.trace`` fire as in a full forward."""
+        enclosing ``lm.trace`` fire as in a full forward.
+
+        A context with a ``prefix`` needs ``past(layer) -> (keys, values)``: the cached
+        keys/values of positions ``0..prefix-1`` for the rows of ``h`` (from
+        :meth:`forward_kv`); ``h`` then holds positions ``prefix..`` only.
+        """
         if not (0 <= lo <= hi <= self.n_layers):
             raise InputError(f"run_layers: layers {lo}..{hi} out of range 0..{self.n_layers}")
+        if context.prefix and past is None:
+            raise InputError("run_layers: a prefix context needs the prefix's keys/values")
         layers = self.adapter.layers
         for i in range(lo, hi):
             rest, kwargs = context.args[i]
+            if context.prefix:
+                rest, kwargs = _with_cache(rest, kwargs, context.cache_slot, _PrefixKV(*past(i)))
             h = _first(layers[i](h, *rest, **kwargs))
         return h
 
