@@ -310,10 +310,21 @@ def model_options(f: Callable) -> Callable:
     )(wrapper)
 
 
+MODEL_CACHE: dict[tuple, Any] | None = None
+"""Models kept loaded between runs in one process (a Ray worker of :mod:`dolm.executor`
+sets it to a dict); None: every run loads its model."""
+
+
 def load_model(opts: ModelOptions, run: Any = None) -> Any:
     """Load the model named by the shared options and record it in ``run``'s provenance."""
     from dolm.models import load
 
+    key = tuple(v for k, v in asdict(opts).items() if k != "batch_size")
+    if MODEL_CACHE is not None and key in MODEL_CACHE:
+        lm = MODEL_CACHE[key]
+        if run is not None:
+            run.set_model(lm.info)
+        return lm
     check_device(opts.device)
     try:
         lm = load(
@@ -331,6 +342,8 @@ def load_model(opts: ModelOptions, run: Any = None) -> Any:
             raise
         raise InputError(f"--model {opts.model}: its weights (safetensors) cannot be read, "
                          f"truncated or corrupt: {exc}") from None
+    if MODEL_CACHE is not None:
+        MODEL_CACHE[key] = lm
     if run is not None:
         run.set_model(lm.info)
     return lm

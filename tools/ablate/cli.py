@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import click
 from dolm.cli import model_options, output_option, prompt_selection_options, seed_option, tool
+from dolm.executor import executor_options
 
 
 @tool("ablate")
+@executor_options(groups=("intervention", "metric"))
 @click.argument("prompts", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--components", "components", multiple=True, metavar="SETS",
               help="Component sets to ablate: ',' separates sets, '+' joins components ablated "
@@ -72,6 +74,7 @@ def main(run, prompts, components, scan, from_file, top, bottom, by_metric, rank
     """
     from dolm.cli import check_model_match, load_model, log, progress
     from dolm.errors import InputError
+    from dolm.executor import shard_rows
     from dolm.formats import read_table, write_table
     from dolm.metrics import select_prompts
     from dolm.positions import parse_positions
@@ -93,14 +96,21 @@ def main(run, prompts, components, scan, from_file, top, bottom, by_metric, rank
     if reference is not None and not set(kind_list) & {"mean", "resample"}:
         raise InputError("--reference: only used by --kind mean or resample")
     pos_spec = parse_positions(positions)
+    ref_df = None
     df, _ = read_table(prompts, schema="prompts", run=run)
     df = select_prompts(df, where, limit, prompts)
+    whole, df = df, shard_rows(df, run)
+    if df is not whole:  # a shard: mean/resample read the whole selection, not the block
+        if "resample" in kind_list:
+            raise InputError("--kind resample: cannot run in shards yet (the donor draws "
+                             "follow the whole prompt order); run it in one process")
+        if reference is None and "mean" in kind_list:
+            ref_df = whole
     eff = emeta = ranked = None
     if from_file is not None:
         eff, emeta = read_table(from_file, schema="effects", run=run)
         metric, ranked = C.rank_components(eff, from_file, by_metric, from_kind, rank_by)
         C.check_counts(ranked, metric, from_file, top, bottom)
-    ref_df = None
     if reference is not None:
         ref_df, _ = read_table(reference, schema="prompts", run=run)
         if len(ref_df) == 0:

@@ -12,6 +12,17 @@ from __future__ import annotations
 
 import click
 from dolm.cli import CONTEXT_SETTINGS, DefaultCommandGroup, model_options, output_option, subcommand
+from dolm.executor import executor_options
+
+
+def _merge_shards(run, shard_files, outputs, force):
+    """--executor ray: the shards join with ``dolm-collect-acts merge``'s checks."""
+    from dolm.executor import adopt_chain
+    from dolm_tools.collect_acts.merge import run_merge
+
+    adopt_chain(run, shard_files[0]["output"])
+    run_merge(run, shards=tuple(s["output"] for s in shard_files), output=outputs["output"],
+              acts=outputs.get("acts"), force=force)
 
 
 @click.group(name="dolm-collect-acts", cls=DefaultCommandGroup,
@@ -26,6 +37,7 @@ def main() -> None:
 
 
 @subcommand(main, "run", "collect-acts", outputs=("output", "acts"))
+@executor_options(outputs=("output", "acts"), merge=_merge_shards)
 @click.argument("prompts", type=click.Path(dir_okay=False, allow_dash=True))
 @model_options
 @output_option(help="Outcomes table (Parquet; '-' for stdout).")

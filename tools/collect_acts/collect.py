@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dolm.errors import InputError
+from dolm.executor import parse_shard, shard_range
 from dolm_tools.collect_acts import positions as pos
 from dolm_tools.collect_acts.engine import (
     Scorer,
@@ -37,25 +38,6 @@ def commit_seconds() -> float:
         return max(0.0, float(os.environ.get("DOLM_COMMIT_SECONDS", "2")))
     except ValueError:
         return 2.0
-
-
-def parse_shard(value: str | None) -> tuple[int, int] | None:
-    """``"2/4"`` -> (2, 4); None when not sharding."""
-    if value is None:
-        return None
-    try:
-        k_s, n_s = str(value).split("/")
-        k, n = int(k_s), int(n_s)
-    except ValueError:
-        raise InputError(f"--shard: expected K/N (e.g. 2/4), found {value!r}") from None
-    if n < 1 or not 1 <= k <= n:
-        raise InputError(f"--shard: expected K/N with 1 <= K <= N, found {value!r}")
-    return k, n
-
-
-def shard_range(k: int, n: int, total: int) -> tuple[int, int]:
-    """Contiguous block of rows ``[start, stop)`` for shard ``k`` of ``n`` (1-based)."""
-    return (k - 1) * total // n, k * total // n
 
 
 def split_patterns(values: Any) -> list[str]:

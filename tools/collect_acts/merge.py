@@ -13,20 +13,8 @@ import os
 from typing import Any
 
 from dolm.errors import InputError
+from dolm.executor import concat_h5
 from dolm_tools.collect_acts.store import COORDS, _first_difference
-
-COPY_BYTES = 64 << 20  # at most this much of one dataset in memory while copying
-
-
-def _step(ds: Any) -> int:
-    """Rows per copied slice: bounded in bytes, whole chunks where the dataset is chunked."""
-    import numpy as np
-
-    row_bytes = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
-    rows = max(1, COPY_BYTES // row_bytes)
-    if ds.chunks:
-        rows = max(ds.chunks[0], rows // ds.chunks[0] * ds.chunks[0])
-    return rows
 
 
 def _shard_of(path: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +34,7 @@ def run_merge(
     import pyarrow as pa
     import pyarrow.parquet as pq
     from dolm.cli import log
-    from dolm.formats import finish_h5, open_h5_for_write, read_h5, read_table, write_table
+    from dolm.formats import read_h5, read_table, write_table
 
     if not shards:
         raise InputError("merge: expected the shards' outcomes files as arguments")
@@ -163,63 +151,12 @@ def run_merge(
                         os.path.abspath(acts), os.path.dirname(os.path.abspath(output))
                     )
                 )
-                _copy_acts(
-                    handles,
-                    acts,
-                    run,
-                    force,
-                    dict(common, shard=None, outcomes=None),
-                    open_h5_for_write,
-                    finish_h5,
-                )
+                concat_h5(handles, acts, "activations", run, force,
+                          dict(common, shard=None, outcomes=None), first=COORDS)
             finally:
                 for fh in handles:
                     fh.close()
         write_table(table, output, schema="outcomes", run=run, force=force, extra=out_extra)
-
-
-def _copy_acts(handles, acts, run, force, extra, open_h5_for_write, finish_h5) -> None:
-    src0 = handles[0]
-    names = [n for n in src0.keys() if n in COORDS] + [n for n in src0.keys() if n not in COORDS]
-    for fh in handles[1:]:
-        if sorted(fh.keys()) != sorted(names):
-            raise InputError(f"{fh.filename}: holds other datasets than {src0.filename}")
-    total = sum(fh["prompt_id"].shape[0] for fh in handles)
-    out = open_h5_for_write(acts, "activations", run, force=force, extra=extra)
-    try:
-        for name in names:
-            ds0 = src0[name]
-            kw: dict[str, Any] = {}
-            if ds0.compression:
-                kw["compression"] = ds0.compression
-                if ds0.compression_opts is not None:
-                    kw["compression_opts"] = ds0.compression_opts
-                kw["shuffle"] = ds0.shuffle
-            dst = out.create_dataset(
-                name,
-                shape=(total, *ds0.shape[1:]),
-                dtype=ds0.dtype,
-                chunks=ds0.chunks,
-                maxshape=(None, *ds0.shape[1:]),
-                **kw,
-            )
-            at = 0
-            for fh in handles:
-                src = fh[name]
-                if src.dtype != ds0.dtype or src.shape[1:] != ds0.shape[1:]:
-                    raise InputError(
-                        f"{fh.filename}: dataset {name} is {src.dtype} {src.shape[1:]}, "
-                        f"expected {ds0.dtype} {ds0.shape[1:]}"
-                    )
-                step = _step(src)
-                for lo in range(0, src.shape[0], step):
-                    block = src[lo : lo + step]
-                    dst[at + lo : at + lo + len(block)] = block
-                at += src.shape[0]
-    except BaseException:
-        out.close()
-        raise
-    finish_h5(out, acts, "activations", run)
 
 
 __all__ = ["run_merge"]

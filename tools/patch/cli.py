@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import click
 from dolm.cli import model_options, output_option, seed_option, tool
+from dolm.executor import executor_options
 
 
 @tool("patch", outputs=("output", "summary"))
+@executor_options(outputs=("output", "summary"))
 @click.argument("prompts", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--mode", type=click.Choice(["counterfactual", "noise"]), default="counterfactual",
               show_default=True,
@@ -72,6 +74,7 @@ def main(run, prompts, mode, sites, positions, head_positions, joint_positions, 
     import pandas as pd
     from dolm.cli import load_model, log, progress
     from dolm.errors import InputError
+    from dolm.executor import shard_offset, shard_rows
     from dolm.formats import frame, read_table, write_table
     from dolm_tools.patch.prepare import choose_metric, read_prompts
     from dolm_tools.patch.run import Options, Patcher
@@ -83,6 +86,7 @@ def main(run, prompts, mode, sites, positions, head_positions, joint_positions, 
     df, _meta = read_table(prompts, schema="prompts", run=run)
     if limit is not None:
         df = df.iloc[:limit]
+    whole, df = df, shard_rows(df, run)
     lm = load_model(model_opts, run=run)
     notes: list[str] = []
     plist = read_prompts(df, lm, mode=mode, metric=metric, path=prompts, notes=notes)
@@ -90,12 +94,16 @@ def main(run, prompts, mode, sites, positions, head_positions, joint_positions, 
         log(f"dolm-patch: note: {note}")
     if len(notes) > 5:
         log(f"dolm-patch: note: ... and {len(notes) - 5} more")
+    if df is not whole and metric == "auto":  # a shard: --metric auto looks at every prompt
+        plist_all = read_prompts(whole, lm, mode=mode, metric=metric, path=prompts, notes=[])
+        metric = choose_metric(plist_all, metric)
     metric = choose_metric(plist, metric)
     opts = Options(mode=mode, direction=direction, method=method, sites=sites,
                    positions=positions, head_positions=head_positions, joint=joint_positions,
                    window=window,
                    align=align, span=span, samples=samples, noise_scale=noise_scale,
-                   metric=metric, seed=seed, batch_size=model_opts.batch_size)
+                   metric=metric, seed=seed, batch_size=model_opts.batch_size,
+                   first_index=shard_offset(run))
 
     def bar(total):
         return progress(total=total, desc="patching", unit="cell")

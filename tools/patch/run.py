@@ -36,6 +36,7 @@ class Options:
     seed: int = 0
     batch_size: object = "auto"
     group_cells: int = 4096
+    first_index: int = 0  # of the first prompt in the whole table (noise seeds; shards)
 
 
 @dataclass
@@ -223,7 +224,8 @@ class Patcher:
                 i, s = rows[r]
                 pos = self.noise_pos[i]
                 g = torch.Generator().manual_seed(
-                    (o.seed * 1_000_003 + i * 1009 + s * 7919 + 17) % (2**62))
+                    (o.seed * 1_000_003 + (o.first_index + i) * 1009 + s * 7919 + 17)
+                    % (2**62))
                 out[r - a, pos] = torch.randn(len(pos), d, generator=g) * scale
             return out
 

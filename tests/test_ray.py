@@ -1,0 +1,249 @@
+"""The Ray executor (dolm.executor): sharded runs on a local Ray cluster equal the
+in-process run, a killed worker is retried, bad input is a named error.
+
+One local cluster for the module (2 CPUs, no dashboard), started by this process and
+joined by each tool run with ``--ray-address``. Runs use ``--batch-size 1`` so that every
+prompt is computed alone in both runs and the outputs can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+# The module's cluster is local and short-lived: no token (Ray >= 2.59 asks drivers that
+# join a local cluster for the token it generated; docs/ray.md says how to pass one).
+ENV = dict(os.environ, OMP_NUM_THREADS="1", DOLM_PROGRESS="0", RAY_USAGE_STATS_ENABLED="0",
+           HF_HUB_DISABLE_PROGRESS_BARS="1", RAY_AUTH_MODE="disabled")
+
+
+def dolm(*args, env=None):
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                          env=env or ENV)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    info = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                    configure_logging=False)
+    address = info.address_info["gcs_address"]
+    yield address
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved
+
+
+@pytest.fixture(scope="module")
+def kit(tiny_gpt2_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ray")
+    model = str(tiny_gpt2_dir)
+    p = d / "prompts.parquet"
+    r = dolm("dolm-gen-prompts", "factual", "--n", "12", "-o", p, "--model", model)
+    assert r.returncode == 0, r.stderr
+    return d, model, p
+
+
+def same_tables(a, b, exact=True):
+    """Equal tables, row order included. ``exact=False`` (patch and ablate batch a shard's
+    prompts or variants together, so padding differs from the whole run's batches): floats
+    within 1e-4, and patch's recovery = (patched - corrupt) / (clean - corrupt) only where its
+    denominator is not float noise."""
+    x, y = pq.read_table(a).to_pandas(), pq.read_table(b).to_pandas()
+    assert list(x["prompt_id"]) == list(y["prompt_id"])  # row order
+    if exact:
+        pd.testing.assert_frame_equal(x, y, check_exact=True)
+        return
+    assert list(x.columns) == list(y.columns) and list(x.dtypes) == list(y.dtypes)
+    floats = [c for c in x.columns if x[c].dtype.kind == "f"]
+    other = [c for c in x.columns if c not in floats]
+    pd.testing.assert_frame_equal(x[other], y[other], check_exact=True)
+    keep = np.ones(len(x), dtype=bool)
+    if "corrupt_value" in x:
+        den = (x["clean_value"] - x["corrupt_value"]).abs().to_numpy()
+        keep = ~((x["metric"] == "recovery").to_numpy() & (den < 1e-3))
+        assert keep.sum() > len(x) // 2
+    for c in floats:
+        np.testing.assert_allclose(x[c].to_numpy()[keep], y[c].to_numpy()[keep], rtol=1e-4,
+                                   atol=1e-6, equal_nan=True, err_msg=c)
+
+
+def same_h5(a, b):
+    with h5py.File(a) as x, h5py.File(b) as y:
+        assert sorted(x.keys()) == sorted(y.keys())
+        for k in x:
+            assert x[k].shape == y[k].shape and x[k].dtype == y[k].dtype, k
+            assert np.array_equal(x[k][()], y[k][()]), k
+
+
+def executor_entry(path):
+    prov = json.loads(pq.read_schema(path).metadata[b"dolm.provenance"])
+    assert sum(1 for e in prov if (e.get("params") or {}).get("executor")) == 1
+    return prov[-1]["params"]["executor"]
+
+
+def valid(*paths):
+    r = dolm("dolm-validate", *paths)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_collect_patch_ablate_on_ray_equal_in_process(cluster, kit):
+    d, model, p = kit
+    common = ["--model", model, "--batch-size", "1"]
+    ray_opts = ["--executor", "ray", "--ray-address", cluster, "--shards", "4"]
+    jobs = {
+        "collect": (["dolm-collect-acts", p, *common, "--sites", "resid_post.*,head.1.*",
+                     "--positions", "last,subject"], ("-o", "--acts"), (".parquet", ".h5")),
+        "patch": (["dolm-patch", p, *common, "--sites", "resid_pre,attn_out",
+                   "--positions", "last"], ("-o", "--summary"), (".parquet", ".parquet")),
+        "ablate": (["dolm-ablate", p, *common, "--components", "head.0.1,mlp_out.1,layer.2",
+                    "--kind", "zero,mean"], ("-o",), (".parquet",)),
+    }
+    for name, (argv, opts, exts) in jobs.items():
+        outs = {}
+        for how, extra in (("local", []), ("ray", ray_opts)):
+            files = [d / f"{name}-{how}-{i}{ext}" for i, ext in enumerate(exts)]
+            args = [x for o, f in zip(opts, files, strict=True) for x in (o, f)]
+            r = dolm(*argv, *args, *extra)
+            assert r.returncode == 0, (name, how, r.stderr)
+            outs[how] = files
+        for a, b in zip(outs["local"], outs["ray"], strict=True):
+            if a.suffix == ".h5":
+                same_h5(a, b)
+            else:
+                same_tables(a, b, exact=name == "collect")
+        valid(*outs["ray"])
+        ex = executor_entry(outs["ray"][0])
+        assert ex["kind"] == "ray" and ex["shards"] == 4 and len(ex["every_shard"]) == 4
+        assert ex["cluster"]["cpus"] == 2 and ex["cluster"]["workers"] == 2
+        assert not (d / f"{outs['ray'][0].name}.shards").exists()  # merged, cleaned up
+
+
+def _descendant(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return False
+
+
+def _shard_worker() -> int | None:
+    """A Ray worker of this module's cluster running a shard right now."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "ShardWorker.run_shard" in cmd and _descendant(int(proc.name), os.getpid()):
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_worker_is_retried_and_the_output_equals_in_process(cluster, kit):
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc to find the worker process")
+    d, model, p = kit
+    argv = ["dolm-collect-acts", p, "--model", model, "--batch-size", "1",
+            "--sites", "resid_post.*"]
+    local = d / "kill-local.parquet"
+    assert dolm(*argv, "-o", local, "--acts", d / "kill-local.h5").returncode == 0
+    out, acts = d / "kill-ray.parquet", d / "kill-ray.h5"
+    proc = subprocess.Popen([str(a) for a in (*argv, "-o", out, "--acts", acts,
+                                              "--executor", "ray", "--ray-address", cluster,
+                                              "--shards", "4")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    killed = None
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and killed is None and time.monotonic() < deadline:
+        pid = _shard_worker()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            killed = pid
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=300)
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert proc.returncode == 0, err
+    same_tables(local, out)
+    same_h5(d / "kill-local.h5", acts)
+    valid(out, acts)
+    pids = {s["pid"] for s in executor_entry(out)["every_shard"]}
+    assert killed not in pids  # the killed worker's shard was redone by another process
+
+
+def test_bad_input_is_named(cluster, kit, tmp_path):
+    d, model, p = kit
+    base = ["dolm-collect-acts", p, "--model", model, "--executor", "ray"]
+    # nothing listens at the address: a cluster failure, exit 1, named
+    r = dolm(*base, "-o", tmp_path / "a.parquet", "--ray-address", "127.0.0.1:9")
+    assert r.returncode == 1 and "--ray-address 127.0.0.1:9" in r.stderr, r.stderr
+    # more shards than prompts: exit 3 before anything starts
+    r = dolm(*base, "-o", tmp_path / "b.parquet", "--ray-address", cluster, "--shards", "13")
+    assert r.returncode == 3 and "--shards 13" in r.stderr and "12" in r.stderr, r.stderr
+    # --limit leaves fewer prompts than shards: the shard says so, exit 3
+    r = dolm("dolm-patch", p, "--model", model, "--limit", "2", "--executor", "ray",
+             "--ray-address", cluster, "--shards", "3", "-o", tmp_path / "c.parquet")
+    assert r.returncode == 3 and "--shards 3" in r.stderr, r.stderr
+    # a flag that needs --executor ray
+    r = dolm("dolm-patch", p, "--model", model, "--shards", "2", "-o", tmp_path / "d.parquet")
+    assert r.returncode == 3 and "--shards: only used with --executor ray" in r.stderr
+    assert not [q.name for q in tmp_path.iterdir() if not q.name.startswith(".")]
+
+
+def test_unwritable_output_folder_is_named(cluster, kit, tmp_path):
+    d, model, p = kit
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = False
+    if os.geteuid() == 0:  # root writes through permissions: a read-only tmpfs
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"mount not permitted here: {r.stderr.strip()}")
+        mounted = True
+    else:
+        ro.chmod(0o555)
+    try:
+        r = dolm("dolm-collect-acts", p, "--model", model, "--executor", "ray",
+                 "--ray-address", cluster, "-o", ro / "out.parquet")
+        assert r.returncode == 3 and str(ro) in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        assert list(ro.iterdir()) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(ro)], capture_output=True)
+        else:
+            ro.chmod(0o755)
+
+
+def test_without_ray_installed_the_error_says_how_to_install(kit, tmp_path):
+    d, model, p = kit
+    block = tmp_path / "noray"
+    (block / "ray").mkdir(parents=True)
+    (block / "ray" / "__init__.py").write_text("raise ImportError('no ray here')\n")
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(block), *sys.path]))
+    r = dolm("dolm-ablate", p, "--model", model, "--components", "head.0.1", "--executor",
+             "ray", "-o", tmp_path / "x.parquet", env=env)
+    assert r.returncode == 3, r.stderr
+    assert "ray package is not installed" in r.stderr and "pip install" in r.stderr
+    assert not (tmp_path / "x.parquet").exists()
