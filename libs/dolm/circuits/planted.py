@@ -1,16 +1,16 @@
-"""A planted circuit: a 2-layer attention-only GPT-2 whose weights implement induction.
+"""A planted circuit: a 2-layer GPT-2 whose hand-set attention weights implement induction.
 
 The residual stream is split into subspaces (a ``dump`` coordinate keeps every written
 vector zero-mean, so LayerNorm only rescales): token identity ``tok``, position ``pos``,
 the previous token ``prev``, the predicted token ``out``, and ``junk`` (written by the
-distractor heads, read by nothing).
+distractor heads and the small MLPs, read by nothing but the MLPs).
 
 - ``head.0.0`` (previous-token head): query reads position p, key reads position p - 1;
   value reads the token, output writes it into ``prev``.
 - ``head.1.0`` (induction head): query reads the current token (``tok``), key reads
   ``prev`` (K-composition with head.0.0), value reads the token, output writes ``out``.
 - ``lm_head`` reads ``out``. ``head.0.1`` and ``head.1.1`` are random distractors writing
-  ``junk``; the MLPs are zero.
+  ``junk``; the MLPs are small and touch only ``junk`` (the circuit does not use them).
 
 On ``" a b c d e f a b c"`` the model predicts ``" d"``. With counterfactual prompts of
 the same positions and other tokens, the edges that carry the answer are
@@ -115,6 +115,12 @@ def build_planted_induction(out_dir, seed: int = 0, strength: float = 2.0) -> Pa
             o = tr.h[lyr].attn.c_proj.weight
             o[dh:2 * dh, junk] = torch.randn(dh, len(junk), generator=gen) * 0.03
             o[dh:2 * dh, dump] = -o[dh:2 * dh, junk].sum(1)
+            # a small MLP reading and writing junk: the circuit does not use it, but the
+            # model stays a real GPT-2 (dolm's load-time identities need MLPs that respond)
+            mlp = tr.h[lyr].mlp
+            mlp.c_fc.weight[junk] = torch.randn(len(junk), 4 * d, generator=gen) * 0.05
+            mlp.c_proj.weight[:, junk] = torch.randn(4 * d, len(junk), generator=gen) * 0.05
+            mlp.c_proj.weight[:, dump] = -mlp.c_proj.weight[:, junk].sum(1)
         for i in range(nv):
             model.lm_head.weight[i, outc[i]] = 10.0
     model.save_pretrained(out)
