@@ -54,9 +54,12 @@ def main() -> None:
     lm = load(str(tmp / "m"))
     words = WORDS[:16]
     cf = list(reversed(words))
+    def text(ws):  # every word with its leading space: one token each
+        return "".join(" " + w for w in ws)
+
     df = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(args.batch)],
-                       "prompt": [" ".join(words[i:] + words[:i]) for i in range(args.batch)],
-                       "cf_prompt": [" ".join(cf[i:] + cf[:i]) for i in range(args.batch)],
+                       "prompt": [text(words[i:] + words[:i]) for i in range(args.batch)],
+                       "cf_prompt": [text(cf[i:] + cf[:i]) for i in range(args.batch)],
                        "target": [" the"] * args.batch, "foil": [" a"] * args.batch})
     data = prepare(lm, df, "bench", "logit_diff", "cf")
     sc = Scorer(lm, data, "logit_diff", batch_size=args.batch)
