@@ -23,6 +23,8 @@ mod factual 'pipelines/factual.just'
 mod lens_dla 'pipelines/lens_dla.just'
 # causal-unit network: do() with gradient blocking, DAG learning, ablations
 mod cunit 'pipelines/cunit.just'
+# edge-level circuits (EAP, EAP-IG, exact) and their faithfulness for dilemma, factual, bayes
+mod circuit 'pipelines/circuit.just'
 
 root := justfile_directory()
 demo_dir := root / "runs" / "demo"

@@ -516,6 +516,36 @@ def learned_dag() -> dict:
     return obj
 
 
+def circuit_files() -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+    """An edges table, a circuit and a faithfulness curve of a 2-layer, 2-head graph."""
+    rows = []
+    senders = ["embed", "head.0.0", "head.0.1", "mlp.0"]
+    for i, s_ in enumerate(senders):
+        for j, (d, c) in enumerate([("head.1.0", "q"), ("head.1.0", "k"), ("mlp.1", None),
+                                    ("logits", None)]):
+            rows.append({"src": s_, "dst": d, "channel": c, "score": (i - j) / 3.0})
+    e = pd.DataFrame(rows)
+    e["abs_score"] = e["score"].abs()
+    e["rank"] = e["abs_score"].rank(ascending=False, method="first").astype(int)
+    e["method"], e["metric"], e["prompt_id"] = "exact", "logit_diff", None
+    circ = {"model": {"spec": "toy", "weights_sha256": None, "n_layers": 2, "n_heads": 2},
+            "method": "exact", "metric": "logit_diff", "corruption": "cf",
+            "nodes": ["embed", "head.0.0", "head.1.0", "logits"],
+            "edges": [{"source": "embed", "target": "head.1.0", "channel": "q", "score": 1.0},
+                      {"source": "head.0.0", "target": "head.1.0", "channel": "k",
+                       "score": -0.5},
+                      {"source": "head.1.0", "target": "logits", "channel": None,
+                       "score": 2.0}],
+            "selection": {"top_n": 3, "threshold": None, "n_candidates": 16}}
+    f = pd.DataFrame({"kind": ["circuit", "curve", "curve", "curve"], "n_edges": [3, 1, 3, 16],
+                      "metric": "logit_diff", "ablate": "cf", "full": 2.0,
+                      "circuit": [1.8, 0.5, 1.8, 2.0], "complement": [0.1, 1.0, 0.1, -2.0],
+                      "ablated": -2.0, "faithfulness": [0.9, 0.25, 0.9, 1.0],
+                      "faithfulness_norm": [0.95, 0.6, 0.95, 1.0],
+                      "complement_ratio": [0.05, 0.5, 0.05, -1.0], "n_prompts": 4})
+    return e, circ, f
+
+
 def synthetic() -> list[tuple[str, str, str, object, str | None]]:
     """(file name, schema, tool, data, model) for every figure kind: data is a DataFrame,
     a dict (JSON) or, for HDF5, the keyword arguments of ``write_activations``."""
@@ -570,6 +600,9 @@ def synthetic() -> list[tuple[str, str, str, object, str | None]]:
         ("directions.safetensors", "directions", "steer", {"n_layers": 4}, "toy"),
         ("dla_toy.parquet", "attributions", "dla", dla_table(), "toy"),
         ("dla_gpt2.parquet", "attributions", "dla", dla_table(6, 3), "gpt2-small"),
+        ("edges.parquet", "edges", "circuit", circuit_files()[0], "toy"),
+        ("circuit.json", "circuit", "circuit", circuit_files()[1], "toy"),
+        ("faithfulness.parquet", "faithfulness", "circuit", circuit_files()[2], "toy"),
     ]
 
 

@@ -14,10 +14,17 @@ from dolm.executor import executor_options
 @tool("patch", outputs=("output", "summary"))
 @executor_options(outputs=("output", "summary"))
 @click.argument("prompts", type=click.Path(dir_okay=False, allow_dash=True))
-@click.option("--mode", type=click.Choice(["counterfactual", "noise"]), default="counterfactual",
-              show_default=True,
+@click.option("--mode", type=click.Choice(["counterfactual", "noise", "path"]),
+              default="counterfactual", show_default=True,
               help="counterfactual: clean prompt vs its cf_prompt; noise: Gaussian noise on the "
-                   "--span embeddings (ROME causal tracing).")
+                   "--span embeddings (ROME causal tracing); path: path patching from "
+                   "--senders to --receivers, every other path frozen (IOI).")
+@click.option("--senders", default=None,
+              help="--mode path: sender nodes (embed, head.L.H, mlp.L; comma list, * globs).")
+@click.option("--receivers", default=None,
+              help="--mode path: receiver nodes (head.L.H, mlp.L, logits; comma list, globs).")
+@click.option("--channels", default="q,k,v", show_default=True,
+              help="--mode path: the inputs of receiving heads the path enters (q, k, v).")
 @click.option("--sites", default="resid_pre", show_default=True,
               help="Comma list of site kinds (resid_pre, resid_mid, resid_post, attn_out, "
                    "mlp_out, head: every layer/head) or sites/patterns (resid_pre.3, head.2.*).")
@@ -60,7 +67,8 @@ from dolm.executor import executor_options
 @model_options
 @output_option
 @seed_option
-def main(run, prompts, mode, sites, positions, head_positions, joint_positions, window,
+def main(run, prompts, mode, senders, receivers, channels, sites, positions, head_positions,
+         joint_positions, window,
          direction, align, span, samples, noise_scale, metric, method, limit, summary,
          model_opts, output, force, seed):
     """Activation patching / causal tracing of PROMPTS (a prompts table).
@@ -88,6 +96,13 @@ def main(run, prompts, mode, sites, positions, head_positions, joint_positions, 
         df = df.iloc[:limit]
     whole, df = df, shard_rows(df, run)
     lm = load_model(model_opts, run=run)
+    if mode == "path":
+        from dolm_tools.patch.path import run_path
+
+        return run_path(run, df=df, prompts=prompts, lm=lm, senders=senders,
+                        receivers=receivers, channels=channels, direction=direction,
+                        metric=metric, output=output, force=force, seed=seed,
+                        batch_size=model_opts.batch_size)
     notes: list[str] = []
     plist = read_prompts(df, lm, mode=mode, metric=metric, path=prompts, notes=notes)
     for note in notes[:5]:

@@ -126,6 +126,7 @@ def load_all() -> list[FigureSpec]:
     """Import every figure module (each registers its figures) and return the registry."""
     from dolm_tools.plot import (  # noqa: F401
         fig_activations,
+        fig_circuit,
         fig_cunit,
         fig_dag,
         fig_dla,
