@@ -92,16 +92,42 @@ def split_by_environment(X, tg):
     return [X[envs[k]] for k in keys], [list(k) for k in keys]
 
 
-def run_gies(X, tg):
+def run_gies(X, tg, timeout=None):
     """GIES (Hauser & Buehlmann 2012; the pure-Python ``gies`` package) with its Gaussian
     BIC score on the same interventional table, split by environment (known targets).
-    Returns the I-essential graph (undirected edges as both directions)."""
+    Returns the I-essential graph (undirected edges as both directions). ``timeout``
+    (wall seconds): run it in a child process and give up after that long (the graph is
+    then None and the times are what it had used)."""
+    if timeout:
+        return _run_gies_child(X, tg, timeout)
     import gies
 
     data, interventions = split_by_environment(X, tg)
     t0, c0 = time.perf_counter(), time.process_time()
     est, _ = gies.fit_bic(data, interventions)
     return (np.asarray(est) != 0).astype(int), time.perf_counter() - t0, time.process_time() - c0
+
+
+def _gies_child(X, tg, queue):
+    queue.put(run_gies(X, tg))
+
+
+def _run_gies_child(X, tg, timeout):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_gies_child, args=(X, tg, queue))
+    t0 = time.perf_counter()
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        proc.kill()
+        proc.join()
+        return None, time.perf_counter() - t0, cpu
+    return queue.get()
 
 
 def run_dagma(X, seed):
@@ -140,7 +166,8 @@ def run_dagma_mlp(X, seed):
     return (W != 0).astype(int), time.perf_counter() - t0, time.process_time() - c0
 
 
-def section_nonlinear(rows, mechanisms, dims, seeds, n_obs, n_int, dagma_max_d, known=True):
+def section_nonlinear(rows, mechanisms, dims, seeds, n_obs, n_int, dagma_max_d,
+                      methods=("cunit", "gies", "dagma-mlp")):
     """Nonlinear SCMs (standardised), perfect known targets: cunit with MLP mechanisms
     against GIES (linear-Gaussian BIC) on the same table and DagmaMLP on the pooled one."""
     for mech in mechanisms:
@@ -148,15 +175,17 @@ def section_nonlinear(rows, mechanisms, dims, seeds, n_obs, n_int, dagma_max_d, 
             for seed in seeds:
                 B, X, tg, _ = make_data("er", d, seed, n_obs, n_int, mechanism=mech)
                 Xs = standardise(X)
-                A, wall, cpu = run_cunit(Xs, tg, seed, mechanism="mlp")
-                record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
-                       scaling="standardised", method="cunit --mechanism mlp", wall_s=wall,
-                       cpu_s=cpu, metrics=structure_metrics(B, A))
-                A, wall, cpu = run_gies(Xs, tg)
-                record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
-                       scaling="standardised", method="GIES (interventional)", wall_s=wall,
-                       cpu_s=cpu, metrics=structure_metrics(B, A))
-                if d <= dagma_max_d:
+                if "cunit" in methods:
+                    A, wall, cpu = run_cunit(Xs, tg, seed, mechanism="mlp")
+                    record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
+                           scaling="standardised", method="cunit --mechanism mlp",
+                           wall_s=wall, cpu_s=cpu, metrics=structure_metrics(B, A))
+                if "gies" in methods:
+                    A, wall, cpu = run_gies(Xs, tg)
+                    record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
+                           scaling="standardised", method="GIES (interventional)",
+                           wall_s=wall, cpu_s=cpu, metrics=structure_metrics(B, A))
+                if "dagma-mlp" in methods and d <= dagma_max_d:
                     A, wall, cpu = run_dagma_mlp(Xs, seed)
                     record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
                            scaling="standardised", method="DagmaMLP (same table, pooled)",
@@ -167,6 +196,10 @@ _JSON: Path | None = None  # rows are appended here as they come (a long run can
 
 
 def record(rows, section, **kw):
+    import resource
+
+    # peak resident memory of this process so far (Linux: kB)
+    kw["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows.append({"section": section, **kw})
     if _JSON is not None:
         _JSON.write_text(json.dumps(rows, indent=1, default=float))
@@ -175,26 +208,33 @@ def record(rows, section, **kw):
           + (f" f1={m['f1']:.3f} shd={m['shd']:.0f}" if m else ""), flush=True)
 
 
+def _metrics(B, A):
+    """Structure metrics, or None for a run that did not finish (A is None)."""
+    return None if A is None else structure_metrics(B, A)
+
+
 # ------------------------------------------------------------------ sections
 
 
 def section_structure(rows, graphs, seeds, n_obs, n_int, section, pooled=True,
-                      scalings=("raw", "standardised"), gies_max_d=100, dagma=True):
+                      scalings=("raw", "standardised"), gies_max_d=100, dagma=True,
+                      gies_timeout=None, cunit=True):
     for graph, d in graphs:
         for seed in seeds:
             B, X, tg, X_obs = make_data(graph, d, seed, n_obs, n_int)
             for scaling in scalings:
                 Xi = X if scaling == "raw" else standardise(X)
                 Xo = X_obs if scaling == "raw" else standardise(X_obs)
-                A, wall, cpu = run_cunit(Xi, tg, seed)
-                record(rows, section, graph=graph, d=len(B), seed=seed, scaling=scaling,
-                       method="cunit (interventional)", wall_s=wall, cpu_s=cpu,
-                       metrics=structure_metrics(B, A))
+                if cunit:
+                    A, wall, cpu = run_cunit(Xi, tg, seed)
+                    record(rows, section, graph=graph, d=len(B), seed=seed, scaling=scaling,
+                           method="cunit (interventional)", wall_s=wall, cpu_s=cpu,
+                           metrics=structure_metrics(B, A))
                 if gies_max_d and len(B) <= gies_max_d:
-                    A, wall, cpu = run_gies(Xi, tg)
+                    A, wall, cpu = run_gies(Xi, tg, gies_timeout)
                     record(rows, section, graph=graph, d=len(B), seed=seed, scaling=scaling,
                            method="GIES (interventional)", wall_s=wall, cpu_s=cpu,
-                           metrics=structure_metrics(B, A))
+                           finished=A is not None, metrics=_metrics(B, A))
                 if not dagma:
                     continue
                 A, wall, cpu = run_dagma(Xo, seed)
@@ -301,6 +341,14 @@ def structure_table(rows, section, keys=("graph", "d", "scaling", "method")):
     out = ["| " + " | ".join(keys) + " | seeds | F1 | skeleton F1 | SHD | SHD per seed | TPR "
            "| FDR | CPU s | wall s |", "|" + "---|" * (len(keys) + 9)]
     for key, rs in groups.items():
+        unfinished = [r for r in rs if r.get("metrics") is None]
+        rs = [r for r in rs if r.get("metrics") is not None]
+        for r in unfinished:
+            out.append("| " + " | ".join(str(k) for k in key) + f" | seed {r['seed']} | did "
+                       f"not finish: stopped after {r['wall_s']:.0f} s wall, "
+                       f"{r['cpu_s']:.0f} s CPU" + " |" * 8)
+        if not rs:
+            continue
         m = [r["metrics"] for r in rs]
         out.append("| " + " | ".join(str(k) for k in key) + f" | {len(rs)} | "
                    + _ms([x["f1"] for x in m]) + " | "
@@ -372,6 +420,12 @@ def main(argv=None):
     ap.add_argument("--scalings", default="raw,standardised")
     ap.add_argument("--gies-max-d", type=int, default=50,
                     help="Run GIES on graphs up to this size (0: never).")
+    ap.add_argument("--gies-timeout", type=float, default=None,
+                    help="er: give GIES this many wall seconds, then record that it did "
+                         "not finish.")
+    ap.add_argument("--no-cunit", action="store_true", help="er: skip cunit (GIES only).")
+    ap.add_argument("--methods", default="cunit,gies,dagma-mlp",
+                    help="Methods of the nonlinear section.")
     ap.add_argument("--no-dagma", action="store_true", help="Skip DAGMA (er, canonical).")
     ap.add_argument("--mechanisms", default="mlp,nonlinear",
                     help="SCMs of the nonlinear section.")
@@ -422,11 +476,12 @@ def main(argv=None):
         graphs = [("er", 10)] if args.quick else [("er", int(x)) for x in args.dims.split(",")]
         section_structure(rows, graphs, seeds, n_obs, n_int, "er", pooled=not args.no_pooled,
                           scalings=tuple(args.scalings.split(",")),
-                          gies_max_d=args.gies_max_d, dagma=not args.no_dagma)
+                          gies_max_d=args.gies_max_d, dagma=not args.no_dagma,
+                          gies_timeout=args.gies_timeout, cunit=not args.no_cunit)
     if "nonlinear" in only:
         section_nonlinear(rows, args.mechanisms.split(","),
                           [int(x) for x in args.nonlinear_dims.split(",")], seeds, n_obs,
-                          n_int, args.dagma_mlp_max_d)
+                          n_int, args.dagma_mlp_max_d, args.methods.split(","))
     if "speed" in only or "forward" in only:
         section_speed(rows, args.quick)
     if "speed" in only or "d50" in only:
