@@ -180,7 +180,8 @@ def simulate(run, graph, dag_path, d, edges_per_node, mechanism, n_obs, n_per_ta
 @click.option("--observational-regime", default="obs", show_default=True,
               help="--targets unknown: the regime whose rows are observational.")
 @click.option("--no-gradient-blocking", is_flag=True,
-              help="Ablation: straight-through do() (gradients pass into intervened nodes).")
+              help="Ablation: straight-through do() (gradients pass into intervened nodes). "
+              "Measured: the learned graph is the same for fit's objectives.")
 @click.option("--threads", type=click.IntRange(0), default=1, show_default=True,
               help="torch threads (0 = torch's default; the tensors are small: 1 is "
                    "fastest on a shared machine).")

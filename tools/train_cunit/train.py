@@ -10,8 +10,9 @@ The objective, per step (standardised data, a mini-batch or all rows):
 * a counterfactual loss (``cf_weight``): for rows with known targets the network rolls
   do(X_T = x_T) forward through its units from zero noise and is scored (squared error in
   noise-sd units) on the non-intervened nodes -- the interventional prediction its
-  units imply. This is the loss where gradient blocking matters: without it, gradients
-  reach the parents of the intervened nodes. (Off by default: see the ablation.)
+  units imply. This is the only loss where gradient blocking changes the gradients:
+  without it, gradients reach the parents of the intervened nodes. It did not change the
+  learned graph in the ablation (BENCHMARKS.md); off by default.
 * sparsity ``lambda_sparse * sum(A)`` on the soft adjacency and an L2 on the weights;
 * acyclicity: NOTEARS' trace exponential ``h(E) = tr(exp(E o E)) - d`` on the effective
   edge weights ``E`` (``A * W``), under an augmented Lagrangian (``alpha h + rho/2 h^2``,
