@@ -227,6 +227,9 @@ def test_fit_learns_unknown_targets_behind_opaque_regime_names(tmp_path):
     r = run("fit", tmp_path / "opaque.parquet", "--targets", "unknown",
             "--observational-regime", "baseline", "-o", tmp_path / "o2", *FAST)
     assert r.returncode == 3 and "--observational-regime baseline" in r.stderr, r.stderr
+    r = run("fit", tmp_path / "opaque.parquet", "--targets", "unknown", "--ignore-targets",
+            "-o", tmp_path / "o2", *FAST)
+    assert r.returncode == 3 and "--ignore-targets" in r.stderr, r.stderr
     one = _write(tmp_path, _good(), "one.csv")
     r = run("fit", one, "--targets", "unknown", "-o", tmp_path / "o3", *FAST)
     assert r.returncode == 3 and "two or more regimes" in r.stderr, r.stderr
