@@ -251,6 +251,43 @@ class RegimeTargetScorer(_CachedScorer):
         return M
 
 
+def search_graph_and_targets(scorer: RegimeTargetScorer, known, starts=(), rounds: int = 5):
+    """The search over graphs and targets (unknown targets), from several starts: the
+    empty graph, the graph the known-target search finds when every node is taken as a
+    target in the regimes where its conditional on all other variables changes (a
+    superset: targets and their parents), and ``starts``. From each, the joint greedy
+    search alternates with a known-target greedy search (from the empty graph, ``known(M)``
+    for the current target mask M) while the joint score improves (the joint search
+    alone stalls in local optima). Returns (graph, penalised score) of the best."""
+    d = scorer.d
+    pen = 0.5 * scorer.k * math.log(len(scorer.Z))
+
+    def total(A):
+        return sum(scorer.score(j, tuple(np.flatnonzero(A[:, j]))) for j in range(d)) + \
+            pen * A.sum()
+
+    def alternate(A):
+        A = greedy_polish(scorer.Z, None, A, scorer=scorer)
+        for _ in range(rounds):
+            A2 = greedy_polish(scorer.Z, None, known(scorer.target_mask(A)), scorer=scorer)
+            if total(A2) >= total(A) - 1e-9:
+                break
+            A = A2
+        return A
+
+    mb = np.zeros(scorer.Z.shape, dtype=bool)
+    for j in range(d):
+        for r in scorer.targets(j, [i for i in range(d) if i != j]):
+            mb[scorer.regimes == r, j] = True
+    best = None
+    for A0 in [np.zeros((d, d), dtype=np.int64), known(mb), *starts]:
+        A = alternate(np.asarray(A0, dtype=np.int64))
+        score = total(A)
+        if best is None or score < best[1] - 1e-9:
+            best = (A, score)
+    return best
+
+
 def _reach(B: np.ndarray) -> np.ndarray:
     """reach[i, j]: a directed path of length >= 1 from i to j."""
     R = B.astype(bool)

@@ -39,7 +39,7 @@ import torch
 
 from .engine import CausalNetwork
 from .graphs import is_dag, make_acyclic
-from .search import greedy_polish
+from .search import greedy_polish, search_graph_and_targets
 
 
 @dataclass
@@ -129,8 +129,8 @@ def fit(
     ``config.unknown_targets`` the targets are not used: ``regimes`` (a name per row)
     groups the rows, and each regime's targets are learned with the graph
     (``RegimeTargetScorer``: a search over graphs and targets on the interventional BIC,
-    from the empty graph, gives the targets the network trains with; the polish then
-    re-chooses them with the graph)."""
+    ``search_graph_and_targets``, gives the targets the network trains with; the polish
+    then searches again from the network's graph too and re-chooses them)."""
     import time
 
     cfg = config or TrainConfig()
@@ -155,9 +155,9 @@ def fit(
         obs_rows = torch.as_tensor(reg_ids == names.index(cfg.obs_regime))
         loc = Xt[obs_rows].mean(0)
         scale = Xt[obs_rows].std(0, unbiased=False).clamp(min=1e-8)
-        scorer = _regime_scorer(((Xt - loc) / scale).double().numpy(), reg_ids,
-                                names.index(cfg.obs_regime), cfg)
-        B0 = greedy_polish(scorer.Z, None, np.zeros((d, d), dtype=np.int64), scorer=scorer)
+        scorer, known = _regime_scorer(((Xt - loc) / scale).double().numpy(), reg_ids,
+                                       names.index(cfg.obs_regime), cfg)
+        B0, s0 = search_graph_and_targets(scorer, known)
         tmask_all = torch.as_tensor(scorer.target_mask(B0))
     # standardise with the observational rows where a node is not intervened on
     free = ~tmask_all
@@ -281,9 +281,7 @@ def fit(
         # unknown targets: the same search over graphs and targets, from the network's
         # graph; the better of it and the empty-graph start wins
         if cfg.polish:
-            B1, s1 = greedy_polish(scorer.Z, None, adjacency, return_score=True,
-                                   scorer=scorer)
-            _, s0 = greedy_polish(scorer.Z, None, B0, return_score=True, scorer=scorer)
+            B1, s1 = search_graph_and_targets(scorer, known, [B0, adjacency])
             adjacency = B1 if s1 < s0 - 1e-9 else B0
         M = scorer.target_mask(adjacency)
         tmask_all = torch.as_tensor(M)
@@ -308,15 +306,24 @@ def fit(
 
 
 def _regime_scorer(Z: np.ndarray, reg_ids: np.ndarray, obs: int, cfg: TrainConfig):
-    """The search's scorer for unknown targets: linear conditionals, or (mlp) the
-    polish's spline + random-feature surrogate."""
-    from .search import RegimeTargetScorer, SplineFeatureScorer
+    """The search's scorer for unknown targets (linear conditionals, or for mlp the
+    polish's spline + random-feature surrogate) and the known-target search it
+    alternates with."""
+    from .search import NodeScorer, RegimeTargetScorer, SplineFeatureScorer
 
-    design = None
-    if cfg.mechanism != "linear":
-        design = SplineFeatureScorer(Z, np.zeros(Z.shape, dtype=bool), cfg.polish_knots,
-                                     cfg.polish_random_features, cfg.seed)
-    return RegimeTargetScorer(Z, reg_ids, obs, design)
+    def spline(M):
+        return SplineFeatureScorer(Z, M, cfg.polish_knots, cfg.polish_random_features,
+                                   cfg.seed)
+
+    design = None if cfg.mechanism == "linear" else spline(np.zeros(Z.shape, dtype=bool))
+    def make(M):
+        return NodeScorer(Z, M) if design is None else spline(M)
+
+    def known(M):  # the known-target greedy search from the empty graph
+        d = Z.shape[1]
+        return greedy_polish(Z, M, np.zeros((d, d), dtype=np.int64), scorer=make(M))
+
+    return RegimeTargetScorer(Z, reg_ids, obs, design), known
 
 
 def polish(Z: np.ndarray, M: np.ndarray, B: np.ndarray, knots: int | None = None,
