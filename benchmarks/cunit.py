@@ -19,6 +19,9 @@ beside it):
   blocking (with and without the counterfactual loss, where blocking can matter),
   no polish, MLP mechanisms with gates, a vanilla per-node MLP (no gates).
 
+* unknown -- ER2 (``--mechanisms``, ``--nonlinear-dims``), standardised: cunit with known
+  targets and with ``--targets unknown`` (regimes only) side by side, and the learned
+  targets' precision / recall / F1.
 * nonlinear -- ER2 d = 10 and 20 with MLP (``--mechanism mlp``) and additive tanh
   (``nonlinear``) SCMs, standardised, perfect known targets: cunit ``--mechanism mlp``
   against GIES and (``--dagma-mlp-max-d``) DagmaMLP on the pooled table.
@@ -72,14 +75,14 @@ def standardise(X):
     return (X - X.mean(0)) / X.std(0)
 
 
-def run_cunit(X, tg, seed, threads=1, **cfg):
+def run_cunit(X, tg, seed, threads=1, regimes=None, full=False, **cfg):
     import torch
     from train_cunit.train import TrainConfig, fit
 
     torch.set_num_threads(threads)
     c0 = time.process_time()
-    res = fit(X, tg, TrainConfig(seed=seed, **cfg))
-    return res.adjacency, res.seconds, time.process_time() - c0
+    res = fit(X, tg, TrainConfig(seed=seed, **cfg), regimes=regimes)
+    return (res if full else res.adjacency), res.seconds, time.process_time() - c0
 
 
 def split_by_environment(X, tg):
@@ -92,16 +95,42 @@ def split_by_environment(X, tg):
     return [X[envs[k]] for k in keys], [list(k) for k in keys]
 
 
-def run_gies(X, tg):
+def run_gies(X, tg, timeout=None):
     """GIES (Hauser & Buehlmann 2012; the pure-Python ``gies`` package) with its Gaussian
     BIC score on the same interventional table, split by environment (known targets).
-    Returns the I-essential graph (undirected edges as both directions)."""
+    Returns the I-essential graph (undirected edges as both directions). ``timeout``
+    (wall seconds): run it in a child process and give up after that long (the graph is
+    then None and the times are what it had used)."""
+    if timeout:
+        return _run_gies_child(X, tg, timeout)
     import gies
 
     data, interventions = split_by_environment(X, tg)
     t0, c0 = time.perf_counter(), time.process_time()
     est, _ = gies.fit_bic(data, interventions)
     return (np.asarray(est) != 0).astype(int), time.perf_counter() - t0, time.process_time() - c0
+
+
+def _gies_child(X, tg, queue):
+    queue.put(run_gies(X, tg))
+
+
+def _run_gies_child(X, tg, timeout):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_gies_child, args=(X, tg, queue))
+    t0 = time.perf_counter()
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        proc.kill()
+        proc.join()
+        return None, time.perf_counter() - t0, cpu
+    return queue.get()
 
 
 def run_dagma(X, seed):
@@ -140,7 +169,8 @@ def run_dagma_mlp(X, seed):
     return (W != 0).astype(int), time.perf_counter() - t0, time.process_time() - c0
 
 
-def section_nonlinear(rows, mechanisms, dims, seeds, n_obs, n_int, dagma_max_d, known=True):
+def section_nonlinear(rows, mechanisms, dims, seeds, n_obs, n_int, dagma_max_d,
+                      methods=("cunit", "gies", "dagma-mlp")):
     """Nonlinear SCMs (standardised), perfect known targets: cunit with MLP mechanisms
     against GIES (linear-Gaussian BIC) on the same table and DagmaMLP on the pooled one."""
     for mech in mechanisms:
@@ -148,25 +178,88 @@ def section_nonlinear(rows, mechanisms, dims, seeds, n_obs, n_int, dagma_max_d, 
             for seed in seeds:
                 B, X, tg, _ = make_data("er", d, seed, n_obs, n_int, mechanism=mech)
                 Xs = standardise(X)
-                A, wall, cpu = run_cunit(Xs, tg, seed, mechanism="mlp")
-                record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
-                       scaling="standardised", method="cunit --mechanism mlp", wall_s=wall,
-                       cpu_s=cpu, metrics=structure_metrics(B, A))
-                A, wall, cpu = run_gies(Xs, tg)
-                record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
-                       scaling="standardised", method="GIES (interventional)", wall_s=wall,
-                       cpu_s=cpu, metrics=structure_metrics(B, A))
-                if d <= dagma_max_d:
+                if "cunit" in methods:
+                    A, wall, cpu = run_cunit(Xs, tg, seed, mechanism="mlp")
+                    record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
+                           scaling="standardised", method="cunit --mechanism mlp",
+                           wall_s=wall, cpu_s=cpu, metrics=structure_metrics(B, A))
+                if "gies" in methods:
+                    A, wall, cpu = run_gies(Xs, tg)
+                    record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
+                           scaling="standardised", method="GIES (interventional)",
+                           wall_s=wall, cpu_s=cpu, metrics=structure_metrics(B, A))
+                if "dagma-mlp" in methods and d <= dagma_max_d:
                     A, wall, cpu = run_dagma_mlp(Xs, seed)
                     record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
                            scaling="standardised", method="DagmaMLP (same table, pooled)",
                            wall_s=wall, cpu_s=cpu, metrics=structure_metrics(B, A))
 
 
+def section_unknown(rows, mechanisms, dims, seeds, n_obs, n_int, methods=("known", "unknown")):
+    """Unknown targets (standardised): cunit with the targets given, and with only the
+    regimes given (``unknown_targets``), side by side on the same table; the learned
+    (regime, node) targets scored against the truth. In this simulator an intervened
+    node is drawn from its own observational marginal, so a do() on a root node leaves
+    the data's distribution unchanged: no method can see it; the recall over the other
+    nodes is reported beside the plain one."""
+    for mech in mechanisms:
+        for d in dims:
+            for seed in seeds:
+                B, X, tg, _ = make_data("er", d, seed, n_obs, n_int, mechanism=mech)
+                Xs = standardise(X)
+                mm = "linear" if mech == "linear" else "mlp"
+                if "known" in methods:
+                    A, wall, cpu = run_cunit(Xs, tg, seed, mechanism=mm)
+                    record(rows, "unknown", graph=f"er/{mech}", d=d, seed=seed,
+                           scaling="standardised",
+                           method=f"cunit --mechanism {mm}, known targets", wall_s=wall,
+                           cpu_s=cpu, metrics=structure_metrics(B, A))
+                if "unknown" not in methods:
+                    continue
+                regimes = ["obs" if not t else "do(" + ",".join(map(str, t)) + ")" for t in tg]
+                res, wall, cpu = run_cunit(Xs, tg, seed, mechanism=mm, unknown_targets=True,
+                                           regimes=regimes, full=True)
+                truth = {(r, j) for r, t in zip(regimes, tg, strict=True) for j in t}
+                pred = {(r, j) for r, js in res.regime_targets.items() for j in js}
+                roots = {j for j in range(d) if B[:, j].sum() == 0}
+                seen = {(r, j) for r, j in truth if j not in roots}
+                tp = len(pred & truth)
+                prec = tp / len(pred) if pred else 1.0
+                rec = tp / len(truth) if truth else 1.0
+                record(rows, "unknown", graph=f"er/{mech}", d=d, seed=seed,
+                       scaling="standardised",
+                       method=f"cunit --mechanism {mm}, --targets unknown", wall_s=wall,
+                       cpu_s=cpu, metrics=structure_metrics(B, res.adjacency),
+                       targets={"f1": 2 * prec * rec / (prec + rec) if tp else 0.0,
+                                "precision": prec, "recall": rec,
+                                "recall_non_root": len(pred & seen) / max(len(seen), 1),
+                                "n_true": len(truth), "n_pred": len(pred),
+                                "n_root_targets": len(truth) - len(seen)})
+
+
+def targets_table(rows):
+    out = ["| graph | d | seeds | target F1 | precision | recall | recall (non-root targets) "
+           "| true / learned targets per seed |", "|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in rows:
+        if r["section"] == "unknown" and r.get("targets"):
+            groups.setdefault((r["graph"], r["d"]), []).append(r["targets"])
+    for (g, d), ts in groups.items():
+        out.append(f"| {g} | {d} | {len(ts)} | " + _ms([t["f1"] for t in ts]) + " | "
+                   + _ms([t["precision"] for t in ts]) + " | " + _ms([t["recall"] for t in ts])
+                   + " | " + _ms([t["recall_non_root"] for t in ts]) + " | "
+                   + " ; ".join(f"{t['n_true']} / {t['n_pred']}" for t in ts) + " |")
+    return "\n".join(out)
+
+
 _JSON: Path | None = None  # rows are appended here as they come (a long run can be cut)
 
 
 def record(rows, section, **kw):
+    import resource
+
+    # peak resident memory of this process so far (Linux: kB)
+    kw["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows.append({"section": section, **kw})
     if _JSON is not None:
         _JSON.write_text(json.dumps(rows, indent=1, default=float))
@@ -175,26 +268,33 @@ def record(rows, section, **kw):
           + (f" f1={m['f1']:.3f} shd={m['shd']:.0f}" if m else ""), flush=True)
 
 
+def _metrics(B, A):
+    """Structure metrics, or None for a run that did not finish (A is None)."""
+    return None if A is None else structure_metrics(B, A)
+
+
 # ------------------------------------------------------------------ sections
 
 
 def section_structure(rows, graphs, seeds, n_obs, n_int, section, pooled=True,
-                      scalings=("raw", "standardised"), gies_max_d=100, dagma=True):
+                      scalings=("raw", "standardised"), gies_max_d=100, dagma=True,
+                      gies_timeout=None, cunit=True):
     for graph, d in graphs:
         for seed in seeds:
             B, X, tg, X_obs = make_data(graph, d, seed, n_obs, n_int)
             for scaling in scalings:
                 Xi = X if scaling == "raw" else standardise(X)
                 Xo = X_obs if scaling == "raw" else standardise(X_obs)
-                A, wall, cpu = run_cunit(Xi, tg, seed)
-                record(rows, section, graph=graph, d=len(B), seed=seed, scaling=scaling,
-                       method="cunit (interventional)", wall_s=wall, cpu_s=cpu,
-                       metrics=structure_metrics(B, A))
+                if cunit:
+                    A, wall, cpu = run_cunit(Xi, tg, seed)
+                    record(rows, section, graph=graph, d=len(B), seed=seed, scaling=scaling,
+                           method="cunit (interventional)", wall_s=wall, cpu_s=cpu,
+                           metrics=structure_metrics(B, A))
                 if gies_max_d and len(B) <= gies_max_d:
-                    A, wall, cpu = run_gies(Xi, tg)
+                    A, wall, cpu = run_gies(Xi, tg, gies_timeout)
                     record(rows, section, graph=graph, d=len(B), seed=seed, scaling=scaling,
                            method="GIES (interventional)", wall_s=wall, cpu_s=cpu,
-                           metrics=structure_metrics(B, A))
+                           finished=A is not None, metrics=_metrics(B, A))
                 if not dagma:
                     continue
                 A, wall, cpu = run_dagma(Xo, seed)
@@ -301,6 +401,14 @@ def structure_table(rows, section, keys=("graph", "d", "scaling", "method")):
     out = ["| " + " | ".join(keys) + " | seeds | F1 | skeleton F1 | SHD | SHD per seed | TPR "
            "| FDR | CPU s | wall s |", "|" + "---|" * (len(keys) + 9)]
     for key, rs in groups.items():
+        unfinished = [r for r in rs if r.get("metrics") is None]
+        rs = [r for r in rs if r.get("metrics") is not None]
+        for r in unfinished:
+            out.append("| " + " | ".join(str(k) for k in key) + f" | seed {r['seed']} | did "
+                       f"not finish: stopped after {r['wall_s']:.0f} s wall, "
+                       f"{r['cpu_s']:.0f} s CPU" + " |" * 8)
+        if not rs:
+            continue
         m = [r["metrics"] for r in rs]
         out.append("| " + " | ".join(str(k) for k in key) + f" | {len(rs)} | "
                    + _ms([x["f1"] for x in m]) + " | "
@@ -344,6 +452,10 @@ def report(rows, path: Path, argv: list[str]):
     if any(r["section"] == "nonlinear" for r in rows):
         lines += ["### Nonlinear SCMs, known targets (standardised)", "",
                   structure_table(rows, "nonlinear"), ""]
+    if any(r["section"] == "unknown" for r in rows):
+        lines += ["### Unknown intervention targets (standardised)", "",
+                  structure_table(rows, "unknown"), "", "Target recovery:", "",
+                  targets_table(rows), ""]
     if any(r["section"] == "forward" for r in rows):
         lines += ["### Forward pass vs a plain network with the same parameters", "",
                   forward_table(rows), ""]
@@ -372,6 +484,13 @@ def main(argv=None):
     ap.add_argument("--scalings", default="raw,standardised")
     ap.add_argument("--gies-max-d", type=int, default=50,
                     help="Run GIES on graphs up to this size (0: never).")
+    ap.add_argument("--gies-timeout", type=float, default=None,
+                    help="er: give GIES this many wall seconds, then record that it did "
+                         "not finish.")
+    ap.add_argument("--no-cunit", action="store_true", help="er: skip cunit (GIES only).")
+    ap.add_argument("--methods", default="cunit,gies,dagma-mlp",
+                    help="Methods of the nonlinear section (cunit, gies, dagma-mlp) or of "
+                         "the unknown one (known, unknown).")
     ap.add_argument("--no-dagma", action="store_true", help="Skip DAGMA (er, canonical).")
     ap.add_argument("--mechanisms", default="mlp,nonlinear",
                     help="SCMs of the nonlinear section.")
@@ -392,7 +511,8 @@ def main(argv=None):
             for r in json.loads(Path(f).read_text()):
                 key = json.dumps({k: v for k, v in r.items()
                                   if k not in ("wall_s", "cpu_s", "metrics", "ms", "plain_ms",
-                                               "ratio")}, sort_keys=True)
+                                               "ratio", "max_rss_mb", "targets",
+                                               "finished")}, sort_keys=True)
                 if key not in seen:  # sections run twice in parallel: keep the first
                     seen.add(key)
                     rows.append(r)
@@ -410,7 +530,7 @@ def main(argv=None):
         old = json.loads(json_path.read_text())
         redo = {"canonical": {"canonical"}, "er": {"er"}, "speed": {"forward", "d50"},
                 "forward": {"forward"}, "d50": {"d50"}, "ablation": {"ablation"},
-                "nonlinear": {"nonlinear"}}
+                "nonlinear": {"nonlinear"}, "unknown": {"unknown"}}
         drop = set().union(*(redo[s] for s in only if s in redo))
         rows = [r for r in old if r["section"] not in drop]
     n_obs, n_int = (500, 100) if args.quick else (1000, 200)
@@ -422,11 +542,16 @@ def main(argv=None):
         graphs = [("er", 10)] if args.quick else [("er", int(x)) for x in args.dims.split(",")]
         section_structure(rows, graphs, seeds, n_obs, n_int, "er", pooled=not args.no_pooled,
                           scalings=tuple(args.scalings.split(",")),
-                          gies_max_d=args.gies_max_d, dagma=not args.no_dagma)
+                          gies_max_d=args.gies_max_d, dagma=not args.no_dagma,
+                          gies_timeout=args.gies_timeout, cunit=not args.no_cunit)
     if "nonlinear" in only:
         section_nonlinear(rows, args.mechanisms.split(","),
                           [int(x) for x in args.nonlinear_dims.split(",")], seeds, n_obs,
-                          n_int, args.dagma_mlp_max_d)
+                          n_int, args.dagma_mlp_max_d, args.methods.split(","))
+    if "unknown" in only:
+        section_unknown(rows, args.mechanisms.split(","),
+                        [int(x) for x in args.nonlinear_dims.split(",")], seeds, n_obs, n_int,
+                        args.methods.split(","))
     if "speed" in only or "forward" in only:
         section_speed(rows, args.quick)
     if "speed" in only or "d50" in only:

@@ -193,3 +193,44 @@ def test_mlp_with_too_few_rows_per_parameter_exits_3(tmp_path):
     assert r.returncode == 3 and "--mechanism mlp" in r.stderr and "402 rows" in r.stderr, \
         r.stderr
     assert not (tmp_path / "o2").exists()
+
+
+# ------------------------------------------------------------------ unknown targets
+
+
+def test_fit_learns_unknown_targets_behind_opaque_regime_names(tmp_path):
+    data = tmp_path / "d.parquet"
+    r = run("simulate", "--graph", "complex", "--n-obs", 600, "--n-per-target", 150,
+            "--int-shift", 2, "--standardize", "--seed", 3, "-o", data)
+    assert r.returncode == 0, r.stderr
+    df = pd.read_parquet(data)
+    # regime names that say nothing about the targets (the target column stays, only to
+    # score the learned targets against)
+    names = {f"do({v})": f"env{k}" for k, v in enumerate("DFABEC")}
+    df["regime"] = df["regime"].map(lambda x: names.get(x, x))
+    df.to_parquet(tmp_path / "opaque.parquet")
+    import pyarrow.parquet as pq
+
+    truth = json.loads(pq.read_schema(data).metadata[b"dolm.extra"])["true_dag"]
+    (tmp_path / "true.json").write_text(json.dumps(truth))
+    r = run("fit", tmp_path / "opaque.parquet", "--targets", "unknown", "--true-dag",
+            tmp_path / "true.json", "-o", tmp_path / "fit", *FAST)
+    assert r.returncode == 0, r.stderr
+
+    m = pd.read_parquet(tmp_path / "fit" / "metrics.parquet")
+    val = {(g, k): v for g, k, v in zip(m["group"], m["metric"], m["value"], strict=True)}
+    assert val[("structure", "f1")] == 1.0
+    assert val[("targets", "target_f1")] == 1.0 and val[("targets", "n_targets_true")] == 6
+    extra = json.loads(pq.read_schema(tmp_path / "fit" / "metrics.parquet")
+                       .metadata[b"dolm.extra"])
+    assert extra["learned_targets"] == {"obs": [], **{v: [k[3]] for k, v in names.items()}}
+    r = run("fit", tmp_path / "opaque.parquet", "--targets", "unknown",
+            "--observational-regime", "baseline", "-o", tmp_path / "o2", *FAST)
+    assert r.returncode == 3 and "--observational-regime baseline" in r.stderr, r.stderr
+    r = run("fit", tmp_path / "opaque.parquet", "--targets", "unknown", "--ignore-targets",
+            "-o", tmp_path / "o2", *FAST)
+    assert r.returncode == 3 and "--ignore-targets" in r.stderr, r.stderr
+    one = _write(tmp_path, _good(), "one.csv")
+    r = run("fit", one, "--targets", "unknown", "-o", tmp_path / "o3", *FAST)
+    assert r.returncode == 3 and "two or more regimes" in r.stderr, r.stderr
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

@@ -171,8 +171,17 @@ def simulate(run, graph, dag_path, d, edges_per_node, mechanism, n_obs, n_per_ta
 @click.option("--no-polish", is_flag=True, help="Skip the greedy edge search.")
 @click.option("--ignore-targets", is_flag=True, help="Ablation: treat every row as "
               "observational.")
+@click.option("--targets", "targets_mode", type=click.Choice(["known", "unknown"]),
+              default="known", show_default=True,
+              help="known: the target column names each row's intervened variables. "
+              "unknown: only the 'regime' column (or the target column's grouping) is used; "
+              "each regime's targets are learned with the graph and, where the target column "
+              "is there, scored against it (target_f1).")
+@click.option("--observational-regime", default="obs", show_default=True,
+              help="--targets unknown: the regime whose rows are observational.")
 @click.option("--no-gradient-blocking", is_flag=True,
-              help="Ablation: straight-through do() (gradients pass into intervened nodes).")
+              help="Ablation: straight-through do() (gradients pass into intervened nodes). "
+              "Measured: the learned graph is the same for fit's objectives.")
 @click.option("--threads", type=click.IntRange(0), default=1, show_default=True,
               help="torch threads (0 = torch's default; the tensors are small: 1 is "
                    "fastest on a shared machine).")
@@ -180,7 +189,7 @@ def simulate(run, graph, dag_path, d, edges_per_node, mechanism, n_obs, n_per_ta
 def fit_cmd(run, data, output, force, target_column, variables, exclude, true_dag, mechanism,
             hidden, lambda_sparse, acyclicity, lr, rounds, steps_per_round, batch_size, temps,
             p_intervene, cf_weight, edge_threshold, patience, no_polish, ignore_targets,
-            no_gradient_blocking, threads, seed):
+            targets_mode, observational_regime, no_gradient_blocking, threads, seed):
     """Fit a causal-unit network to a variable table (Parquet/CSV)."""
     import numpy as np
     import pandas as pd
@@ -206,6 +215,12 @@ def fit_cmd(run, data, output, force, target_column, variables, exclude, true_da
                 f"expected at least {MLP_ROWS_PER_PARAM} rows per parameter "
                 f"({MLP_ROWS_PER_PARAM * per_node} rows), or a smaller --hidden, or "
                 "--mechanism linear")
+    unknown = targets_mode == "unknown"
+    true_targets = None
+    if unknown:
+        _check_unknown_targets(vd, data, observational_regime, ignore_targets)
+        if target_column and target_column in df.columns:
+            true_targets = dict(zip(vd.regimes, vd.targets, strict=True))
     B_true = None
     if true_dag:
         obj, _ = read_json(true_dag, schema="dag", run=run)
@@ -230,11 +245,19 @@ def fit_cmd(run, data, output, force, target_column, variables, exclude, true_da
                       inner_steps=steps_per_round, batch_size=batch_size, temp_start=t_start,
                       temp_end=t_end, p_random_intervention=p_intervene, cf_weight=cf_weight,
                       edge_threshold=edge_threshold, patience=patience, polish=not no_polish,
-                      use_targets=not ignore_targets,
+                      use_targets=not ignore_targets, unknown_targets=unknown,
+                      obs_regime=observational_regime,
                       block_gradients=not no_gradient_blocking, seed=seed)
     tr = vd.rows("train")
-    res = fit(vd.X[tr], [vd.targets[i] for i in tr], cfg, progress=progress)
+    res = fit(vd.X[tr], [vd.targets[i] for i in tr], cfg, progress=progress,
+              regimes=[vd.regimes[i] for i in tr])
     net = res.network
+    learned = None
+    if unknown:
+        # held-out rows: a training regime's learned targets; a regime seen only in the
+        # test rows keeps the target column's (there is nothing to learn them from)
+        learned = res.regime_targets
+        vd.targets = [learned.get(r, t) for r, t in zip(vd.regimes, vd.targets, strict=True)]
 
     structure = structure_metrics(B_true, res.adjacency) if B_true is not None else None
     te = vd.rows("test")
@@ -260,13 +283,16 @@ def fit_cmd(run, data, output, force, target_column, variables, exclude, true_da
     training = {"seconds": res.seconds, "steps": res.steps, "rounds": len(res.history),
                 "final_h": res.history[-1]["h"] if res.history else None,
                 "n_train": len(tr), "n_test": len(te), "edges": int(res.adjacency.sum())}
-    rows = metric_rows(structure, cf, nll, training, res.history)
+    target_scores = target_recovery(learned, true_targets) if unknown else None
+    rows = metric_rows(structure, cf, nll, training, res.history, target_scores)
     metrics_df = pd.DataFrame(rows, columns=["metric", "value", "group", "regime", "step", "n"])
     metrics_df["step"] = metrics_df["step"].astype("Int64")
     metrics_df["n"] = metrics_df["n"].astype("Int64")
 
     os.makedirs(output, exist_ok=True)
     extra = {"nodes": vd.nodes, "config": cfg.to_dict()}
+    if learned is not None:
+        extra["learned_targets"] = {r: [vd.nodes[j] for j in js] for r, js in learned.items()}
     checkpoint.save(net, vd.nodes, os.path.join(output, "checkpoint.safetensors"), run=run,
                     force=True, config=cfg.to_dict())
     write_table(metrics_df, os.path.join(output, "metrics.parquet"), schema="cunit_metrics",
@@ -281,7 +307,41 @@ def fit_cmd(run, data, output, force, target_column, variables, exclude, true_da
         msg += f"; counterfactual corr {cf['cf_corr']:.3f}, MSE {cf['cf_mse']:.4f}"
     if "all" in nll:
         msg += f"; held-out interventional NLL {nll['all'][0]:.3f}"
+    if learned is not None:
+        msg += f"; {sum(map(len, learned.values()))} learned targets in {len(learned)} regimes"
+        if target_scores:
+            msg += f" (target F1 {target_scores['target_f1']:.3f})"
     log(msg + f" -> {output}")
+
+
+def _check_unknown_targets(vd, data, obs, ignore_targets):
+    """--targets unknown needs regimes to learn from and an observational one."""
+    if ignore_targets:
+        raise InputError("--ignore-targets: cannot be combined with --targets unknown "
+                         "(expected one of them)")
+    names = sorted({vd.regimes[i] for i in vd.rows("train")})
+    if len(names) < 2:
+        raise InputError(f"{data}: --targets unknown needs rows of two or more regimes "
+                         f"(a 'regime' column, or a target column to group rows by); "
+                         f"found {len(names)} ({', '.join(names)})")
+    if obs not in names:
+        raise InputError(f"--observational-regime {obs}: no training rows of that regime in "
+                         f"{data}; expected one of {', '.join(names)}")
+
+
+def target_recovery(learned: dict, truth: dict) -> dict | None:
+    """Precision / recall / F1 of the learned (regime, variable) intervention pairs against
+    the target column's; None without a target column to compare with."""
+    if not truth:
+        return None
+    pred = {(r, j) for r, js in learned.items() for j in js}
+    true = {(r, j) for r, js in truth.items() if r in learned for j in js}
+    tp = len(pred & true)
+    prec = tp / len(pred) if pred else 1.0
+    rec = tp / len(true) if true else 1.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return {"target_f1": f1, "target_precision": prec, "target_recall": rec,
+            "n_targets_true": len(true), "n_targets_pred": len(pred)}
 
 
 def _two_floats(vals, option):

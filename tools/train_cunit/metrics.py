@@ -74,6 +74,7 @@ def metric_rows(
     nll_by_regime: dict[str, tuple[float, int]] | None,
     training: dict,
     history: list[dict],
+    targets: dict | None = None,
 ) -> list[dict]:
     rows: list[dict] = []
 
@@ -85,6 +86,8 @@ def metric_rows(
 
     for k, v in (structure or {}).items():
         add(k, v, "structure")
+    for k, v in (targets or {}).items():
+        add(k, v, "targets")
     for k, v in (cf or {}).items():
         if k != "cf_rows":
             add(k, v, "counterfactual", n=int(cf.get("cf_rows", 0)))

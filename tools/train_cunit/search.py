@@ -14,7 +14,11 @@ quantiles, ``hinge_features``), so a node's conditional is a least-squares addit
 spline of its parents -- still a closed form, and the BIC penalty is ``k`` parameters
 per edge. ``SplineFeatureScorer`` adds ``r`` random tanh features of the whole parent set
 per parent (a random-feature network, so interactions between parents are fitted too);
-the penalty is then ``k + r`` parameters per edge."""
+the penalty is then ``k + r`` parameters per edge.
+
+With unknown intervention targets (``RegimeTargetScorer``) the rows come in regimes,
+and each node's score also chooses the regimes in which it was intervened on: the
+search then runs over graphs and targets together."""
 
 from __future__ import annotations
 
@@ -118,6 +122,17 @@ class SplineFeatureScorer(_CachedScorer):
         self.c = rng.uniform(-2.0, 2.0, d * r)
         self.cache: dict[tuple[int, tuple[int, ...]], float] = {}
 
+    def design(self, parents) -> np.ndarray:
+        """(n, k |P|) over every row: the parents' hinge features and their random tanh
+        features (what ``_nll`` regresses on; used by ``RegimeTargetScorer``)."""
+        P = list(parents)
+        n = len(self.Z)
+        if not P:
+            return np.empty((n, 0))
+        q = self.r * len(P)
+        return np.concatenate([self.H[:, P].reshape(n, -1),
+                               np.tanh(self.Z[:, P] @ self.R[P, :q] + self.c[:q])], axis=1)
+
     def _nll(self, j: int, parents: tuple[int, ...]) -> float:
         rows = ~self.M[:, j]
         m = int(rows.sum())
@@ -133,6 +148,144 @@ class SplineFeatureScorer(_CachedScorer):
         y = self.Z[rows, j]
         beta = np.linalg.lstsq(X, y, rcond=None)[0]
         return _gaussian_nll(float(((y - X @ beta) ** 2).sum()), m)
+
+
+class RegimeTargetScorer(_CachedScorer):
+    """Unknown intervention targets: node j's score given parents P, with the regimes in
+    which j was intervened on chosen at the same time (a likelihood-ratio test per node
+    per regime, under BIC).
+
+    Rows come in regimes (``regimes``: an integer id per row; ``obs`` is the
+    observational one, never a target). For a parent set P, node j's conditional is one
+    least-squares regression on P's features shared by every regime not in S_j, and in
+    each regime r of S_j a Gaussian of its own (a perfect intervention: j no longer
+    listens to its parents; 2 parameters). S_j grows greedily while a regime's move to it
+    lowers NLL + ``target_penalty`` (default BIC: log n) per regime; the score is that
+    minimum, and ``targets(j, P)`` the chosen S_j. ``design``: None = linear (the
+    variables themselves, k = 1), else a scorer with ``design(P)`` (n, k|P|) and ``k``
+    (``SplineFeatureScorer``: the MLP mechanisms' surrogate)."""
+
+    def __init__(self, Z: np.ndarray, regimes: np.ndarray, obs: int, design=None,
+                 target_penalty: float | None = None):
+        n, d = Z.shape
+        self.Z, self.d, self.design = Z, d, design
+        self.k = 1 if design is None else design.k
+        self.regimes = np.asarray(regimes)
+        ids = sorted(set(self.regimes.tolist()))
+        self.ids = np.asarray(ids)
+        self.rows = [np.flatnonzero(self.regimes == r) for r in ids]
+        self.cand = np.asarray([i for i, r in enumerate(ids) if r != obs and
+                                len(self.rows[i]) >= 2])
+        self.penalty = math.log(n) if target_penalty is None else target_penalty
+        if design is None:  # per-regime Gram matrices of [Z, 1], once
+            Zc = np.concatenate([Z, np.ones((n, 1))], axis=1)
+            self.gram = np.stack([Zc[r].T @ Zc[r] for r in self.rows])
+        self.cache: dict[tuple[int, tuple[int, ...]], float] = {}
+        self.chosen: dict[tuple[int, tuple[int, ...]], tuple[int, ...]] = {}
+
+    def _stats(self, j: int, parents: tuple[int, ...]):
+        """Per regime: Gram of [features, 1], X'y, y'y (intercept last)."""
+        if self.design is None:
+            idx = list(parents) + [self.d, j]
+            G = self.gram[:, idx][:, :, idx]
+        else:
+            F = np.concatenate([self.design.design(parents), np.ones((len(self.Z), 1)),
+                                self.Z[:, [j]]], axis=1)
+            G = np.stack([F[r].T @ F[r] for r in self.rows])
+        return G[:, :-1, :-1], G[:, :-1, -1], G[:, -1, -1]
+
+    def _nll(self, j: int, parents: tuple[int, ...]) -> float:
+        Gr, br, yyr = self._stats(j, parents)
+        m_r = Gr[:, -1, -1]  # intercept x intercept = rows per regime
+        s_r = br[:, -1]  # sum of y per regime
+        marg = np.array([_gaussian_nll(float(yy - s * s / max(m, 1)), int(m))
+                         for yy, s, m in zip(yyr, s_r, m_r, strict=True)])
+        p = Gr.shape[1]
+        ridge = 1e-9 * np.eye(p)
+        G, b, yy, m = Gr.sum(0), br.sum(0), float(yyr.sum()), float(m_r.sum())
+
+        def shared(Gs, bs, yys, ms):
+            beta = np.linalg.solve(Gs + ridge, bs[..., None])[..., 0]
+            rss = yys - (bs * beta).sum(-1)
+            return np.array([_gaussian_nll(float(r), int(c))
+                             for r, c in zip(np.atleast_1d(rss), np.atleast_1d(ms),
+                                             strict=True)])
+
+        cur = float(shared(G[None], b[None], np.array([yy]), np.array([m]))[0])
+        chosen: list[int] = []
+        extra = 0.0
+        left = [int(c) for c in self.cand]
+        while left:
+            c = np.asarray(left)
+            ms = m - m_r[c]
+            ok = ms >= p + 2
+            if not ok.any():
+                break
+            c = c[ok]
+            cand = shared(G[None] - Gr[c], b[None] - br[c], yy - yyr[c], m - m_r[c])
+            gain = cur - (cand + marg[c]) - self.penalty
+            best = int(np.argmax(gain))
+            if gain[best] <= 0:
+                break
+            r = int(c[best])
+            chosen.append(r)
+            left.remove(r)
+            G, b, yy, m = G - Gr[r], b - br[r], yy - float(yyr[r]), m - float(m_r[r])
+            cur = float(cand[best])
+            extra += float(marg[r]) + self.penalty
+        self.chosen[(j, parents)] = tuple(int(self.ids[r]) for r in sorted(chosen))
+        return cur + extra
+
+    def targets(self, j: int, parents) -> tuple[int, ...]:
+        """The regimes (ids) in which node j is intervened on, given its parents."""
+        key = (j, tuple(sorted(int(p) for p in parents)))
+        self.score(j, key[1])
+        return self.chosen[key]
+
+    def target_mask(self, B: np.ndarray) -> np.ndarray:
+        """(n, d) bool: row i's node j is intervened on (its regime is in S_j given B)."""
+        M = np.zeros((len(self.Z), self.d), dtype=bool)
+        for j in range(self.d):
+            for r in self.targets(j, np.flatnonzero(B[:, j])):
+                M[self.regimes == r, j] = True
+        return M
+
+
+def search_graph_and_targets(scorer: RegimeTargetScorer, known, starts=(), rounds: int = 5):
+    """The search over graphs and targets (unknown targets), from several starts: the
+    empty graph, the graph the known-target search finds when every node is taken as a
+    target in the regimes where its conditional on all other variables changes (a
+    superset: targets and their parents), and ``starts``. From each, the joint greedy
+    search alternates with a known-target greedy search (from the empty graph, ``known(M)``
+    for the current target mask M) while the joint score improves (the joint search
+    alone stalls in local optima). Returns (graph, penalised score) of the best."""
+    d = scorer.d
+    pen = 0.5 * scorer.k * math.log(len(scorer.Z))
+
+    def total(A):
+        return sum(scorer.score(j, tuple(np.flatnonzero(A[:, j]))) for j in range(d)) + \
+            pen * A.sum()
+
+    def alternate(A):
+        A = greedy_polish(scorer.Z, None, A, scorer=scorer)
+        for _ in range(rounds):
+            A2 = greedy_polish(scorer.Z, None, known(scorer.target_mask(A)), scorer=scorer)
+            if total(A2) >= total(A) - 1e-9:
+                break
+            A = A2
+        return A
+
+    mb = np.zeros(scorer.Z.shape, dtype=bool)
+    for j in range(d):
+        for r in scorer.targets(j, [i for i in range(d) if i != j]):
+            mb[scorer.regimes == r, j] = True
+    best = None
+    for A0 in [np.zeros((d, d), dtype=np.int64), known(mb), *starts]:
+        A = alternate(np.asarray(A0, dtype=np.int64))
+        score = total(A)
+        if best is None or score < best[1] - 1e-9:
+            best = (A, score)
+    return best
 
 
 def _reach(B: np.ndarray) -> np.ndarray:

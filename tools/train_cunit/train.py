@@ -10,8 +10,9 @@ The objective, per step (standardised data, a mini-batch or all rows):
 * a counterfactual loss (``cf_weight``): for rows with known targets the network rolls
   do(X_T = x_T) forward through its units from zero noise and is scored (squared error in
   noise-sd units) on the non-intervened nodes -- the interventional prediction its
-  units imply. This is the loss where gradient blocking matters: without it, gradients
-  reach the parents of the intervened nodes. (Off by default: see the ablation.)
+  units imply. This is the only loss where gradient blocking changes the gradients:
+  without it, gradients reach the parents of the intervened nodes. It did not change the
+  learned graph in the ablation (BENCHMARKS.md); off by default.
 * sparsity ``lambda_sparse * sum(A)`` on the soft adjacency and an L2 on the weights;
 * acyclicity: NOTEARS' trace exponential ``h(E) = tr(exp(E o E)) - d`` on the effective
   edge weights ``E`` (``A * W``), under an augmented Lagrangian (``alpha h + rho/2 h^2``,
@@ -38,6 +39,7 @@ import torch
 
 from .engine import CausalNetwork
 from .graphs import is_dag, make_acyclic
+from .search import greedy_polish, search_graph_and_targets
 
 
 @dataclass
@@ -62,6 +64,8 @@ class TrainConfig:
     cf_weight: float = 0.0  # weight of the counterfactual (interventional rollout) loss
     cf_steps: int = 0  # rollout steps (0 = d)
     use_targets: bool = True  # False: ignore known targets (ablation)
+    unknown_targets: bool = False  # True: learn each regime's targets (fit's ``regimes``)
+    obs_regime: str = "obs"  # unknown targets: the observational regime (never a target)
     block_gradients: bool = True  # False: straight-through do() (ablation)
     gates: bool = True  # False: no learnable adjacency, a plain per-node MLP (ablation)
     val_fraction: float = 0.1
@@ -102,6 +106,7 @@ class FitResult:
     config: TrainConfig
     steps: int
     seconds: float
+    regime_targets: dict[str, list[int]] | None = None  # unknown targets: learned per regime
 
 
 def _targets_to_mask(targets: list[list[int]], d: int) -> torch.Tensor:
@@ -117,9 +122,15 @@ def fit(
     targets: list[list[int]] | None,
     config: TrainConfig | None = None,
     progress=None,
+    regimes: list[str] | None = None,
 ) -> FitResult:
     """Fit a CausalNetwork to the rows ``X`` (n, d) whose intervention targets are
-    ``targets`` (a list per row, empty for observational rows)."""
+    ``targets`` (a list per row, empty for observational rows). With
+    ``config.unknown_targets`` the targets are not used: ``regimes`` (a name per row)
+    groups the rows, and each regime's targets are learned with the graph
+    (``RegimeTargetScorer``: a search over graphs and targets on the interventional BIC,
+    ``search_graph_and_targets``, gives the targets the network trains with; the polish
+    then searches again from the network's graph too and re-chooses them)."""
     import time
 
     cfg = config or TrainConfig()
@@ -134,6 +145,20 @@ def fit(
         tmask_all = torch.zeros_like(tmask_all)
 
     Xt = torch.as_tensor(X, dtype=torch.float32)
+    scorer = None
+    if cfg.unknown_targets:
+        names = sorted(set(regimes or []))
+        if cfg.obs_regime not in names:
+            raise ValueError(f"unknown targets: no rows of the observational regime "
+                             f"{cfg.obs_regime!r} among {names}")
+        reg_ids = np.asarray([names.index(r) for r in regimes])
+        obs_rows = torch.as_tensor(reg_ids == names.index(cfg.obs_regime))
+        loc = Xt[obs_rows].mean(0)
+        scale = Xt[obs_rows].std(0, unbiased=False).clamp(min=1e-8)
+        scorer, known = _regime_scorer(((Xt - loc) / scale).double().numpy(), reg_ids,
+                                       names.index(cfg.obs_regime), cfg)
+        B0, s0 = search_graph_and_targets(scorer, known)
+        tmask_all = torch.as_tensor(scorer.target_mask(B0))
     # standardise with the observational rows where a node is not intervened on
     free = ~tmask_all
     cnt = free.sum(0).clamp(min=1)
@@ -251,7 +276,21 @@ def fit(
 
     net.eval()
     adjacency, strength = extract_graph(net, cfg.edge_threshold)
-    if cfg.polish and cfg.gates:
+    regime_targets = None
+    if scorer is not None and cfg.gates:
+        # unknown targets: the same search over graphs and targets, from the network's
+        # graph; the better of it and the empty-graph start wins
+        if cfg.polish:
+            B1, s1 = search_graph_and_targets(scorer, known, [B0, adjacency])
+            adjacency = B1 if s1 < s0 - 1e-9 else B0
+        M = scorer.target_mask(adjacency)
+        tmask_all = torch.as_tensor(M)
+        Mtr = tmask_all[tr_idx]
+        regime_targets = {names[r]: [j for j in range(d) if r in
+                                     scorer.targets(j, np.flatnonzero(adjacency[:, j]))]
+                          for r in range(len(names))}
+        net.unit.harden(torch.as_tensor(adjacency))
+    elif cfg.polish and cfg.gates:
         # every row the network saw or validated on: the closed-form score needs no
         # held-out rows, and BIC is sharper with all of them
         knots = None if cfg.mechanism == "linear" else cfg.polish_knots
@@ -262,7 +301,29 @@ def fit(
         refine(net, Ztr, Mtr, adjacency, cfg)
         with torch.no_grad():
             strength = net.unit.edge_strength(hard=True).numpy() * adjacency
-    return FitResult(net, adjacency, strength, history, cfg, steps, time.perf_counter() - t0)
+    return FitResult(net, adjacency, strength, history, cfg, steps, time.perf_counter() - t0,
+                     regime_targets)
+
+
+def _regime_scorer(Z: np.ndarray, reg_ids: np.ndarray, obs: int, cfg: TrainConfig):
+    """The search's scorer for unknown targets (linear conditionals, or for mlp the
+    polish's spline + random-feature surrogate) and the known-target search it
+    alternates with."""
+    from .search import NodeScorer, RegimeTargetScorer, SplineFeatureScorer
+
+    def spline(M):
+        return SplineFeatureScorer(Z, M, cfg.polish_knots, cfg.polish_random_features,
+                                   cfg.seed)
+
+    design = None if cfg.mechanism == "linear" else spline(np.zeros(Z.shape, dtype=bool))
+    def make(M):
+        return NodeScorer(Z, M) if design is None else spline(M)
+
+    def known(M):  # the known-target greedy search from the empty graph
+        d = Z.shape[1]
+        return greedy_polish(Z, M, np.zeros((d, d), dtype=np.int64), scorer=make(M))
+
+    return RegimeTargetScorer(Z, reg_ids, obs, design), known
 
 
 def polish(Z: np.ndarray, M: np.ndarray, B: np.ndarray, knots: int | None = None,
