@@ -300,7 +300,7 @@ class GraphRunner:
         """Max |graph pass - model| of the read logits; InputError beyond ``tol``."""
         with torch.no_grad():
             ours = self.run(ids, positions).logits
-            ref = self.lm.model(input_ids=ids).logits
+            ref = self.lm.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
             rows = torch.arange(ids.shape[0])
             err = float((ours - ref[rows, positions.to(ref.device)]).abs().max())
         if err > tol * max(1.0, float(ref.abs().max())):
