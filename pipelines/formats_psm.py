@@ -142,7 +142,7 @@ def _markdown(out: pd.DataFrame, summ: dict, exp: pd.DataFrame, outcome: str) ->
               "replacement every equally near unit joins the set, --ties all, because the "
               "discrete covariates give many units the same score); n: matched sets, so a "
               "caliper can leave the estimate about fewer units than the population the "
-              "true effect averages over; true: mean of {outcome}(format) - {outcome}(direct) "
+              f"true effect averages over; true: mean of {outcome}(format) - {outcome}(direct) "
               "over the same units in the experiment design. Gamma: Rosenbaum bound at which "
               "significance is lost; E-value on the risk-ratio scale.", ""]
     return "\n".join(lines)
