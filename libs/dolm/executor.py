@@ -316,6 +316,8 @@ def _worker_class(ray: Any) -> Any:
                       files: dict[str, str], folder: str, fp: str) -> dict[str, Any]:
             import importlib
 
+            from dolm.formats import atomic_path
+
             t0 = time.monotonic()
             module, name = command
             cmd = importlib.import_module(module)
@@ -326,9 +328,8 @@ def _worker_class(ray: Any) -> Any:
                     "host": socket.gethostname(), "pid": os.getpid(),
                     "seconds": round(time.monotonic() - t0, 3)}
             marker = Path(folder) / f"{_shard_name(k, n)}.done.json"
-            tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps(info))
-            os.replace(tmp, marker)  # the shard counts as finished from here on
+            with atomic_path(marker) as tmp:  # the shard counts as finished from the rename on
+                tmp.write_text(json.dumps(info))
             return info
 
     return ShardWorker
