@@ -4,6 +4,8 @@ Layout (``dolm_tools.mediate``):
 
 * ``statistical.py``: the Imai-Keele-Tingley estimator on arrays (model fits, vectorised
   quasi-Bayesian and bootstrap simulation, rho sensitivity): no I/O, no click.
+* ``joint.py``: several mediators as one set (``--joint``): the set's effects, each
+  mediator's interventional path and the mutual remainder (Vansteelandt & Daniel 2017).
 * ``core.py``: unit table -> arrays (checks, encoding, errors naming the column), one
   analysis per mediator, Benjamini-Hochberg, the summary dict.
 * ``cli.py``: the ``dolm-mediate`` click group; subcommand ``statistical``.

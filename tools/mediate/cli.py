@@ -35,7 +35,8 @@ def _sibling(output: str, suffix: str) -> str | None:
 @click.option("--outcome", "-y", required=True, help="Outcome column (numeric or 0/1).")
 @click.option("--mediator", "-m", "mediators", multiple=True, required=True,
               help="Mediator column(s): names or glob patterns, comma-separated or repeated "
-              "(e.g. 'attn_to.numbers.*'). Each is analysed on its own.")
+              "(e.g. 'attn_to.numbers.*'). Each is analysed on its own (as one set with "
+              "--joint).")
 @click.option("--covariates", "-c", default="",
               help="Pre-treatment covariates for both models (names or patterns).")
 @click.option("--mediator-model", type=click.Choice(["auto", "linear", "logistic", "probit"]),
@@ -63,6 +64,12 @@ def _sibling(output: str, suffix: str) -> str | None:
               help="A discrete pre-treatment column (at most 10 levels): moderated mediation, "
               "both models fitted within each level (every coefficient moderated); rows are "
               "labelled 'MEDIATOR | COL=LEVEL'.")
+@click.option("--joint", "joint_name", default=None, metavar="NAME",
+              help="Analyse the --mediator columns jointly as one set called NAME (e.g. "
+              "'heads'), in the order given: the set's ACME/ADE/total, each mediator's own "
+              "interventional indirect effect within the set ('NAME: via COL') and the mutual "
+              "dependence remainder ('NAME: mutual'); Vansteelandt & Daniel 2017. "
+              "Quasi-Bayesian intervals only.")
 @click.option("--dag", "dag_path", type=click.Path(dir_okay=False), default=None,
               help="A dag JSON: a --moderator that is a descendant of the treatment in it is "
               "refused (it is not pre-treatment).")
@@ -74,12 +81,29 @@ def _sibling(output: str, suffix: str) -> str | None:
 @seed_option
 def statistical(run, table, treatment, outcome, mediators, covariates, mediator_model,
                 outcome_model, interaction, ci_method, sims, control_value, treat_value,
-                p_method, fdr, dropna, moderator, dag_path, output, sensitivity, summary, force,
-                seed):
+                p_method, fdr, dropna, moderator, joint_name, dag_path, output, sensitivity,
+                summary, force, seed):
     """Imai-Keele-Tingley mediation of TREATMENT -> MEDIATOR -> OUTCOME in TABLE.
 
     Writes ACME (control, treated, average), ADE, total effect and proportion mediated with
     CIs per mediator (-o), the rho sensitivity curves and a summary JSON.
+
+    Assumptions. One mediator: sequential ignorability (no unmeasured treatment-mediator,
+    treatment-outcome or mediator-outcome confounding given the covariates, and no
+    mediator-outcome confounder affected by the treatment). The rho curves say how far an
+    unmeasured mediator-outcome confounder moves the ACME: for a linear mediator with a
+    linear or probit outcome model, no interaction (Imai, Keele & Yamamoto 2010).
+
+    --joint NAME: the mediators as one set (e.g. a set of heads). The set's ACME is the
+    joint indirect effect through all of them under sequential ignorability for the set
+    (Imai & Yamamoto 2013). Each mediator's own path ('NAME: via COL') is an interventional
+    indirect effect (Vansteelandt & Daniel 2017): COL drawn from its distribution under
+    treatment instead of control, the other mediators drawn independently from their
+    control distributions. It needs no assumption on how the mediators affect each other or
+    whether they share unobserved causes, and includes the paths into COL through the other
+    mediators. 'NAME: mutual' is the joint ACME minus the sum of the via ACMEs: what the
+    mediators' dependence adds (0 for a linear outcome). The mediators' joint distribution
+    is modelled as a chain in the order given (mediator k on T, X and mediators 1..k-1).
     """
     from dolm.cli import progress
     from dolm.formats import check_output, read_table, write_json, write_table
@@ -110,7 +134,10 @@ def statistical(run, table, treatment, outcome, mediators, covariates, mediator_
         log(f"dolm-mediate: skipping mediator {s['mediator']!r}: {s['reason']}")
     opt = core.Options(mediator_model=mediator_model, outcome_model=outcome_model,
                        interaction=interaction, ci=ci_method, sims=sims, seed=seed,
-                       p_method=p_method, fdr=fdr)
+                       p_method=p_method, fdr=fdr, joint=joint_name)
+    if joint_name is not None and joint_name in d.mediators:
+        raise InputError(f"--joint {joint_name!r}: also a mediator column; name the set "
+                         "differently")
 
     def bar(it):
         return progress(it, total=len(d.mediators), desc="mediators", unit="mediator")

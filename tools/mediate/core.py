@@ -31,6 +31,7 @@ class Options:
     p_method: str = "normal"  # normal | empirical
     fdr: float = 0.05
     level: float = 0.95
+    joint: str | None = None  # analyse the mediators jointly as one set, named so
     rho_grid: np.ndarray = field(default_factory=lambda: RHO_GRID.copy())
 
 
@@ -220,12 +221,45 @@ def analyse_one(name: str, m: np.ndarray, d: Data, opt: Options, outcome: str) -
     if kind_m == "linear" and kind_y == "linear" and not opt.interaction:
         sens = st.sensitivity_linear(d.t, m, d.y, d.X, d.t_values, opt.rho_grid)
         out["sensitivity"] = sens
+    elif kind_m == "linear" and kind_y == "probit" and not opt.interaction:
+        out["sensitivity"] = st.sensitivity_probit_outcome(d.t, m, d.y, d.X, d.t_values,
+                                                           opt.rho_grid)
     else:
         out["sensitivity_note"] = (
-            "rho sensitivity is implemented for a linear mediator and a linear outcome model "
-            "without interaction (Imai, Keele & Yamamoto 2010, Theorem 2)"
+            "rho sensitivity is implemented for a linear mediator with a linear or probit "
+            "outcome model (--outcome-model probit for a 0/1 outcome), without interaction "
+            "(Imai, Keele & Yamamoto 2010)"
         )
     return out
+
+
+def analyse_joint(d: Data, opt: Options, outcome: str) -> dict:
+    """The mediators as one set (``joint.py``): the set's effects, each mediator's own
+    interventional path and the mutual-dependence remainder, as row groups."""
+    from dolm_tools.mediate import joint
+
+    if opt.ci == "bootstrap":
+        raise InputError("--joint: only the quasi-Bayesian intervals are implemented for a "
+                         "mediator set; drop --ci bootstrap")
+    names = list(d.mediators)
+    kinds = [_kind(opt.mediator_model, d.mediators[n], "--mediator-model", n) for n in names]
+    kind_y = _kind(opt.outcome_model, d.y, "--outcome-model", outcome)
+    jf = joint.fit_joint(d.t, [d.mediators[n] for n in names], d.y, d.X, kinds, kind_y,
+                         opt.interaction, names, d.x_names, d.t_values)
+    rng = np.random.default_rng([opt.seed, zlib.crc32(opt.joint.encode())])
+    draws = joint.quasi_bayes(jf, d.X, opt.sims, rng)
+    set_kind = kinds[0] if len(set(kinds)) == 1 else None
+    groups = [(opt.joint, "joint", set_kind, st.summarise(draws["joint"], level=opt.level))]
+    for n, k in zip(names, kinds, strict=True):
+        groups.append((f"{opt.joint}: via {n}", "via", k,
+                       st.summarise(draws[f"via:{n}"], level=opt.level, names=joint.ACME)))
+    groups.append((f"{opt.joint}: mutual", "mutual", set_kind,
+                   st.summarise(draws["mutual"], level=opt.level, names=joint.ACME)))
+    return {"mediator": opt.joint, "mediator_model": set_kind, "outcome_model": kind_y,
+            "groups": groups, "members": names, "rows": groups[0][3],
+            "converged": bool(all(f.converged for f in jf.mediators) and jf.outcome.converged),
+            "coef_t_on_m": None, "coef_m_on_y": None,
+            "sensitivity_note": "rho sensitivity is not implemented for a mediator set"}
 
 
 def run_statistical(d: Data, opt: Options, outcome: str, progress=None) -> tuple:
@@ -233,24 +267,33 @@ def run_statistical(d: Data, opt: Options, outcome: str, progress=None) -> tuple
     from statsmodels.stats.multitest import multipletests
 
     names = list(d.mediators)
-    it = progress(names) if progress else names
-    results = [analyse_one(n, d.mediators[n], d, opt, outcome) for n in it]
+    if opt.joint:
+        results = [analyse_joint(d, opt, outcome)]
+    else:
+        it = progress(names) if progress else names
+        results = [analyse_one(n, d.mediators[n], d, opt, outcome) for n in it]
     rows, sens_rows = [], []
     for r in results:
-        for e in r["rows"]:
-            p = e["p_value_normal"] if opt.p_method == "normal" else e["p_value_empirical"]
-            rows.append({
-                "method": "statistical", "mediator": r["mediator"], "effect": e["effect"],
-                "estimate": e["estimate"], "ci_low": e["ci_low"], "ci_high": e["ci_high"],
-                "se": e["se"], "p_value": p, "p_value_empirical": e["p_value_empirical"],
-                "n_units": int(len(d.t)), "ci_method": opt.ci,
-                "mediator_model": r["mediator_model"], "outcome_model": r["outcome_model"],
-            })
+        groups = r.get("groups") or [(r["mediator"], None, r["mediator_model"], r["rows"])]
+        for label, path, kind_m, grows in groups:
+            for e in grows:
+                p = e["p_value_normal"] if opt.p_method == "normal" else e["p_value_empirical"]
+                rows.append({
+                    "method": "statistical", "mediator": label, "effect": e["effect"],
+                    "estimate": e["estimate"], "ci_low": e["ci_low"], "ci_high": e["ci_high"],
+                    "se": e["se"], "p_value": p, "p_value_empirical": e["p_value_empirical"],
+                    "n_units": int(len(d.t)), "ci_method": opt.ci,
+                    "mediator_model": kind_m, "outcome_model": r["outcome_model"],
+                    **({"path": path, "mediator_set": r["mediator"]} if path else {}),
+                })
         if "sensitivity" in r:
             s = r["sensitivity"]
-            for rho, a in zip(s["rho"], s["acme"], strict=True):
-                sens_rows.append({"mediator": r["mediator"], "rho": float(rho),
-                                  "acme": float(a)})
+            for i, (rho, a) in enumerate(zip(s["rho"], s["acme"], strict=True)):
+                row = {"mediator": r["mediator"], "rho": float(rho), "acme": float(a)}
+                for k in ("acme_control", "acme_treated"):
+                    if k in s:
+                        row[k] = float(s[k][i])
+                sens_rows.append(row)
     eff = pd.DataFrame(rows)
     eff["q_value"] = np.nan
     for _, g in eff.groupby("effect", sort=False):
@@ -263,12 +306,15 @@ def run_statistical(d: Data, opt: Options, outcome: str, progress=None) -> tuple
     eff["significant"] = (eff["q_value"] <= opt.fdr).fillna(False).astype(bool)
     cols = ["method", "mediator", "effect", "estimate", "ci_low", "ci_high", "se", "p_value",
             "p_value_empirical", "q_value", "significant", "n_units", "ci_method",
-            "mediator_model", "outcome_model"]
+            "mediator_model", "outcome_model"] + (["path", "mediator_set"] if opt.joint else [])
     sens = pd.DataFrame({
         "mediator": pd.Series([r["mediator"] for r in sens_rows], dtype="string"),
         "rho": pd.Series([r["rho"] for r in sens_rows], dtype=float),
         "acme": pd.Series([r["acme"] for r in sens_rows], dtype=float),
     })
+    for k in ("acme_control", "acme_treated"):  # binary outcome: the two ACMEs differ
+        if any(k in r for r in sens_rows):
+            sens[k] = pd.Series([r.get(k, r["acme"]) for r in sens_rows], dtype=float)
     return eff[cols], sens, results
 
 
@@ -285,6 +331,8 @@ def summary(d: Data, opt: Options, eff: pd.DataFrame, results: list[dict]) -> di
             "q_value": float(a.q_value), "significant": bool(a.significant),
             "coef_t_on_m": r["coef_t_on_m"], "coef_m_on_y": r["coef_m_on_y"],
         }
+        if "members" in r:
+            item["members"] = r["members"]
         if "sensitivity" in r:
             s = r["sensitivity"]
             item["rho_at_zero"] = s["rho_at_zero"]
@@ -306,6 +354,7 @@ def summary(d: Data, opt: Options, eff: pd.DataFrame, results: list[dict]) -> di
             "mediator_model": opt.mediator_model, "outcome_model": opt.outcome_model,
             "interaction": opt.interaction, "ci": opt.ci, "sims": opt.sims, "seed": opt.seed,
             "p_method": opt.p_method, "fdr": opt.fdr, "level": opt.level,
+            "joint": opt.joint,
         },
         "inference": (
             f"quasi-Bayesian Monte Carlo, {opt.sims} draws of both models' coefficients "

@@ -199,7 +199,7 @@ def p_values(x: np.ndarray) -> tuple[float, float]:
 
 
 def summarise(draws: dict[str, np.ndarray], point: dict[str, float] | None = None,
-              level: float = 0.95) -> list[dict]:
+              level: float = 0.95, names: tuple[str, ...] = EFFECTS) -> list[dict]:
     """Estimate, percentile interval and p-values per quantity.
 
     ``point``: plug-in estimates (bootstrap); else the mean of the draws (the median for
@@ -207,7 +207,7 @@ def summarise(draws: dict[str, np.ndarray], point: dict[str, float] | None = Non
     """
     lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     rows = []
-    for name in EFFECTS:
+    for name in names:
         x = draws[name]
         fin = x[np.isfinite(x)]
         if point is not None:
@@ -328,4 +328,60 @@ def sensitivity_linear(t, m, y, X, t_values, rhos: np.ndarray) -> dict:
         "rho": rhos, "acme": acme, "rho_at_zero": rt,
         "r2_star_product_at_zero": rt**2,
         "r2_tilde_product_at_zero": rt**2 * (1 - r2_m) * (1 - r2_y),
+    }
+
+
+def sensitivity_probit_outcome(t, m, y, X, t_values, rhos: np.ndarray) -> dict:
+    """ACME as a function of rho for a linear mediator and a probit outcome model without
+    interaction (Imai, Keele & Yamamoto 2010, section 4.3; R ``medsens``'s binary outcome).
+
+    Structural models M = a.z + e2 (e2 ~ N(0, s^2)), Y = 1[b.z + bM M + e1 > 0] (e1 ~
+    N(0, 1)), z = [1, T, X], corr(e1, e2) = rho. Given M, e1 = rho e2 / s + sqrt(1 - rho^2) u,
+    so the observed probit of Y on [z, M] has coefficients g_z = (b_z - rho a_z / s) / r and
+    g_M = (bM + rho / s) / r with r = sqrt(1 - rho^2): the mediator OLS and the probit fit
+    identify b for every rho (the joint likelihood factorises), and
+
+      E[Y(t, M(t'))] = mean_x Phi((b.z(t) + bM a.z(t')) / sqrt(1 + bM^2 s^2 + 2 rho bM s)).
+
+    The ACME is 0 where bM = 0: rho = g_M s / sqrt(1 + g_M^2 s^2).
+    """
+    import statsmodels.api as sm
+
+    one = np.ones((len(t), 1))
+    Z = np.column_stack([one, t, X])
+    a, *_ = np.linalg.lstsq(Z, m, rcond=None)
+    e2 = m - Z @ a
+    s = float(np.sqrt(e2 @ e2 / (len(t) - Z.shape[1])))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = np.asarray(sm.Probit(y, np.column_stack([Z, m])).fit(disp=0, method="newton",
+                                                                  maxiter=100).params)
+    g_z, g_m = g[:-1], g[-1]
+    rhos = np.asarray(rhos, dtype=float)
+    acme = np.full((2, len(rhos)), np.nan)
+    zt = [np.column_stack([one, np.full(len(t), v), X]) for v in t_values]
+    for i, rho in enumerate(rhos):
+        if not -1 < rho < 1:
+            continue
+        r = np.sqrt(1 - rho**2)
+        b_z = g_z * r + rho * a / s
+        b_m = g_m * r - rho / s
+        scale = np.sqrt(1 + b_m**2 * s**2 + 2 * rho * b_m * s)
+        em = [zt[k] @ a for k in (0, 1)]
+        for k in (0, 1):
+            base = zt[k] @ b_z
+            acme[k, i] = np.mean(ndtr((base + b_m * em[1]) / scale)
+                                 - ndtr((base + b_m * em[0]) / scale))
+    rho0 = float(g_m * s / np.sqrt(1 + (g_m * s) ** 2))
+    # R^2 form (Imai et al. 2010, 4.2) with the latent outcome's variance
+    r2_m = 1 - (e2 @ e2) / np.sum((m - m.mean()) ** 2)
+    v = np.var(np.column_stack([Z, m]) @ g)
+    r2_y = v / (1 + v)
+    return {
+        "rho": rhos, "acme": acme.mean(axis=0), "acme_control": acme[0],
+        "acme_treated": acme[1], "rho_at_zero": rho0,
+        "r2_star_product_at_zero": rho0**2,
+        "r2_tilde_product_at_zero": rho0**2 * (1 - r2_m) * (1 - r2_y),
     }
