@@ -306,7 +306,9 @@ def psm_tables(n: int = 80, seed: int = 0) -> dict:
         "level": np.where(treated, "direct", "cot"), "treated": treated, "propensity": ps,
         "logit_propensity": np.log(ps / (1 - ps)), "discarded": (ps > 0.9) & treated,
         "weight_att": np.where((ps < 0.8), 1.0, 0.0), "weight_atc": np.nan,
-        "weight_ate": np.where((ps < 0.8), 1.0, 0.0)})
+        "weight_ate": np.where((ps < 0.8), 1.0, 0.0),
+        "x.difficulty": rng.normal(size=n) + treated, "x.length": rng.normal(size=n),
+        "x.grp[b]": (rng.random(n) < 0.3 + 0.3 * treated).astype(float)})
     brow = []
     for est in ("ATT", "ATE"):
         for var, before, after in (("distance", 1.0, 0.05), ("difficulty", -0.9, 0.04),
@@ -770,6 +772,36 @@ def test_check_figures_show_the_numbers(rendered):
     lp = fig.axes[1]
     assert sorted(float(line.get_xdata()[0]) for line in lp.lines
                   if line.get_marker() == "D") == pytest.approx([-1.0, -0.5, 0.0])
+
+
+def test_covariate_distributions_are_the_weighted_ones(rendered):
+    """psm_units covariates (bal.plot): the bars are the weighted shares of a 0/1 covariate,
+    the steps a weighted density (integral 1) equal to numpy's, per group and sample."""
+    from dolm_tools.plot.draw import render as draw
+
+    plot = rendered["psm_units:covariates:single"][0][0]
+    fig = draw(plot)
+    d = psm_tables()["units"]
+    covs = ["x.difficulty", "x.length", "x.grp[b]"]
+    samples = [None, "weight_att", "weight_ate"]  # weight_atc is all missing: no column
+    grid = np.array(fig.axes).reshape(len(covs), len(samples))
+    assert [a.get_title() for a in grid[0]] == ["all units", "matched: ATT weights",
+                                                 "matched: ATE weights"]
+    t = d["treated"].to_numpy()
+    for j, wcol in enumerate(samples):
+        w = np.ones(len(d)) if wcol is None else d[wcol].to_numpy()
+        bars = [p.get_height() for p in grid[2, j].patches]
+        want = [np.sum((w * d["x.grp[b]"])[g]) / np.sum(w[g]) for g in (t, ~t)]
+        assert bars == pytest.approx(want)
+        steps = [a for a in grid[0, j].patches]
+        assert len(steps) == 2
+        x = d["x.difficulty"].to_numpy()
+        edges = np.histogram_bin_edges(x, bins=min(30, max(5, int(np.sqrt(len(x))))))
+        for step, g in zip(steps, (t, ~t), strict=True):
+            sel = g & (w > 0)
+            h, _ = np.histogram(x[sel], bins=edges, weights=w[sel], density=True)
+            assert step.get_data().values == pytest.approx(h)
+            assert np.sum(step.get_data().values * np.diff(edges)) == pytest.approx(1.0)
 
 
 def test_units_figure_splits_by_treatment_and_covariates_only():

@@ -110,6 +110,81 @@ def draw_overlap(fig: Any, src: Any, _v: Any) -> None:
     C.title(fig, "Propensity overlap before and after matching", src.model_label)
 
 
+# ------------------------------------------------------------------ covariate distributions
+
+MAX_COVARIATES = 12
+
+
+def _covariates(df: Any) -> list[str]:
+    return [c for c in df.columns if str(c).startswith("x.") and df[c].notna().any()]
+
+
+def _weight_columns(df: Any) -> list[tuple[str, str]]:
+    out = []
+    for est in (*ESTIMANDS, "ATO"):
+        col = f"weight_{est.lower()}"
+        if col in df.columns and df[col].notna().any():
+            out.append((est, col))
+    return out
+
+
+def _cov_size(src: Any, _v: Any) -> tuple[float, float]:
+    n = min(len(_covariates(src.data)), MAX_COVARIATES)
+    cols = 1 + len(_weight_columns(src.data))
+    return (2.9 * cols + 1.2, 1.9 * n + 1.4)
+
+
+@figure("psm_units", "covariates", "each covariate's distribution in treated and control units "
+        "before and after matching (cobalt's bal.plot)", size=_cov_size,
+        when=lambda s: bool(_covariates(s.data)), variants=lambda s: _contrasts(s.data))
+def draw_covariates(fig: Any, src: Any, contrast: str) -> None:
+    """Rows: covariates; columns: all units, then the matched sample under each estimand's
+    weights. Continuous: weighted density (histogram on shared bins); 0/1: weighted share."""
+    d = src.data[src.data["contrast"].astype(str) == contrast]
+    covs = _covariates(d)
+    shown = covs[:MAX_COVARIATES]
+    samples = [("all units", None)] + [(f"matched: {e} weights", c)
+                                       for e, c in _weight_columns(d)]
+    axes = np.atleast_2d(fig.subplots(len(shown), len(samples), squeeze=False))
+    treated = d["treated"].to_numpy(dtype=bool)
+    groups = ((treated, "treated", style.PALETTE[0]), (~treated, "control", style.PALETTE[1]))
+    for i, cov in enumerate(shown):
+        x = d[cov].to_numpy(dtype=float)
+        ok = np.isfinite(x)
+        binary = bool(np.all(np.isin(x[ok], (0.0, 1.0))))
+        bins = None if binary else np.histogram_bin_edges(x[ok], bins=min(30, max(
+            5, int(np.sqrt(ok.sum())))))
+        for j, (sample, wcol) in enumerate(samples):
+            ax = axes[i, j]
+            w = np.ones(len(d)) if wcol is None else d[wcol].fillna(0).to_numpy(dtype=float)
+            for k, (mask, name, col) in enumerate(groups):
+                sel = mask & ok & (w > 0)
+                if not sel.any():
+                    continue
+                if binary:
+                    share = float(np.sum(w[sel] * x[sel]) / np.sum(w[sel]))
+                    ax.bar([k], [share], width=0.6, color=col, label=name)
+                    ax.annotate(f"{share:.2f}", (k, share), xytext=(0, 2),
+                                textcoords="offset points", ha="center", fontsize=7)
+                else:
+                    h, _ = np.histogram(x[sel], bins=bins, weights=w[sel], density=True)
+                    ax.stairs(h, bins, color=col, lw=1.4, label=name)
+            if binary:
+                ax.set_xticks([0, 1])
+                ax.set_xticklabels(["treated", "control"], fontsize=7)
+                ax.set_xlim(-0.7, 1.7)
+                ax.set_ylim(0, 1.12)
+            ax.tick_params(labelsize=7)
+            if i == 0:
+                ax.set_title(sample, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"{cov[2:]}\n" + ("share = 1" if binary else "density"), fontsize=8)
+    C.legend_unique(axes[0, 0], loc="upper right")
+    more = f"; first {MAX_COVARIATES} of {len(covs)} covariates" if len(covs) > len(shown) else ""
+    C.title(fig, f"Covariate distributions before and after matching: {contrast}{more}",
+            src.model_label)
+
+
 # ------------------------------------------------------------------ matched pairs
 
 

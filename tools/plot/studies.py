@@ -470,7 +470,8 @@ STUDIES: tuple[Study, ...] = (
           "completes the task? Matching on an observational design, checked against an "
           "experiment on the same units.", ("formats-psm", "formats_psm"),
           (("comparison.parquet", "check", None), ("psm.balance.parquet", "love", None),
-           ("psm.units.parquet", "overlap", None), ("dag.json", "dag", None)), psm_answer),
+           ("psm.units.parquet", "overlap", None), ("dag.json", "dag", None),
+           ("psm.units.parquet", "covariates", None)), psm_answer),
     Study("cot-mediation", "Chain-of-thought → accuracy, through attention (mediation)",
           "Does chain-of-thought raise accuracy through the heads that attend to the "
           "question's numbers? The statistical estimate beside what patching the heads shows.",

@@ -582,6 +582,8 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         **({"weight_ato": weights["ATO"]} if "ATO" in weights else {}),
         "subclass": pd.array([int(v) if v >= 0 else None for v in m.subclass]
                              if m.subclass is not None else [None] * n, dtype="Int64"),
+        # the covariates as the balance table names them, for per-covariate distributions
+        **{f"x.{nm}": Xall[:, j] for j, nm in enumerate(D.names)},
     })
 
     summary = {
