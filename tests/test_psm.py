@@ -622,3 +622,23 @@ def test_balance_flags_follow_cobalt_thresholds():
     flags = res.summary["contrasts"][0]["balance_flags"]["ATT"]
     after = b[(b["sample"] == "matched") & b.smd_flag.astype(bool)]
     assert flags["smd_over_0.1"] == after.variable.tolist()
+
+
+def test_newton_logistic_is_the_maximum_likelihood_fit():
+    """The numpy Newton fit (exact gradient, Hessian on a row subsample beyond 16384 rows)
+    reaches scikit-learn's unpenalised optimum; separation is reported, not hidden."""
+    from dolm_tools.psm.propensity import newton_logistic
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(3)
+    for n in (500, 40_000):  # full Hessian; subsampled Hessian
+        Z = rng.normal(size=(n, 4))
+        t = (rng.random(n) < 1 / (1 + np.exp(-(Z @ [0.8, -0.5, 0.3, 0.0] - 0.7)))).astype(int)
+        beta, ok = newton_logistic(Z, t)
+        ref = LogisticRegression(C=np.inf, solver="newton-cholesky", tol=1e-12,
+                                 max_iter=200).fit(Z, t)
+        assert ok
+        np.testing.assert_allclose(beta, np.r_[ref.intercept_, ref.coef_.ravel()], atol=1e-8)
+    Z = rng.normal(size=(300, 2))
+    _, ok = newton_logistic(Z, (Z[:, 0] > 0).astype(int))  # perfectly separated
+    assert not ok

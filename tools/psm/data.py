@@ -208,7 +208,11 @@ def prepare(
         if pd.api.types.is_bool_dtype(s):
             work[c] = s.astype(float)
         num = pd.api.types.is_numeric_dtype(work[c])
-        nun = work[c].nunique() if not num else (2 if work[c].min() < work[c].max() else 1)
+        if num:
+            v = work[c].to_numpy()
+            nun = 2 if v.min() < v.max() else 1
+        else:
+            nun = work[c].nunique()
         if nun < 2:
             val = work[c].iloc[0] if len(work) else None
             raise InputError(

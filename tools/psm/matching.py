@@ -92,8 +92,15 @@ def _with_replacement(d_focal, d_pool, rank_pool, k, cal):
     # and the k next on the left, ordered (value down, rank up)
     n = len(d_pool)
     kk = min(k, n)
-    up = np.lexsort((rank_pool, d_pool))
-    down = np.lexsort((-rank_pool, d_pool))  # read right-to-left: value down, rank up
+    if n > 1 and np.all(rank_pool[1:] > rank_pool[:-1]):  # ranks follow the index (usual):
+        up = np.argsort(d_pool, kind="stable")  # a stable sort on the value alone is enough
+        sv = d_pool[up]
+        # without tied values the two orders are the same; else sort ties by rank downwards
+        down = up if not np.any(sv[1:] == sv[:-1]) else (
+            (n - 1) - np.argsort(d_pool[::-1], kind="stable"))
+    else:
+        up = np.lexsort((rank_pool, d_pool))
+        down = np.lexsort((-rank_pool, d_pool))  # read right-to-left: value down, rank up
     vals = d_pool[up]
     pos = np.searchsorted(vals, d_focal)
     if kk == 1:  # the nearer of two candidates; on equal distance the smaller rank
