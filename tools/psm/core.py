@@ -194,8 +194,12 @@ def match_contrast(
                     f"--discard {opt.common_support}), so its {who} units cannot be matched "
                     f"for the {dname}; coarsen or drop an --exact column, or leave out "
                     f"the {dname}")
-            order = nearest.focal_order(scalar[focal], tie_rank[focal],
-                                        default_m_order(opt, dname), rng)
+            plain = (opt.match_method not in ("optimal", "full") and Z is None
+                     and not data_ties and cal_w is None
+                     and default_m_order(opt, dname) != "random")  # (keeps rng's stream)
+            # with replacement the plain matcher ignores the visiting order: skip its sort
+            order = None if plain and replace else nearest.focal_order(
+                scalar[focal], tie_rank[focal], default_m_order(opt, dname), rng)
             cf = ex.cal_cols[focal] if cal_w is not None else None
             cp = ex.cal_cols[pool] if cal_w is not None else None
             if opt.match_method in ("optimal", "full"):
