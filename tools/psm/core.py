@@ -287,7 +287,22 @@ def point_estimate(X, names, t, y, rank, opt: Options, estimand: str) -> float:
     simple = dataclasses.replace(
         opt, exact=(), mahvars=(), caliper_on=(),
         distance=opt.distance if opt.distance in ("ps", "logit") else "logit")
-    m = match_contrast(X, names, t, rank, simple, dirs)
+    extra = None
+    if opt.match_method in ("exact", "cem"):  # strata on the refuter's (encoded) columns
+        extra = Extra(data_rank=rank, cov_frame=pd.DataFrame(X, columns=list(names)))
+    m = match_contrast(X, names, t, rank, simple, dirs, extra)
+    if opt.match_method == "ipw":
+        return float(est_mod.ipw(y, t, X, estimand, stabilize=opt.stabilize,
+                                 trim=opt.trim)["estimate"])
+    if opt.match_method == "aipw":
+        return float(est_mod.aipw(y, t, X, estimand, folds=opt.folds, learner=opt.learner,
+                                  seed=opt.seed)["estimate"])
+    if m.subclass is not None:
+        from dolm_tools.psm.strata import subclass_weights
+
+        w = subclass_weights(m.subclass, t, estimand)
+        return float(est_mod.wls_effect(y, t, w, X=X if opt.estimator == "regression" else None,
+                                        target=estimand, cluster=None)["estimate"])
     sets = []
     for dname in dirs:
         pf, pm, _ = m.pairs[dname]
@@ -641,6 +656,15 @@ PAIR_COLS = ["contrast", "estimand", "set_id", "treated_row", "control_row", "tr
              "control_outcome"]
 
 
+def _no_pairs() -> pd.DataFrame:
+    """The pairs table of a run without matched pairs (weighting, strata), typed as the
+    schema asks (an untyped empty frame writes null columns)."""
+    ints = {"set_id", "treated_row", "control_row"}
+    text = {"contrast", "estimand", "treated_id", "control_id"}
+    return pd.DataFrame({c: pd.Series([], dtype="int64" if c in ints else "string" if c in text
+                                      else "float64") for c in PAIR_COLS})
+
+
 def run_psm(units: Units, opt: Options) -> PSMResult:
     if opt.caliper is not None and not opt.caliper > 0:
         raise InputError(f"--caliper: expected a positive number of SDs, found {opt.caliper}")
@@ -653,7 +677,7 @@ def run_psm(units: Units, opt: Options) -> PSMResult:
         pairs += p
         bal_rows += b
         unit_dfs += u
-    pairs_df = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame(columns=PAIR_COLS)
+    pairs_df = pd.concat(pairs, ignore_index=True) if pairs else _no_pairs()
     for c in ("treated_id", "control_id"):
         pairs_df[c] = pairs_df[c].astype("string")
     units_df = pd.concat(unit_dfs, ignore_index=True)
