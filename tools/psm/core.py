@@ -380,16 +380,50 @@ def _population(est: str, sets: dict, t: np.ndarray, m: Matched) -> dict[str, An
             "population_covered": covered / n_pop if n_pop else 0.0}
 
 
-def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, list, list]:
+@dataclass
+class Contrast:
+    """One treatment level against the reference: its units, outcome and design."""
+
+    label: str
+    level: Any
+    sel: np.ndarray  # rows of units.df in this contrast
+    t: np.ndarray  # 1 = treated (the level), 0 = control (the reference)
+    y: np.ndarray
+    rows: np.ndarray  # input row numbers
+    ids: np.ndarray | None
+    rank: np.ndarray  # canonical order
+    X_all: np.ndarray  # every encoded covariate
+    X_model: np.ndarray  # the propensity model's columns
+    model_names: list[str]
+
+    @property
+    def n(self) -> int:
+        return len(self.t)
+
+
+@dataclass
+class Estimates:
+    """Effects per estimand with their sensitivity, and each estimand's unit weights."""
+
+    effects: list[dict]
+    sensitivity: dict[str, Any]
+    weights: dict[str, np.ndarray]
+
+
+@dataclass
+class Balance:
+    rows: list[dict]
+    flagged: dict[str, dict[str, list[str]]]
+    counts: dict[str, dict]
+
+
+def _contrast(units: Units, level: Any) -> Contrast:
+    """Select the contrast's units; refuse one with nothing to match on or too few units."""
     df = units.df
     tcol = df[units.treatment]
     sel = np.flatnonzero(((tcol == level) | (tcol == units.reference)).to_numpy())
     label = f"{_fmt(level)} vs {_fmt(units.reference)}"
     t = (tcol.to_numpy()[sel] == level).astype(int)
-    y = df[units.outcome].to_numpy(dtype=float)[sel]
-    rows = df["_row"].to_numpy()[sel]
-    ids = df[units.id_column].astype(str).to_numpy()[sel] if units.id_column else None
-    rank = sel.astype(np.int64)  # canonical order
     D = units.design
     Xall = D.X[sel]
     Xm, mnames = model_matrix(Xall, D.names, D.drop_for_model)
@@ -404,11 +438,18 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
             f"--treatment {units.treatment!r}: contrast {label!r} has {n1} treated and {n0} "
             "control units; expected at least 2 of each"
         )
-    dirs = _directions(opt.estimands)
-    m = match_contrast(Xm, mnames, t, rank, opt, dirs, _extra(units, sel, rows, label, opt))
-    n = len(t)
+    return Contrast(
+        label=label, level=level, sel=sel, t=t,
+        y=df[units.outcome].to_numpy(dtype=float)[sel],
+        rows=df["_row"].to_numpy()[sel],
+        ids=df[units.id_column].astype(str).to_numpy()[sel] if units.id_column else None,
+        rank=sel.astype(np.int64), X_all=Xall, X_model=Xm, model_names=mnames)
 
-    # positivity
+
+def _positivity(c: Contrast, m: Matched, opt: Options) -> dict[str, Any]:
+    """Discarded and extreme-score units; refuse a contrast that trimming emptied."""
+    t = c.t
+    n1, n0 = int(t.sum()), int((1 - t).sum())
     out1 = int(np.sum((t == 1) & ~m.keep))
     out0 = int(np.sum((t == 0) & ~m.keep))
     eps = opt.positivity_eps
@@ -425,7 +466,7 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
     kept1, kept0 = int(np.sum((t == 1) & m.keep)), int(np.sum((t == 0) & m.keep))
     if kept1 == 0 or kept0 == 0:
         raise InputError(
-            f"contrast {label!r}: no common support: trimming by the propensity score "
+            f"contrast {c.label!r}: no common support: trimming by the propensity score "
             f"({opt.common_support}) discarded {out1} of {n1} treated and {out0} of {n0} control "
             "units, leaving no units to match (a positivity failure: the covariates separate "
             "the groups)"
@@ -437,22 +478,75 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
             f"{positivity['extreme_ps_control']} control units have propensity < {eps} or "
             f"> {1 - eps}"
         )
+    return positivity
 
+
+def _matched_sets(c: Contrast, m: Matched, opt: Options,
+                  dirs: tuple[str, ...]) -> dict[str, eff.SetDiffs]:
+    """The matched sets of each direction (ATT: treated focal, ATC: control focal)."""
     sets: dict[str, eff.SetDiffs] = {}
-    weighting = opt.match_method in WEIGHTING_METHODS
-    if m.subclass is not None or weighting:
-        dirs = ()
     for dname in dirs:
         pf, pm, _ = m.pairs[dname]
         if len(pf) == 0:
             who = "treated" if dname == "ATT" else "control"
             raise InputError(
-                f"contrast {label!r}: no {who} unit has a match within the caliper "
+                f"contrast {c.label!r}: no {who} unit has a match within the caliper "
                 f"({opt.caliper} SD of the distance = {m.caliper_width or 0:.4g}) and the "
                 "other restrictions (--exact, --caliper-on); widen them or check the overlap"
             )
-        sets[dname] = eff.set_diffs(y, pf, pm, dname == "ATT")
+        sets[dname] = eff.set_diffs(c.y, pf, pm, dname == "ATT")
+    return sets
 
+
+def _estimate_one(c: Contrast, m: Matched, sets: dict[str, eff.SetDiffs], opt: Options,
+                  est: str, sigma2, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
+    """One estimand's effect (the --method's estimator) and the unit weights behind it."""
+    y, t, n, Xm = c.y, c.t, c.n, c.X_model
+    if opt.match_method in WEIGHTING_METHODS:
+        w = est_mod.ipw_weights(np.clip(m.ps, 1e-6, 1 - 1e-6), t, est, opt.stabilize)
+        if opt.match_method == "ipw":
+            r = est_mod.ipw(y, t, Xm, est, stabilize=opt.stabilize, trim=opt.trim)
+        else:
+            r = est_mod.aipw(y, t, Xm, est, folds=opt.folds, learner=opt.learner,
+                             seed=opt.seed)
+        pop = {"ATT": t == 1, "ATC": t == 0}.get(est, np.ones(n, dtype=bool))
+        r = {"estimand": est, **r, "population": _POP[est], "n_population": int(pop.sum()),
+             "n_focal_matched": int(r["n_sets"]),
+             "population_covered": float(r["n_sets"]) / n}
+    elif m.subclass is not None:
+        from dolm_tools.psm.strata import subclass_weights
+
+        w = subclass_weights(m.subclass, t, est)
+        # robust (HC1), not clustered: a handful of subclasses is too few clusters
+        # (CR1 on 6 subclasses covered 84% in benchmarks/psm_coverage.py)
+        r = est_mod.wls_effect(y, t, w, X=Xm if opt.estimator == "regression" else None,
+                               target=est, cluster=None)
+        pop = {"ATT": t == 1, "ATC": t == 0}.get(est, np.ones(n, dtype=bool))
+        cov = int(np.sum(pop & (w > 0)))
+        r = {"estimand": est, **r, "population": _POP[est], "n_population": int(pop.sum()),
+             "n_focal_matched": cov, "population_covered": cov / max(int(pop.sum()), 1)}
+    else:
+        use = [sets[d] for d in _directions((est,))]
+        w = _weights(n, use)
+        if opt.estimator == "regression":
+            r = est_mod.wls_effect(y, t, w, X=Xm, target=est, cluster=_clusters(n, use))
+            r["n_sets"] = int(sum(len(u.focal) for u in use))
+        else:
+            if opt.estimator == "bias-corrected":
+                use = [eff.bias_correct(sets[d], Xm, y, d == "ATT")
+                       for d in _directions((est,))]
+            r = eff.estimate(use, n, sigma2, opt.se, opt.n_boot, rng)
+            if opt.estimator == "bias-corrected":
+                r["se_method"] += "; Abadie-Imbens (2011) regression bias correction"
+        r = {"estimand": est, **r, **_population(est, sets, t, m)}
+    return r, w
+
+
+def _estimates(c: Contrast, m: Matched, sets: dict[str, eff.SetDiffs], opt: Options,
+               outcome_binary: bool) -> Estimates:
+    """Every estimand's effect with its E-value (and Rosenbaum bounds for matched ATT/ATC),
+    then the naive difference."""
+    y, t = c.y, c.t
     rng = np.random.default_rng([opt.seed, 17])
     sigma2 = None
     if opt.se == "ai" and m.subclass is None:
@@ -463,56 +557,26 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
     sd_y = float(np.std(y, ddof=1))
     weights: dict[str, np.ndarray] = {}
     for est in opt.estimands:
-        if weighting:
-            w = est_mod.ipw_weights(np.clip(m.ps, 1e-6, 1 - 1e-6), t, est, opt.stabilize)
-            if opt.match_method == "ipw":
-                r = est_mod.ipw(y, t, Xm, est, stabilize=opt.stabilize, trim=opt.trim)
-            else:
-                r = est_mod.aipw(y, t, Xm, est, folds=opt.folds, learner=opt.learner,
-                                 seed=opt.seed)
-            pop = {"ATT": t == 1, "ATC": t == 0}.get(est, np.ones(n, dtype=bool))
-            r = {"estimand": est, **r, "population": _POP[est], "n_population": int(pop.sum()),
-                 "n_focal_matched": int(r["n_sets"]),
-                 "population_covered": float(r["n_sets"]) / n}
-        elif m.subclass is not None:
-            from dolm_tools.psm.strata import subclass_weights
-
-            w = subclass_weights(m.subclass, t, est)
-            # robust (HC1), not clustered: a handful of subclasses is too few clusters
-            # (CR1 on 6 subclasses covered 84% in benchmarks/psm_coverage.py)
-            r = est_mod.wls_effect(y, t, w, X=Xm if opt.estimator == "regression" else None,
-                                   target=est, cluster=None)
-            pop = {"ATT": t == 1, "ATC": t == 0}.get(est, np.ones(n, dtype=bool))
-            cov = int(np.sum(pop & (w > 0)))
-            r = {"estimand": est, **r, "population": _POP[est], "n_population": int(pop.sum()),
-                 "n_focal_matched": cov, "population_covered": cov / max(int(pop.sum()), 1)}
-        else:
-            use = [sets[d] for d in _directions((est,))]
-            w = _weights(n, use)
-            if opt.estimator == "regression":
-                r = est_mod.wls_effect(y, t, w, X=Xm, target=est, cluster=_clusters(n, use))
-                r["n_sets"] = int(sum(len(u.focal) for u in use))
-            else:
-                if opt.estimator == "bias-corrected":
-                    use = [eff.bias_correct(sets[d], Xm, y, d == "ATT")
-                           for d in _directions((est,))]
-                r = eff.estimate(use, n, sigma2, opt.se, opt.n_boot, rng)
-                if opt.estimator == "bias-corrected":
-                    r["se_method"] += "; Abadie-Imbens (2011) regression bias correction"
-            r = {"estimand": est, **r, **_population(est, sets, t, m)}
+        r, w = _estimate_one(c, m, sets, opt, est, sigma2, rng)
         effects.append(r)
         weights[est] = w
         p0 = bal.wmean(y[t == 0], w[t == 0]) if np.any(w[t == 0] > 0) else float("nan")
         s: dict[str, Any] = {
             "e_value": sens.e_value(r["estimate"], r["ci_low"], r["ci_high"],
-                                    units.outcome_binary, p0, sd_y)
+                                    outcome_binary, p0, sd_y)
         }
         if est in ("ATT", "ATC") and est in sets:
             s["rosenbaum"] = sens.rosenbaum(sets[est].d)
         sensitivity[est] = s
     effects.append({"estimand": "naive", **eff.naive(y, t)})
+    return Estimates(effects, sensitivity, weights)
 
-    # balance (MatchIt summary shape)
+
+def _balance(c: Contrast, m: Matched, weights: dict[str, np.ndarray], opt: Options,
+             D) -> Balance:
+    """MatchIt's summary shape: per estimand x covariate, before (all units) and after
+    (the estimand's weights), with cobalt's flags and the sample sizes."""
+    t, n, Xall = c.t, c.n, c.X_all
     bal_rows = []
     cols = [("distance", m.ps, False, "distance")] + [
         (nm, Xall[:, j], D.binary[j], "binary" if D.binary[j] else "continuous")
@@ -543,7 +607,7 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
                 else:
                     row = bal.balance_row(x, t, ww, binary, sd, orders[j])
                 bal_rows.append({
-                    "contrast": label, "estimand": est, "variable": name, "type": kind,
+                    "contrast": c.label, "estimand": est, "variable": name, "type": kind,
                     "sample": sample, **row, **bal.flags(row, kind),
                 })
         after = [r for r in bal_rows if r["estimand"] == est and r["sample"] == "matched"]
@@ -551,27 +615,32 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
             "smd_over_0.1": [r["variable"] for r in after if r["smd_flag"]],
             "var_ratio_outside_0.5_2": [r["variable"] for r in after if r["var_ratio_flag"]],
         }
-        c = {}
+        cnt = {}
         for g, gname in ((0, "control"), (1, "treated")):
             mg = t == g
-            c[gname] = {
+            cnt[gname] = {
                 "all": int(mg.sum()),
                 "matched_ess": bal.ess(w[mg]),
                 "matched": int(np.sum(mg & (w > 0))),
                 "unmatched": int(np.sum(mg & m.keep & (w == 0))),
                 "discarded": int(np.sum(mg & ~m.keep)),
             }
-        counts[est] = c
+        counts[est] = cnt
+    return Balance(bal_rows, flagged, counts)
 
-    # matched pairs
+
+def _pair_rows(c: Contrast, m: Matched, sets: dict[str, eff.SetDiffs],
+               dirs: tuple[str, ...]) -> list[pd.DataFrame]:
+    """One row per (focal, match) pair of each direction."""
     pair_rows = []
+    rows, ids, y = c.rows, c.ids, c.y
     for dname in dirs:
         pf, pm, dist = m.pairs[dname]
         s = sets[dname]
         tr, co = (pf, pm) if dname == "ATT" else (pm, pf)
         set_id = np.searchsorted(s.focal, pf)
         pair_rows.append(pd.DataFrame({
-            "contrast": label,
+            "contrast": c.label,
             "estimand": dname,
             "set_id": set_id.astype(np.int64),
             "treated_row": rows[tr].astype(np.int64),
@@ -585,13 +654,20 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
             "treated_outcome": y[tr],
             "control_outcome": y[co],
         }))
+    return pair_rows
 
-    unit_df = pd.DataFrame({
-        "contrast": label,
-        "row": rows.astype(np.int64),
-        "id": ids if ids is not None else None,
-        "level": tcol.iloc[sel].astype(str).to_numpy(),
-        "treated": t.astype(bool),
+
+def _unit_frame(c: Contrast, units: Units, m: Matched, weights: dict[str, np.ndarray],
+                D) -> pd.DataFrame:
+    """Per unit: propensity, discarded, each estimand's weight, subclass, covariates."""
+    n = c.n
+    tcol = units.df[units.treatment]
+    return pd.DataFrame({
+        "contrast": c.label,
+        "row": c.rows.astype(np.int64),
+        "id": c.ids if c.ids is not None else None,
+        "level": tcol.iloc[c.sel].astype(str).to_numpy(),
+        "treated": c.t.astype(bool),
         "propensity": m.ps,
         "logit_propensity": m.lg,
         "discarded": ~m.keep,
@@ -602,46 +678,65 @@ def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, li
         "subclass": pd.array([int(v) if v >= 0 else None for v in m.subclass]
                              if m.subclass is not None else [None] * n, dtype="Int64"),
         # the covariates as the balance table names them, for per-covariate distributions
-        **{f"x.{nm}": Xall[:, j] for j, nm in enumerate(D.names)},
+        **{f"x.{nm}": c.X_all[:, j] for j, nm in enumerate(D.names)},
     })
 
+
+def _matching_info(opt: Options, m: Matched) -> dict[str, Any]:
+    return {
+        "method": opt.match_method,
+        "estimator": opt.estimator,
+        "n_subclass": int(m.subclass.max() + 1) if m.subclass is not None else None,
+        "distance": _DISTANCE[opt.distance] + (
+            f"; Mahalanobis on {', '.join(opt.mahvars)} within the caliper"
+            if opt.mahvars else ""),
+        "ratio": opt.ratio,
+        "replace": opt.replace,
+        "ties": opt.ties,
+        "exact": list(opt.exact),
+        "directions": m.direction_info,
+        "caliper_sd": opt.caliper,
+        "caliper_width": m.caliper_width,
+        "sd_distance": m.sd_logit,
+        "caliper_on": {c: w for c, w in opt.caliper_on},
+    }
+
+
+def run_contrast(units: Units, level: Any, opt: Options) -> tuple[dict, list, list, list]:
+    """One contrast end to end: select, match, check positivity, estimate, balance, tables."""
+    c = _contrast(units, level)
+    dirs = _directions(opt.estimands)
+    m = match_contrast(c.X_model, c.model_names, c.t, c.rank, opt, dirs,
+                       _extra(units, c.sel, c.rows, c.label, opt))
+    positivity = _positivity(c, m, opt)
+    if m.subclass is not None or opt.match_method in WEIGHTING_METHODS:
+        dirs = ()
+    sets = _matched_sets(c, m, opt, dirs)
+    e = _estimates(c, m, sets, opt, units.outcome_binary)
+    b = _balance(c, m, e.weights, opt, units.design)
     summary = {
-        "contrast": label,
+        "contrast": c.label,
         "treated_level": _fmt(level),
         "control_level": _fmt(units.reference),
-        "n_treated": n1,
-        "n_control": n0,
+        "n_treated": int(c.t.sum()),
+        "n_control": int((1 - c.t).sum()),
         "propensity": m.info,
-        "matching": {
-            "method": opt.match_method,
-            "estimator": opt.estimator,
-            "n_subclass": int(m.subclass.max() + 1) if m.subclass is not None else None,
-            "distance": _DISTANCE[opt.distance] + (
-                f"; Mahalanobis on {', '.join(opt.mahvars)} within the caliper"
-                if opt.mahvars else ""),
-            "ratio": opt.ratio,
-            "replace": opt.replace,
-            "ties": opt.ties,
-            "exact": list(opt.exact),
-            "directions": m.direction_info,
-            "caliper_sd": opt.caliper,
-            "caliper_width": m.caliper_width,
-            "sd_distance": m.sd_logit,
-            "caliper_on": {c: w for c, w in opt.caliper_on},
-        },
+        "matching": _matching_info(opt, m),
         "positivity": positivity,
-        "counts": counts,
-        "balance_flags": flagged,
-        "effects": effects,
-        "sensitivity": sensitivity,
+        "counts": b.counts,
+        "balance_flags": b.flagged,
+        "effects": e.effects,
+        "sensitivity": e.sensitivity,
     }
     if opt.refute:
         from dolm_tools.psm.refute import refute_all
 
         est = opt.estimands[0]
-        main = next(e["estimate"] for e in effects if e["estimand"] == est)
-        summary["refutation"] = refute_all(Xm, mnames, t, y, rank, opt, est, main)
-    return summary, pair_rows, bal_rows, [unit_df]
+        main = next(x["estimate"] for x in e.effects if x["estimand"] == est)
+        summary["refutation"] = refute_all(c.X_model, c.model_names, c.t, c.y, c.rank, opt,
+                                           est, main)
+    return (summary, _pair_rows(c, m, sets, dirs), b.rows,
+            [_unit_frame(c, units, m, e.weights, units.design)])
 
 
 _DISTANCE = {
