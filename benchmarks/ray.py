@@ -1,7 +1,7 @@
 """The Ray executor on this machine: 2 workers vs 1, and Ray (1 worker) vs in-process.
 
     python benchmarks/ray.py            # on an idle 2-core machine: about 6 minutes
-    python benchmarks/ray.py --smoke    # a tiny model, a few prompts: checks it runs
+    python benchmarks/ray.py --smoke    # a tiny model, 16 prompts: checks that it runs
 
 A random GPT-2-small-size model (12 layers, d_model 768, 12 heads; the tiny test
 tokenizer, so the vocabulary is ~550 rather than 50k) scores word-salad prompts of
@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--merge-prompts", type=int, default=48)
     ap.add_argument("--smoke", action="store_true",
-                    help="a 2-layer d_model-64 model and 8 prompts: checks that it runs")
+                    help="a 2-layer d_model-64 model and 16 prompts: checks that it runs")
     ap.add_argument("--out", default=None,
                     help="results file [default: benchmarks/results/ray.md; --smoke: none]")
     a = ap.parse_args()
@@ -109,8 +109,8 @@ def main() -> None:
 
     size = dict(n_layers=2, d_model=64, n_heads=4) if a.smoke else dict(
         n_layers=12, d_model=768, n_heads=12)
-    if a.smoke:
-        a.prompts, a.merge_prompts = 8, 8
+    if a.smoke:  # 4 prompts a shard: one batch of 4, as in one process (equal outputs)
+        a.prompts, a.merge_prompts = 16, 16
     out = a.out or (None if a.smoke else "benchmarks/results/ray.md")
     tmp = Path(tempfile.mkdtemp(prefix="dolm-ray-bench-"))
     model = str(build_tiny_model(tmp / "model", "gpt2", n_ctx=128, **size))
@@ -158,7 +158,7 @@ def main() -> None:
         + ("" if idle else " — NOT IDLE: the speed numbers below are not valid for the "
            "targets"),
         f"- fastest of {a.reps} interleaved repetition(s); outputs equal to the in-process "
-        f"run: {equal}",
+        f"run (4 shards of whole batches: --prompts a multiple of 4 x --batch-size): {equal}",
         "",
         "| run | wall s | vs in-process |",
         "| --- | ---: | ---: |",

@@ -765,8 +765,10 @@ def merge_by_hand(run: Any, paths: list[str], output: str, force: bool) -> int:
         got = same(entry, params) | {"schema": meta.schema}
         for key in want:
             if got[key] != want[key]:
-                what = (next(k for k in want[key] if want[key].get(k) != got[key].get(k))
-                        if key == "params" and isinstance(want[key], dict) else key)
+                what = key
+                if key == "params":
+                    what = "option " + next(k for k in sorted({*want[key], *got[key]})
+                                            if want[key].get(k) != got[key].get(k))
                 raise InputError(f"dolm-merge: {path} differs from {first} in {what}")
         if int(b["start"]) != at or int(b["n_prompts"]) != int(b0["n_prompts"]):
             raise InputError(f"dolm-merge: {path} holds prompts {b['start']}..{b['stop']} of "

@@ -201,10 +201,13 @@ def _f(v) -> str:
 
 def _fill_siblings(params: dict) -> None:
     """--executor ray: name the effects and summary files the run writes by default, so
-    that every shard writes them and they are merged."""
+    that every shard writes them and they are merged (refused now if they exist)."""
+    from dolm.formats import check_output
+
     for key, suffix in (("effects", "effects.parquet"), ("summary", "summary.json")):
         if not params.get(key):
             params[key] = _sibling(params["output"], suffix)
+            check_output(params[key], bool(params.get("force")), option=f"--{key}")
 
 
 def _merge_interventional(run, shard_files, outputs, force) -> None:
