@@ -8,6 +8,7 @@ prompt is computed alone in both runs and the outputs can be compared exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -55,6 +56,11 @@ def kit(tiny_gpt2_dir, tmp_path_factory):
     model = str(tiny_gpt2_dir)
     p = d / "prompts.parquet"
     r = dolm("dolm-gen-prompts", "factual", "--n", "12", "-o", p, "--model", model)
+    assert r.returncode == 0, r.stderr
+    vec = d / "v.npy"
+    np.save(vec, np.random.default_rng(0).normal(size=32).astype("float32"))
+    r = dolm("dolm-steer", "fit", p, "--model", model, "--method", "file", "--vector", vec,
+             "--sites", "resid_post.1", "-o", d / "dirs.safetensors")
     assert r.returncode == 0, r.stderr
     return d, model, p
 
@@ -129,9 +135,56 @@ def test_collect_patch_ablate_on_ray_equal_in_process(cluster, kit):
                 same_tables(a, b, exact=name == "collect")
         valid(*outs["ray"])
         ex = executor_entry(outs["ray"][0])
-        assert ex["kind"] == "ray" and ex["shards"] == 4 and len(ex["every_shard"]) == 4
+        phases = ["means", "main"] if name == "ablate" else ["main"]  # mean: sums reduced first
+        assert ex["kind"] == "ray" and ex["shards"] == 4 and ex["phases"] == phases
+        assert [s["phase"] for s in ex["every_shard"]] == [p for p in phases for _ in range(4)]
         assert ex["cluster"]["cpus"] == 2 and ex["cluster"]["workers"] == 2
         assert not (d / f"{outs['ray'][0].name}.shards").exists()  # merged, cleaned up
+
+
+def test_dla_lens_steer_mediate_circuit_on_ray_equal_in_process(cluster, kit):
+    """The other prompt-parallel tools: with --batch-size 1 every prompt (pair) is computed
+    alone in both runs, so the merged outputs equal the in-process ones exactly, the
+    statistics over all prompts included (steer's slopes, mediate's bootstrap and
+    q-values, the circuit's mean edge scores)."""
+    from dolm.formats import read_meta
+
+    d, model, p = kit
+    dirs = d / "dirs.safetensors"
+    common = ["--model", model, "--batch-size", "1"]
+    jobs = {
+        "dla": ["dolm-dla", p, *common, "--metric", "logit", "--first-token"],
+        "lens": ["dolm-lens", p, *common, "--first-token", "--top-k", "2"],
+        "steer": ["dolm-steer", "apply", p, *common, "--directions", dirs, "--alphas",
+                  "-2,0,2"],
+        "mediate": ["dolm-mediate", "interventional", p, *common, "--sites",
+                    "head.1.*,mlp_out.0", "--sims", "200"],
+        "edges": ["dolm-circuit", "edges", p, *common, "--method", "eap", "--metric",
+                  "prob_target"],
+    }
+    for name, argv in jobs.items():
+        outs = {}
+        for how, extra in (("local", []), ("ray", ["--executor", "ray", "--ray-address",
+                                                   cluster, "--shards", "3"])):
+            out = d / f"{name}-{how}.parquet"
+            r = dolm(*argv, "-o", out, *extra)
+            assert r.returncode == 0, (name, how, r.stderr)
+            outs[how] = [out]
+            if name == "mediate":
+                outs[how] += [d / f"{name}-{how}.effects.parquet",
+                              d / f"{name}-{how}.summary.json"]
+        for a, b in zip(outs["local"], outs["ray"], strict=True):
+            if a.suffix == ".json":
+                x, y = json.loads(a.read_text()), json.loads(b.read_text())
+                x.pop("dolm"), y.pop("dolm")  # the header: provenance differs by design
+                assert x == y, name
+                continue
+            x, y = pq.read_table(a).to_pandas(), pq.read_table(b).to_pandas()
+            pd.testing.assert_frame_equal(x, y, check_exact=True)
+            assert read_meta(a).extra == read_meta(b).extra, name
+        valid(*outs["ray"])
+        ex = executor_entry(outs["ray"][0])
+        assert ex["kind"] == "ray" and ex["shards"] == 3 and len(ex["every_shard"]) == 3
 
 
 def _descendant(pid: int, ancestor: int) -> bool:
@@ -191,6 +244,126 @@ def test_a_killed_worker_is_retried_and_the_output_equals_in_process(cluster, ki
     assert killed not in pids  # the killed worker's shard was redone by another process
 
 
+def test_a_killed_driver_resumes_and_skips_finished_shards(cluster, kit):
+    """SIGKILL the driver once a main-round shard of a two-phase ablate (mean) is finished:
+    no output appears; the same command with --resume keeps every finished shard (the
+    means round whole, part of the main round), redoes the rest, and the output equals
+    the in-process run."""
+    d, model, p = kit
+    argv = ["dolm-ablate", p, "--model", model, "--batch-size", "1", "--scan", "heads",
+            "--kind", "zero,mean"]
+    local, out = d / "resume-local.parquet", d / "resume-ray.parquet"
+    assert dolm(*argv, "-o", local).returncode == 0
+    ray_argv = [*argv, "-o", out, "--executor", "ray", "--ray-address", cluster,
+                "--shards", "6"]
+    folder = d / f"{out.name}.shards"
+    proc = subprocess.Popen([str(a) for a in ray_argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if folder.is_dir() and list(folder.glob("shard-*.done.json")):  # a main-round shard
+            proc.kill()
+            break
+        time.sleep(0.01)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the driver was killed"
+    time.sleep(3)  # Ray stops the dead driver's workers
+    assert not out.exists()  # nothing merged
+    finished = [m.name for m in folder.glob("*shard-*.done.json")]
+    main_done = [m for m in finished if m.startswith("shard-")]
+    assert len([m for m in finished if m.startswith("means-")]) == 6 and 1 <= len(main_done) < 6
+    r = dolm(*ray_argv, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "finished shards kept" in r.stderr
+    same_tables(local, out, exact=False)
+    valid(out)
+    ex = executor_entry(out)
+    resumed = {(s["phase"], s["index"]) for s in ex["every_shard"] if s["resumed"]}
+    assert {("means", k) for k in range(1, 7)} <= resumed
+    assert len(resumed) >= len(finished) and len(ex["every_shard"]) == 12
+    assert len(resumed) < 12  # the rest were redone
+    assert not folder.exists()
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """``folder`` (created) that nobody can write in, root included: a read-only tmpfs for
+    root, mode 555 otherwise."""
+    folder.mkdir()
+    mounted = False
+    if os.geteuid() == 0:  # root writes through permissions
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"mount not permitted here: {r.stderr.strip()}")
+        mounted = True
+    else:
+        folder.chmod(0o555)
+    try:
+        yield folder
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], capture_output=True)
+        elif folder.exists():
+            folder.chmod(0o755)
+
+
+def test_a_worker_that_cannot_write_the_shards_folder_is_named(cluster, kit, tmp_path):
+    """The driver can write the output's folder, but the workers cannot write the shards
+    folder (as a node that does not mount the shared storage): the workers' own check
+    names the worker, exit 3, nothing written."""
+    d, model, p = kit
+    out = tmp_path / "out.parquet"
+    with read_only(tmp_path / "out.parquet.shards") as shards:
+        r = dolm("dolm-lens", p, "--model", model, "--first-token", "--executor", "ray",
+                 "--ray-address", cluster, "--shards", "2", "-o", out)
+        assert r.returncode == 3, r.stderr
+        assert "worker on" in r.stderr and str(shards) in r.stderr, r.stderr
+        assert "shared storage" in r.stderr and "Traceback" not in r.stderr
+        assert not out.exists()
+        assert not shards.exists() or list(shards.iterdir()) == []
+
+
+def test_job_array_shards_merge_by_hand(kit, tmp_path):
+    """--shard K/N runs (a job array, no Ray) of patch, merged with dolm-merge in any
+    argument order, equal the in-process tables; a missing shard, a shard of other
+    options and a tool that needs its own merge are named errors, exit 3."""
+    d, model, p = kit
+    argv = ["dolm-patch", p, "--model", model, "--batch-size", "1", "--sites", "resid_pre",
+            "--positions", "last"]
+    r = dolm(*argv, "-o", tmp_path / "local.parquet", "--summary", tmp_path / "local-s.parquet")
+    assert r.returncode == 0, r.stderr
+    for k in (1, 2):
+        r = dolm(*argv, "--shard", f"{k}/2", "-o", tmp_path / f"s{k}.parquet", "--summary",
+                 tmp_path / f"s{k}-s.parquet")
+        assert r.returncode == 0, r.stderr
+    for name, parts in (("merged", ["s2", "s1"]), ("merged-s", ["s2-s", "s1-s"])):
+        r = dolm("dolm-merge", *[tmp_path / f"{x}.parquet" for x in parts], "-o",
+                 tmp_path / f"{name}.parquet")
+        assert r.returncode == 0, r.stderr
+    same_tables(tmp_path / "local.parquet", tmp_path / "merged.parquet")
+    same_tables(tmp_path / "local-s.parquet", tmp_path / "merged-s.parquet")
+    valid(tmp_path / "merged.parquet", tmp_path / "merged-s.parquet")
+    prov = json.loads(pq.read_schema(tmp_path / "merged.parquet").metadata[b"dolm.provenance"])
+    assert prov[-1]["tool"] == "patch" and prov[-1]["params"]["executor"]["shards"] == 2
+    # bad input: nothing written
+    r = dolm(*argv, "--shard", "2/2", "--positions", "all", "-o", tmp_path / "other.parquet")
+    assert r.returncode == 0, r.stderr
+    bad = {"shards missing: 2/2": ["s1"],
+           "differs from": ["s1", "other"],
+           "given twice": ["s1", "s2", "s2"]}
+    for message, parts in bad.items():
+        r = dolm("dolm-merge", *[tmp_path / f"{x}.parquet" for x in parts], "-o",
+                 tmp_path / "bad.parquet")
+        assert r.returncode == 3 and message in r.stderr, (message, r.stderr)
+    r = dolm("dolm-steer", "apply", p, "--model", model, "--directions", d / "dirs.safetensors",
+             "--shard", "1/1", "-o", tmp_path / "st1.parquet")
+    assert r.returncode == 0, r.stderr
+    r = dolm("dolm-merge", tmp_path / "st1.parquet", "-o", tmp_path / "bad.parquet")
+    assert r.returncode == 3 and "own merge" in r.stderr, r.stderr
+    assert not (tmp_path / "bad.parquet").exists()
+
+
 def test_bad_input_is_named(cluster, kit, tmp_path):
     d, model, p = kit
     base = ["dolm-collect-acts", p, "--model", model, "--executor", "ray"]
@@ -212,28 +385,12 @@ def test_bad_input_is_named(cluster, kit, tmp_path):
 
 def test_unwritable_output_folder_is_named(cluster, kit, tmp_path):
     d, model, p = kit
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    mounted = False
-    if os.geteuid() == 0:  # root writes through permissions: a read-only tmpfs
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            pytest.skip(f"mount not permitted here: {r.stderr.strip()}")
-        mounted = True
-    else:
-        ro.chmod(0o555)
-    try:
+    with read_only(tmp_path / "ro") as ro:
         r = dolm("dolm-collect-acts", p, "--model", model, "--executor", "ray",
                  "--ray-address", cluster, "-o", ro / "out.parquet")
         assert r.returncode == 3 and str(ro) in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
         assert list(ro.iterdir()) == []
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(ro)], capture_output=True)
-        else:
-            ro.chmod(0o755)
 
 
 def test_without_ray_installed_the_error_says_how_to_install(kit, tmp_path):

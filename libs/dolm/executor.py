@@ -28,6 +28,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +65,12 @@ def shard_range(k: int, n: int, total: int) -> tuple[int, int]:
     return (k - 1) * total // n, k * total // n
 
 
-def shard_rows(df: Any, run: Any) -> Any:
-    """The block of ``df`` (a prompts table, after selection) that ``run``'s shard does.
+def shard_rows(df: Any, run: Any, what: str = "prompts") -> Any:
+    """The block of ``df`` (a prompts table after selection, or a list: prompt pairs)
+    that ``run``'s shard does.
 
     Unsharded runs get ``df`` back. An empty block is an error naming ``--shards``: more
-    shards than prompts. The block's place is recorded in the run's provenance.
+    shards than ``what``. The block's place is recorded in the run's provenance.
     """
     spec = getattr(run, "shard", None)
     if spec is None:
@@ -76,11 +78,11 @@ def shard_rows(df: Any, run: Any) -> Any:
     k, n = spec
     lo, hi = shard_range(k, n, len(df))
     if hi <= lo:
-        raise InputError(f"--shards {n}: more shards than prompts ({len(df)} selected); "
+        raise InputError(f"--shards {n}: more shards than {what} ({len(df)} selected); "
                          f"shard {k}/{n} would hold none: use at most {len(df)} shards")
     run.params["shard_block"] = {"index": k, "count": n, "start": lo, "stop": hi,
                                  "n_prompts": len(df)}
-    return df.iloc[lo:hi]
+    return df.iloc[lo:hi] if hasattr(df, "iloc") else df[lo:hi]
 
 
 def shard_offset(run: Any) -> int:
@@ -92,9 +94,32 @@ def shard_offset(run: Any) -> int:
 # --------------------------------------------------------------- the decorator
 
 
+@dataclass(frozen=True)
+class Prephase:
+    """A first round of shards whose partial results the driver reduces into one file
+    that every shard of the main round reads (mean ablation: per-shard sums and counts,
+    reduced to the means over all prompts, then applied).
+
+    ``needed(params)``: whether this run has the phase. ``out_param``: the tool's option
+    that makes a shard write only its partial result there (and no output). ``in_param``:
+    the option the main round reads the reduced file from. ``reduce(partials, dest)``:
+    combine the partial files (in shard order) into ``dest``. ``name``: file prefix."""
+
+    needed: Callable[[dict[str, Any]], bool]
+    out_param: str
+    in_param: str
+    reduce: Callable[[list[str], str], None]
+    name: str = "phase1"
+    suffix: str = ".safetensors"
+
+
 def executor_options(outputs: tuple[str, ...] = ("output",),
                      merge: Callable[..., None] | None = None,
-                     groups: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+                     groups: tuple[str, ...] = (),
+                     finish: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
+                     prephase: Prephase | None = None,
+                     fill: Callable[[dict[str, Any]], None] | None = None,
+                     ) -> Callable[[Callable], Callable]:
     """Add ``--executor``, ``--ray-address``, ``--shards``, ``--gpus-per-worker`` (and
     ``--shard K/N``, ``--resume`` where the tool has none of its own) to a tool command.
 
@@ -103,7 +128,10 @@ def executor_options(outputs: tuple[str, ...] = ("output",),
     replaces the generic merge (concatenating tables and HDF5 datasets in shard order).
     ``groups``: columns whose values make the blocks of a table that is not prompt-major
     (ablate writes every prompt's baseline, then every prompt under each intervention):
-    the merged rows are put back in that order (see :func:`order_groups`).
+    the merged rows are put back in that order (see :func:`order_groups`). ``finish``:
+    see :func:`merge_shards`. ``prephase``: a first round reduced before the main one
+    (:class:`Prephase`). ``fill(params)``: fills in output paths the tool derives from
+    others (so that every shard's files are named and merged).
     """
 
     def deco(f: Callable) -> Callable:
@@ -120,11 +148,16 @@ def executor_options(outputs: tuple[str, ...] = ("output",),
                     raise InputError("--shard: not with --executor ray (it makes its own "
                                      "shards; use --shards N)")
                 ctx = click.get_current_context()
+                params = dict(ctx.params)
+                if fill is not None:
+                    fill(params)
                 return drive_ray(run, command=(f.__module__, f.__name__),
-                                 params=dict(ctx.params), outputs=outputs, shards=opts["shards"],
+                                 params=params, outputs=outputs, shards=opts["shards"],
                                  address=opts["ray_address"], gpus=opts["gpus_per_worker"],
                                  resume=bool(resume), own_resume=own_resume,
-                                 merge=merge or functools.partial(merge_shards, groups=groups))
+                                 merge=merge or functools.partial(merge_shards, groups=groups,
+                                                                  finish=finish),
+                                 prephase=prephase)
             for key, flag in (("ray_address", "--ray-address"), ("shards", "--shards"),
                               ("gpus_per_worker", "--gpus-per-worker")):
                 if opts[key] is not None:
@@ -135,6 +168,9 @@ def executor_options(outputs: tuple[str, ...] = ("output",),
             if shard is not None and not own_shard:
                 run.shard = parse_shard(shard)
                 run.params["shard"] = shard
+                # what `dolm-merge` needs: a plain concatenation (in group order), or not
+                run.params["shard_merge"] = {"generic": merge is None and finish is None,
+                                             "groups": list(groups)}
             return f(run, *args, **kw)
 
         options = [
@@ -259,13 +295,15 @@ def _absolute(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _shard_name(k: int, n: int) -> str:
-    return f"shard-{k:04d}-of-{n:04d}"
+def _shard_name(k: int, n: int, phase: str = "") -> str:
+    return f"{phase + '-' if phase else ''}shard-{k:04d}-of-{n:04d}"
 
 
-def _prepare_folder(folder: Path, n: int, fp: str, resume: bool) -> dict[int, dict]:
-    """Create/clean the shards folder; with ``resume`` return the finished shards kept."""
-    kept: dict[int, dict] = {}
+def _prepare_folder(folder: Path, n: int, fp: str, resume: bool) -> dict[tuple[str, int], dict]:
+    """Create/clean the shards folder; with ``resume`` return the finished shards kept,
+    by (phase, index): those whose options, inputs and shard count match and whose files
+    are all there. Everything else in the folder (half-written shards) is deleted."""
+    kept: dict[tuple[str, int], dict] = {}
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: exists and is not a folder (the shards go there)")
     try:
@@ -274,7 +312,7 @@ def _prepare_folder(folder: Path, n: int, fp: str, resume: bool) -> dict[int, di
         raise InputError(f"--output: cannot create the shards folder {folder}: "
                          f"{exc.strerror or exc}") from None
     if resume:
-        for marker in folder.glob("shard-*.done.json"):
+        for marker in folder.glob("*shard-*.done.json"):
             try:
                 info = json.loads(marker.read_text())
             except (OSError, ValueError):
@@ -282,9 +320,9 @@ def _prepare_folder(folder: Path, n: int, fp: str, resume: bool) -> dict[int, di
             files = [folder / name for name in info.get("files", {}).values()]
             if (info.get("fingerprint") == fp and info.get("count") == n
                     and all(p.is_file() for p in files)):
-                kept[int(info["index"])] = info
+                kept[(str(info.get("phase") or ""), int(info["index"]))] = info
     keep = {folder / name for info in kept.values() for name in info["files"].values()}
-    keep |= {folder / f"{_shard_name(k, n)}.done.json" for k in kept}
+    keep |= {folder / f"{_shard_name(k, n, ph)}.done.json" for ph, k in kept}
     for p in folder.iterdir():
         if p not in keep and p.is_file():
             p.unlink()
@@ -313,7 +351,8 @@ def _worker_class(ray: Any) -> Any:
                                                       f"(pid {os.getpid()})")}
 
         def run_shard(self, command: tuple[str, str], params: dict[str, Any], k: int, n: int,
-                      files: dict[str, str], folder: str, fp: str) -> dict[str, Any]:
+                      files: dict[str, str], folder: str, fp: str,
+                      phase: str = "") -> dict[str, Any]:
             import importlib
 
             from dolm.formats import atomic_path
@@ -324,10 +363,10 @@ def _worker_class(ray: Any) -> Any:
             cmd = getattr(cmd, name)
             with click.Context(cmd, info_name=cmd.name) as ctx:
                 ctx.invoke(cmd.callback, **params)
-            info = {"index": k, "count": n, "fingerprint": fp, "files": files,
+            info = {"index": k, "count": n, "phase": phase, "fingerprint": fp, "files": files,
                     "host": socket.gethostname(), "pid": os.getpid(),
                     "seconds": round(time.monotonic() - t0, 3)}
-            marker = Path(folder) / f"{_shard_name(k, n)}.done.json"
+            marker = Path(folder) / f"{_shard_name(k, n, phase)}.done.json"
             with atomic_path(marker) as tmp:  # the shard counts as finished from the rename on
                 tmp.write_text(json.dumps(info))
             return info
@@ -349,7 +388,7 @@ def _shard_error(exc: Any, k: int, n: int) -> DolmError:
 def drive_ray(run: Any, *, command: tuple[str, str], params: dict[str, Any],
               outputs: tuple[str, ...], shards: int | None, address: str | None,
               gpus: float | None, resume: bool, own_resume: bool,
-              merge: Callable[..., None] | None) -> None:
+              merge: Callable[..., None] | None, prephase: Prephase | None = None) -> None:
     """Run a tool's shards on Ray actors and merge them (see the module docstring)."""
     from dolm.cli import log
 
@@ -393,32 +432,55 @@ def drive_ray(run: Any, *, command: tuple[str, str], params: dict[str, Any],
         n_workers = max(1, min(n, slots))
         fp = _fingerprint(params, outputs)
         kept = _prepare_folder(folder, n, fp, resume)
-        todo = [k for k in range(1, n + 1) if k not in kept]
+        rounds = [("", named, {})]
+        if prephase is not None and prephase.needed(params):
+            reduced = str(folder / f"{prephase.name}{prephase.suffix}")
+            rounds = [(prephase.name, {prephase.out_param: f"partial{prephase.suffix}"},
+                       {"output": ".unused"}),
+                      ("", named, {prephase.in_param: reduced})]
+        todo = {ph: [k for k in range(1, n + 1) if (ph, k) not in kept] for ph, _, _ in rounds}
+        busy = any(todo.values())
         cluster = {"address": address or "local", "nodes": len(nodes),
                    "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0),
-                   "workers": n_workers if todo else 0, "gpus_per_worker": gpus or 0}
+                   "workers": n_workers if busy else 0, "gpus_per_worker": gpus or 0}
         log(f"dolm-{run.tool}: ray: {n} shards on {cluster['workers']} workers "
             f"({len(nodes)} nodes, {cluster['cpus']:g} CPUs, {cluster['gpus']:g} GPUs)"
             + (f"; {len(kept)} finished shards kept" if kept else ""))
         done = dict(kept)
-        if todo:
-            try:
-                done.update(_run_shards(ray, run, command, params, named, folder, n, todo,
-                                        n_workers, gpus, fp, own_resume, resume, log))
-            except InputError:  # the input must change: no shard of this run is reusable
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
+        pool = None
+        try:
+            if busy:
+                pool = _Pool(ray, run, command, params, named, folder, n, n_workers, gpus, fp,
+                             own_resume, resume)
+            for phase, files, scratch in rounds:
+                if pool is not None and todo[phase]:
+                    done.update(pool.round(phase, files, scratch, todo[phase]))
+                if phase:  # the partial results reduced into the file the main round reads
+                    assert prephase is not None
+                    prephase.reduce([str(folder / done[(phase, k)]["files"][prephase.out_param])
+                                     for k in range(1, n + 1)], reduced)
+        except InputError:  # the input must change: no shard of this run is reusable
+            if pool is not None:
+                pool.close()
+                pool = None
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        finally:
+            if pool is not None:
+                pool.close()
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
 
-    shard_files = [{key: str(folder / done[k]["files"][key]) for key in named}
+    shard_files = [{key: str(folder / done[("", k)]["files"][key]) for key in named}
                    for k in range(1, n + 1)]
     run.params["executor"] = {
         "kind": "ray", "cluster": cluster, "shards": n,
+        "phases": [ph or "main" for ph, _, _ in rounds],
         "seconds": round(time.monotonic() - t0, 3),
-        "every_shard": [{kk: done[k].get(kk) for kk in ("index", "host", "pid", "seconds")}
-                        | {"resumed": k in kept} for k in range(1, n + 1)],
+        "every_shard": [{kk: done[(ph, k)].get(kk) for kk in ("index", "host", "pid", "seconds")}
+                        | {"phase": ph or "main", "resumed": (ph, k) in kept}
+                        for ph, _, _ in rounds for k in range(1, n + 1)],
     }
     size = sum(os.path.getsize(f) for s in shard_files for f in s.values())
     t_merge = time.monotonic()
@@ -431,48 +493,70 @@ def drive_ray(run: Any, *, command: tuple[str, str], params: dict[str, Any],
         f"{', '.join(map(str, named.values()))}")
 
 
-def _run_shards(ray, run, command, params, named, folder, n, todo, n_workers, gpus, fp,
-                own_resume, resume, log) -> dict[int, dict]:
-    from dolm.cli import progress
+class _Pool:
+    """The run's Ray actors (each loads the model once) and the shard queue of a round."""
 
-    worker = _worker_class(ray).options(
-        num_cpus=0 if gpus else 1, num_gpus=gpus or 0,
-        max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
-    actors = [worker.remote(os.getcwd()) for _ in range(n_workers)]
-    try:
-        where = ray.get([a.where.remote(str(folder)) for a in actors])
-        for w in where:
-            if w["problem"]:
-                raise InputError(f"--output {named['output']}: {w['problem']} (the output "
-                                 "folder must be shared storage every worker can write)")
+    def __init__(self, ray, run, command, params, named, folder, n, n_workers, gpus, fp,
+                 own_resume, resume) -> None:
+        self.ray, self.run, self.command, self.folder, self.n, self.fp = (
+            ray, run, command, folder, n, fp)
+        worker = _worker_class(ray).options(
+            num_cpus=0 if gpus else 1, num_gpus=gpus or 0,
+            max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
+        self.actors = [worker.remote(os.getcwd()) for _ in range(n_workers)]
+        try:
+            where = ray.get([a.where.remote(str(folder)) for a in self.actors])
+            for w in where:
+                if w["problem"]:
+                    raise InputError(f"--output {named['output']}: {w['problem']} (the "
+                                     "output folder must be shared storage every worker "
+                                     "can write)")
+        except BaseException:
+            self.close()
+            raise
         base = _absolute(params)
         for key in _FLAGS:
             base[key] = None
         base["executor"] = "local"
         base["force"] = True
         base["resume"] = bool(resume) if own_resume else False
+        self.base = base
+
+    def round(self, phase: str, named: dict[str, str], scratch: dict[str, str],
+              todo: list[int]) -> dict[tuple[str, int], dict]:
+        """Run shards ``todo``; ``named``: output option -> a path (its suffix counts) of
+        the files a shard writes; ``scratch``: options set to a shard's own file that it
+        does not write (suffix), or to a given file (absolute path)."""
+        from dolm.cli import progress
+
+        ray, n, folder = self.ray, self.n, self.folder
         queue = list(todo)
         running: dict[Any, tuple[Any, int]] = {}
-        done: dict[int, dict] = {}
+        done: dict[tuple[str, int], dict] = {}
 
         def submit(actor: Any) -> None:
             k = queue.pop(0)
-            files = {key: f"{_shard_name(k, n)}.{key}{Path(path).suffix}"
+            name = _shard_name(k, n, phase)
+            files = {key: f"{name}.{key}{Path(path).suffix}"
                      for key, path in named.items()}
-            p = dict(base, shard=f"{k}/{n}", **{key: str(folder / name)
-                                                 for key, name in files.items()})
-            running[actor.run_shard.remote(command, p, k, n, files, str(folder), fp)] = (actor, k)
+            p = dict(self.base, shard=f"{k}/{n}", **{key: str(folder / f) for key, f in
+                                                      files.items()})
+            for key, v in scratch.items():
+                p[key] = v if os.path.isabs(v) else str(folder / f"{name}.{key}{v}")
+            running[actor.run_shard.remote(self.command, p, k, n, files, str(folder), self.fp,
+                                           phase)] = (actor, k)
 
-        for a in actors:
+        for a in self.actors:
             if queue:
                 submit(a)
-        bar = progress(total=len(todo), desc=f"{run.tool} shards", unit="shard")
+        bar = progress(total=len(todo), desc=f"{self.run.tool} {phase or 'shards'}",
+                       unit="shard")
         try:
             while running:
                 ready, _ = ray.wait(list(running), num_returns=1)
                 actor, k = running.pop(ready[0])
                 try:
-                    done[k] = ray.get(ready[0])
+                    done[(phase, k)] = ray.get(ready[0])
                 except Exception as exc:  # noqa: BLE001 - mapped to dolm's exit codes
                     raise _shard_error(exc, k, n) from None
                 bar.update(1)
@@ -481,10 +565,12 @@ def _run_shards(ray, run, command, params, named, folder, n, todo, n_workers, gp
         finally:
             bar.close()
         return done
-    finally:
-        for a in actors:
+
+    def close(self) -> None:
+        for a in self.actors:
             with contextlib.suppress(Exception):
-                ray.kill(a)
+                self.ray.kill(a)
+        self.actors = []
 
 
 # --------------------------------------------------------------- merging
@@ -568,9 +654,12 @@ def order_groups(table: Any, groups: tuple[str, ...]) -> Any:
 
 
 def merge_shards(run: Any, shard_files: list[dict[str, str]], outputs: dict[str, str],
-                 force: bool, groups: tuple[str, ...] = ()) -> None:
+                 force: bool, groups: tuple[str, ...] = (),
+                 finish: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None) -> None:
     """The generic merge: each output's shard tables (or HDF5 files) concatenated in shard
-    order, all outputs appearing together; one provenance entry (``run``'s)."""
+    order, all outputs appearing together; one provenance entry (``run``'s). ``finish(table,
+    extra)``: the metadata of a merged table recomputed from the whole table (statistics
+    a shard could only give for its own rows)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -598,9 +687,103 @@ def merge_shards(run: Any, shard_files: list[dict[str, str]], outputs: dict[str,
             extra = dict(metas[0].extra)
             if isinstance(extra.get("n_prompts"), int):  # a per-shard count
                 extra["n_prompts"] = sum(int(m.extra.get("n_prompts") or 0) for m in metas)
+            if finish is not None:
+                extra = finish(table, extra)
             write_table(table, dest, schema=metas[0].schema, run=run, force=force, extra=extra)
 
 
-__all__ = ["EXECUTORS", "check_writable", "concat_h5", "drive_ray", "executor_options",
-           "import_ray", "merge_shards", "order_groups", "parse_shard", "shard_offset",
-           "shard_range", "shard_rows", "shards_folder"]
+def check_shard_set(shards: list[tuple[str, int, int]], who: str) -> int:
+    """``(path, K, N)`` of each shard given: they must be 1..N of one N, each once (named
+    errors otherwise); returns N."""
+    counts = {n for _, _, n in shards}
+    if len(counts) != 1:
+        detail = ", ".join(f"{p}: {k}/{n}" for p, k, n in shards)
+        raise InputError(f"{who}: shards split the work differently ({detail})")
+    n = counts.pop()
+    seen: dict[int, str] = {}
+    for path, k, _ in shards:
+        if k in seen:
+            raise InputError(f"{who}: shard {k}/{n} given twice: {seen[k]} and {path}")
+        seen[k] = path
+    missing = [f"{k}/{n}" for k in range(1, n + 1) if k not in seen]
+    if missing:
+        raise InputError(f"{who}: shards missing: {', '.join(missing)} (have {len(seen)} of "
+                         f"{n})")
+    return n
+
+
+_NOT_COMPARED = {"shard", "shard_block", "shard_merge", "output", "summary", "effects", "acts",
+                 "force", "resume"}
+
+
+def merge_by_hand(run: Any, paths: list[str], output: str, force: bool) -> int:
+    """``dolm-merge``: join tables made with ``--shard K/N`` (a job array) into the table of
+    one in-process run; returns the number of shards.
+
+    Checks before writing anything: every file is a shard of a tool whose shards
+    concatenate (``shard_merge.generic`` in its provenance); they are 1..N of one N, each
+    once; the same tool, options and inputs (by content hash); blocks that tile the
+    prompts. The merged file's provenance is one entry of the tool's run, recording the
+    shards as its executor.
+    """
+    from dolm.formats import read_meta
+
+    if not paths:
+        raise InputError("dolm-merge: expected the shards' files as arguments")
+    for path in paths:
+        if output != "-" and os.path.abspath(output) == os.path.abspath(path):
+            raise InputError(f"--output {output}: is one of the shards; write the merge "
+                             "elsewhere")
+    shards = []
+    for path in paths:
+        meta = read_meta(path)
+        entry = meta.provenance[-1] if meta.provenance else {}
+        params = entry.get("params") or {}
+        block, how = params.get("shard_block"), params.get("shard_merge")
+        if not isinstance(block, dict) or not isinstance(how, dict):
+            raise InputError(f"{path}: not a shard (made without --shard K/N by a tool that "
+                             "takes it)")
+        if not how.get("generic"):
+            raise InputError(f"{path}: dolm-{entry.get('tool')} shards need that tool's own "
+                             "merge (rows or statistics over all prompts): run it with "
+                             "--executor ray, or `dolm-collect-acts merge` for collect-acts")
+        shards.append((path, meta, entry, params, block))
+    n = check_shard_set([(p, int(b["index"]), int(b["count"])) for p, *_, b in shards],
+                        "dolm-merge")
+    shards.sort(key=lambda t: int(t[4]["index"]))
+    first, _, e0, p0, b0 = shards[0]
+
+    def same(entry: dict, params: dict) -> dict:
+        return {"tool": entry.get("tool"), "schema": None,
+                "inputs": sorted(str(i.get("sha256")) for i in entry.get("inputs") or []),
+                "model": (entry.get("model") or {}).get("weights_sha256"),
+                "params": {k: v for k, v in params.items() if k not in _NOT_COMPARED}}
+
+    want = same(e0, p0) | {"schema": shards[0][1].schema}
+    at = 0
+    for path, meta, entry, params, b in shards:
+        got = same(entry, params) | {"schema": meta.schema}
+        for key in want:
+            if got[key] != want[key]:
+                what = key
+                if key == "params":
+                    what = "option " + next(k for k in sorted({*want[key], *got[key]})
+                                            if want[key].get(k) != got[key].get(k))
+                raise InputError(f"dolm-merge: {path} differs from {first} in {what}")
+        if int(b["start"]) != at or int(b["n_prompts"]) != int(b0["n_prompts"]):
+            raise InputError(f"dolm-merge: {path} holds prompts {b['start']}..{b['stop']} of "
+                             f"{b['n_prompts']}, expected the block from {at} of "
+                             f"{b0['n_prompts']}")
+        at = int(b["stop"])
+    run.tool = str(e0.get("tool"))
+    run.params = {k: v for k, v in p0.items() if k not in _NOT_COMPARED} | {
+        "output": output, "executor": {"kind": "shard", "shards": n,
+                                       "every_shard": [p for p, *_ in shards]}}
+    merge_shards(run, [{"output": p} for p, *_ in shards], {"output": output}, force,
+                 groups=tuple((p0.get("shard_merge") or {}).get("groups") or ()))
+    return n
+
+
+__all__ = ["EXECUTORS", "Prephase", "check_shard_set", "check_writable", "concat_h5", "drive_ray",
+           "executor_options", "import_ray", "merge_by_hand", "merge_shards", "order_groups",
+           "parse_shard", "shard_offset", "shard_range", "shard_rows", "shards_folder"]

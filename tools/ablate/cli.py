@@ -12,11 +12,24 @@ from __future__ import annotations
 
 import click
 from dolm.cli import model_options, output_option, prompt_selection_options, seed_option, tool
-from dolm.executor import executor_options
+from dolm.executor import Prephase, executor_options
+
+
+def _reduce_means(partials: list[str], dest: str) -> None:
+    from dolm_tools.ablate.core import reduce_sums
+
+    reduce_sums(partials, dest)
+
+
+# --kind mean on Ray: phase 1 sums the reference activations per shard, the driver adds the
+# sums up, and phase 2 ablates every shard's prompts with the means over all of them
+MEANS = Prephase(needed=lambda p: "mean" in str(p.get("kinds") or "").replace(" ", "").split(","),
+                 out_param="mean_sums_out", in_param="mean_sums", reduce=_reduce_means,
+                 name="means")
 
 
 @tool("ablate")
-@executor_options(groups=("intervention", "metric"))
+@executor_options(groups=("intervention", "metric"), prephase=MEANS)
 @click.argument("prompts", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--components", "components", multiple=True, metavar="SETS",
               help="Component sets to ablate: ',' separates sets, '+' joins components ablated "
@@ -57,13 +70,19 @@ from dolm.executor import executor_options
 @click.option("--positions", default="all", show_default=True,
               help="Token positions ablated: all, last, or comma-separated indices "
                    "(negative = from the end).")
+@click.option("--mean-sums-out", type=click.Path(dir_okay=False), default=None, hidden=True,
+              help="(--shard, Ray phase 1) Write the shard's block of the reference's "
+                   "activation sums and counts here, and nothing else.")
+@click.option("--mean-sums", type=click.Path(dir_okay=False, exists=True), default=None,
+              hidden=True,
+              help="(Ray phase 2) --kind mean uses the means of these reduced sums.")
 @prompt_selection_options("\"distractors == 0 and symbols == 'XY'\"")
 @model_options
 @output_option
 @seed_option
 def main(run, prompts, components, scan, from_file, top, bottom, by_metric, rank_by, from_kind,
-         allow_model_mismatch, kinds, reference, align, samples, positions, where, limit,
-         model_opts, output, force, seed):
+         allow_model_mismatch, kinds, reference, align, samples, positions, mean_sums_out,
+         mean_sums, where, limit, model_opts, output, force, seed):
     """Ablate model components on PROMPTS (a prompts table); write effects.
 
     \b
@@ -104,8 +123,10 @@ def main(run, prompts, components, scan, from_file, top, bottom, by_metric, rank
         if "resample" in kind_list:
             raise InputError("--kind resample: cannot run in shards yet (the donor draws "
                              "follow the whole prompt order); run it in one process")
-        if reference is None and "mean" in kind_list:
-            ref_df = whole
+        if reference is None and "mean" in kind_list and mean_sums is None:
+            ref_df = whole  # a shard made by hand: the means over the whole selection
+    if mean_sums_out is not None and (df is whole or "mean" not in kind_list):
+        raise InputError("--mean-sums-out: only for a --shard K/N run with --kind mean")
     eff = emeta = ranked = None
     if from_file is not None:
         eff, emeta = read_table(from_file, schema="effects", run=run)
@@ -116,7 +137,7 @@ def main(run, prompts, components, scan, from_file, top, bottom, by_metric, rank
         if len(ref_df) == 0:
             raise InputError(f"--reference {reference}: no prompts")
     from dolm.metrics import prompt_targets
-    from dolm_tools.ablate.core import Ablator, Condition, effects_rows
+    from dolm_tools.ablate.core import Ablator, Condition, effects_rows, load_sums
 
     lm = load_model(model_opts, run=run)
     targets = prompt_targets(df, lm, prompts)
@@ -138,6 +159,18 @@ def main(run, prompts, components, scan, from_file, top, bottom, by_metric, rank
         for kind in kind_list:
             draws = range(samples) if kind == "resample" else [None]
             conds += [Condition(cset, kind, s) for s in draws]
+    if mean_sums_out is not None:  # phase 1: this shard's block of the reference, summed
+        from dolm.executor import shard_range
+        from dolm_tools.ablate.core import reference_sums, save_sums
+
+        ref = ref_df if reference is not None else whole
+        lo, hi = shard_range(*run.shard, len(ref))
+        sites = list(dict.fromkeys(s for c in conds for s in c.cset.sites))
+        sums = (reference_sums(lm, [str(x) for x in ref["prompt"].iloc[lo:hi]],
+                               [str(x) for x in ref["prompt_id"].iloc[lo:hi]], sites, align,
+                               model_opts.batch_size) if hi > lo else {})
+        save_sums(sums, mean_sums_out)
+        return
     ref_texts = ref_names = None
     if ref_df is not None:
         ref_texts = [str(x) for x in ref_df["prompt"]]
@@ -148,7 +181,8 @@ def main(run, prompts, components, scan, from_file, top, bottom, by_metric, rank
 
     ab = Ablator(lm, targets, [str(x) for x in df["prompt"]], conds, positions=pos_spec,
                  ref_texts=ref_texts, ref_names=ref_names, seed=seed,
-                 batch_size=model_opts.batch_size, progress=bar, align=align)
+                 batch_size=model_opts.batch_size, progress=bar, align=align,
+                 mean_sums=load_sums(mean_sums) if mean_sums is not None else None)
     clean, per = ab.run()
     out = effects_rows(lm, targets, conds, clean, per, positions)
     extra = {"kinds": kind_list, "positions": positions, "scan": scan,

@@ -62,17 +62,64 @@ def position_mask(enc, spec: tuple[str, list[int] | None], names: list[str],
     return mask
 
 
-def positional_mean(acts: torch.Tensor, mask: torch.Tensor, t: int) -> torch.Tensor:
-    """Mean over rows at each position (rows where ``mask``), (t, w); positions no row
-    reaches get the mean over every masked token."""
-    m = mask[..., None].to(acts.dtype)
-    total = (acts * m).sum(0)
-    count = m.sum(0)
+def positional_sums(acts: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over rows at each position (rows where ``mask``), (T, w), and the counts (T, 1),
+    in float64: a shard's part of :func:`positional_mean` (sums of shards add up)."""
+    m = mask[..., None].to(torch.float64)
+    return (acts.to(torch.float64) * m).sum(0), m.sum(0)
+
+
+def add_sums(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums and counts of several row blocks (of any lengths) added up by position."""
+    t = max(total.shape[0] for total, _ in parts)
+    total = torch.zeros((t, parts[0][0].shape[1]), dtype=torch.float64)
+    count = torch.zeros((t, 1), dtype=torch.float64)
+    for tt, cc in parts:
+        total[: tt.shape[0]] += tt
+        count[: cc.shape[0]] += cc
+    return total, count
+
+
+def mean_from_sums(total: torch.Tensor, count: torch.Tensor, t: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-position means (t, w) from :func:`positional_sums`; positions no row reaches
+    get the mean over every counted token."""
     overall = total.sum(0) / count.sum().clamp(min=1)
     mean = torch.where(count > 0, total / count.clamp(min=1), overall)
     if mean.shape[0] < t:
         mean = torch.cat([mean, overall.expand(t - mean.shape[0], -1)], dim=0)
-    return mean[:t]
+    return mean[:t].to(dtype)
+
+
+def positional_mean(acts: torch.Tensor, mask: torch.Tensor, t: int) -> torch.Tensor:
+    """Mean over rows at each position (rows where ``mask``), (t, w); positions no row
+    reaches get the mean over every masked token."""
+    return mean_from_sums(*positional_sums(acts, mask), t, dtype=acts.dtype)
+
+
+def reference_acts(lm, enc, sites: list[str], align: str, batch_size="auto",
+                   acts: dict | None = None) -> dict[str, torch.Tensor]:
+    """Activations of the reference prompts ``enc`` at ``sites`` (a clean pass unless
+    ``acts`` has them), positions counted back from the last token for ``align`` end."""
+    if acts is None:
+        ids = np.zeros((len(enc.lengths), 1), dtype=np.int64)
+        acts = clean_pass(lm, enc, ids, sites=sites, batch_size=batch_size).acts
+    if align == "end":
+        ref_len = torch.as_tensor(enc.lengths)
+        t_ref = enc.attention_mask.shape[1]
+        back = (ref_len[:, None] - 1 - torch.arange(t_ref)[None, :]).clamp(min=0)
+        acts = {k: v.gather(1, back[..., None].expand_as(v)) for k, v in acts.items()}
+    return acts
+
+
+def reference_sums(lm, texts: list[str], names: list[str], sites: list[str], align: str,
+                   batch_size="auto") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Phase 1 of a sharded mean ablation: per site, the sums and counts by position of
+    these reference prompts' activations (:func:`positional_sums`)."""
+    enc = lm.encode(texts, names=names, device="cpu")
+    acts = reference_acts(lm, enc, sites, align, batch_size)
+    mask = enc.attention_mask.bool()
+    return {s: positional_sums(acts[s], mask) for s in sites}
 
 
 def draw_donors(names: list[str], lengths: list[int], ref_names: list[str],
@@ -91,13 +138,42 @@ def draw_donors(names: list[str], lengths: list[int], ref_names: list[str],
     return out
 
 
+def save_sums(sums: dict[str, tuple[torch.Tensor, torch.Tensor]], dest: str) -> None:
+    """Write :func:`reference_sums` (or their reduction) to a safetensors file."""
+    from dolm.formats import atomic_path
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for s, (total, count) in sums.items():
+        tensors[f"total.{s}"], tensors[f"count.{s}"] = total.contiguous(), count.contiguous()
+    with atomic_path(dest) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def load_sums(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The sums and counts :func:`save_sums` wrote, by site."""
+    from safetensors.torch import load_file
+
+    t = load_file(path)
+    return {k[len("total."):]: (v, t["count." + k[len("total."):]])
+            for k, v in t.items() if k.startswith("total.")}
+
+
+def reduce_sums(partials: list[str], dest: str) -> None:
+    """Phase 1's reduction: the shards' sums and counts added up by site and position."""
+    parts = [load_sums(p) for p in partials]
+    sites = list(dict.fromkeys(s for part in parts for s in part))
+    save_sums({s: add_sums([part[s] for part in parts if s in part]) for s in sites}, dest)
+
+
 class Ablator:
     """Runs a list of conditions over a prompt set on a loaded model."""
 
     def __init__(self, lm, targets: list[Targets], texts: list[str], conditions: list[Condition],
                  positions=("all", None), ref_texts: list[str] | None = None,
                  ref_names: list[str] | None = None, seed: int = 0, batch_size="auto",
-                 progress=None, align: str = "start"):
+                 progress=None, align: str = "start",
+                 mean_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.lm = lm
         self.targets = targets
         self.names = [t.prompt_id for t in targets]
@@ -110,6 +186,7 @@ class Ablator:
         self.ref_texts = ref_texts
         self.ref_names = ref_names
         self.align = align
+        self.mean_sums = mean_sums  # --kind mean over shards: the reduced sums and counts
 
     def run(self) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
         """Clean metrics, and metrics per condition (name -> (N,) arrays)."""
@@ -118,7 +195,8 @@ class Ablator:
         sites = list(dict.fromkeys(s for c in conds for s in c.cset.sites))
         cond_start = [rows_start(lm, c.cset.sites) for c in conds]
         kinds = {c.kind for c in conds}
-        need_vals = sites if kinds & {"mean", "resample"} else []
+        need_vals = sites if "resample" in kinds or ("mean" in kinds
+                                                     and self.mean_sums is None) else []
         own_ref = self.ref_texts is None
         ids = ids_matrix(self.targets)
         clean = clean_pass(lm, self.enc, ids, starts=set(cond_start),
@@ -131,32 +209,26 @@ class Ablator:
             gidx = (lengths[:, None] - 1 - steps[None, :]).clamp(min=0)
         else:
             gidx = steps[None, :].expand(len(lengths), t_max)
+        means, refs, donors = {}, {}, None
+        if self.mean_sums is not None:
+            means = {s: mean_from_sums(*self.mean_sums[s], t_max) for s in sites}
         if need_vals:
             if own_ref:
-                ref_acts, ref_enc, ref_names = clean.acts, self.enc, self.names
+                ref_enc, ref_names = self.enc, self.names
+                ref_acts = reference_acts(lm, ref_enc, sites, self.align, acts=clean.acts)
             else:
                 ref_enc = lm.encode(self.ref_texts, names=self.ref_names, device="cpu")
-                ref_ids = np.zeros((len(self.ref_texts), 1), dtype=np.int64)
-                ref_acts = clean_pass(lm, ref_enc, ref_ids, sites=need_vals,
-                                      batch_size=self.batch_size).acts
+                ref_acts = reference_acts(lm, ref_enc, need_vals, self.align, self.batch_size)
                 ref_names = self.ref_names
             ref_mask = ref_enc.attention_mask.bool()
-            if self.align == "end":
-                ref_len = torch.as_tensor(ref_enc.lengths)
-                t_ref = ref_mask.shape[1]
-                back = (ref_len[:, None] - 1 - torch.arange(t_ref)[None, :]).clamp(min=0)
-                ref_acts = {k: v.gather(1, back[..., None].expand_as(v))
-                            for k, v in ref_acts.items()}
-            means = ({s: positional_mean(ref_acts[s], ref_mask, t_max) for s in sites}
-                     if "mean" in kinds else {})
+            if "mean" in kinds and self.mean_sums is None:
+                means = {s: positional_mean(ref_acts[s], ref_mask, t_max) for s in sites}
             pad = max(0, t_max - ref_enc.input_ids.shape[1])
             refs = ({s: torch.nn.functional.pad(ref_acts[s], (0, 0, 0, pad)) for s in sites}
                     if "resample" in kinds else {})
             n_samples = 1 + max((c.sample or 0) for c in conds)
             donors = (draw_donors(self.names, self.enc.lengths, ref_names, ref_enc.lengths,
                                   n_samples, self.seed) if "resample" in kinds else None)
-        else:
-            means, refs, donors = {}, {}, None
         # variants: condition-major
         v_cond = np.repeat(np.arange(len(conds)), n)
         v_prompt = np.tile(np.arange(n), len(conds))

@@ -19,6 +19,7 @@ from dolm.cli import (
     subcommand,
     tool_group,
 )
+from dolm.executor import executor_options
 
 METHODS = ("eap", "eap-ig", "exact")
 
@@ -45,7 +46,14 @@ def _corruption_options(f):
     return f
 
 
+def _merge_edges(run, shard_files, outputs, force):
+    from dolm_tools.circuit.core import merge_edges
+
+    merge_edges(run, shard_files, outputs, force)
+
+
 @subcommand(main, "edges", "circuit")
+@executor_options(merge=_merge_edges)
 @click.argument("prompts", type=click.Path(dir_okay=False, allow_dash=True))
 @model_options
 @click.option("--method", type=click.Choice(METHODS), default="eap-ig", show_default=True,

@@ -23,11 +23,12 @@ def _scorer(run, prompts, model_opts, metric, corruption, noise, where, limit, s
     from dolm.circuits.graph import GraphRunner
     from dolm.circuits.scores import Scorer, prepare
     from dolm.cli import load_model
+    from dolm.executor import shard_rows
     from dolm.formats import read_table
     from dolm.metrics import select_prompts
 
     df, _ = read_table(prompts, schema="prompts", run=run)
-    df = select_prompts(df, where, limit, prompts)
+    df = shard_rows(select_prompts(df, where, limit, prompts), run)  # edges: --shard / Ray
     lm = load_model(model_opts, run=run)
     GraphRunner(lm)  # refuses other architectures before any work
     if check is not None:
@@ -42,10 +43,13 @@ def _scorer(run, prompts, model_opts, metric, corruption, noise, where, limit, s
 def run_edges(run, *, prompts, model_opts, method, metric, corruption, noise, steps, budget,
               force_budget, per_prompt, where, limit, output, force, seed) -> None:
     """``dolm-circuit edges``: score every edge; write the edges table."""
-    import pandas as pd
     from dolm.cli import log
-    from dolm.formats import frame, write_table
+    from dolm.formats import write_table
 
+    sharded = getattr(run, "shard", None) is not None
+    if sharded and corruption == "noise":
+        raise InputError("--corruption noise: cannot run in shards yet (the noise draws "
+                         "follow the batches of the whole prompt list); run it in one process")
     lm, sc = _scorer(run, prompts, model_opts, metric, corruption, noise, where, limit, seed)
     g = sc.g
     n_edges = len(g.edges)
@@ -60,9 +64,26 @@ def run_edges(run, *, prompts, model_opts, method, metric, corruption, noise, st
         scores = sc.attribution(steps if method == "eap-ig" else 1)
     clean, corrupt = sc.base_metrics()
     names = [g.edge_name(e) for e in g.edges]
-    src = [n[0] for n in names]
-    dst = [n[1] for n in names]
-    ch = [n[2] for n in names]
+    edges = ([n[0] for n in names], [n[1] for n in names], [n[2] for n in names])
+    # a shard writes every prompt's rows and metrics: the merge averages over all prompts
+    out = edges_table(edges, scores, sc.data.prompt_ids, method, metric,
+                      per_prompt or sharded)
+    extra = {"model": _model_record(lm), "corruption": corruption,
+             "noise": noise if corruption == "noise" else None,
+             "steps": steps if method == "eap-ig" else None, "n_prompts": len(clean),
+             "clean_metric": float(np.mean(clean)), "corrupt_metric": float(np.mean(corrupt))}
+    if sharded:
+        extra["shard_metrics"] = {"clean": clean.tolist(), "corrupt": corrupt.tolist()}
+    write_table(out, output, schema="edges", run=run, force=force, extra=extra)
+
+
+def edges_table(edges, scores, prompt_ids, method: str, metric: str, per_prompt: bool):
+    """The edges table: the mean over prompts of ``scores`` (N, E) per edge (``edges``:
+    src, dst, channel lists), ranked by |score|, then with ``per_prompt`` every prompt's."""
+    import pandas as pd
+    from dolm.formats import frame
+
+    src, dst, ch = edges
 
     def rows(vals, pid):
         a = np.abs(vals)
@@ -74,13 +95,35 @@ def run_edges(run, *, prompts, model_opts, method, metric, corruption, noise, st
 
     parts = [rows(scores.mean(0), None)]
     if per_prompt:
-        parts += [rows(scores[i], p) for i, p in enumerate(sc.data.prompt_ids)]
-    out = frame(pd.concat(parts, ignore_index=True), "edges")
-    extra = {"model": _model_record(lm), "corruption": corruption,
-             "noise": noise if corruption == "noise" else None,
-             "steps": steps if method == "eap-ig" else None, "n_prompts": len(clean),
-             "clean_metric": float(np.mean(clean)), "corrupt_metric": float(np.mean(corrupt))}
-    write_table(out, output, schema="edges", run=run, force=force, extra=extra)
+        parts += [rows(scores[i], p) for i, p in enumerate(prompt_ids)]
+    return frame(pd.concat(parts, ignore_index=True), "edges")
+
+
+def merge_edges(run, shard_files, outputs, force) -> None:
+    """--executor ray: every prompt's scores from the shards (in prompt order), averaged
+    over all prompts as one process does; the prompt rows kept with --per-prompt."""
+    from dolm.executor import adopt_chain
+    from dolm.formats import all_or_none, read_table, write_table
+
+    adopt_chain(run, shard_files[0]["output"])
+    tables, metas = zip(*(read_table(s["output"], schema="edges") for s in shard_files),
+                        strict=True)
+    agg = tables[0][tables[0]["prompt_id"].isna()]
+    per = [t[t["prompt_id"].notna()] for t in tables]
+    pids = [str(p) for t in per for p in t["prompt_id"].to_numpy()[:: len(agg)]]
+    scores = np.concatenate([t["score"].to_numpy(np.float64).reshape(-1, len(agg))
+                             for t in per])
+    edges = (list(agg["src"]), list(agg["dst"]), list(agg["channel"]))
+    out = edges_table(edges, scores, pids, str(agg["method"].iloc[0]),
+                      str(agg["metric"].iloc[0]), bool(run.params.get("per_prompt")))
+    extra = dict(metas[0].extra)
+    clean = np.concatenate([m.extra["shard_metrics"]["clean"] for m in metas])
+    corrupt = np.concatenate([m.extra["shard_metrics"]["corrupt"] for m in metas])
+    del extra["shard_metrics"]
+    extra.update(n_prompts=len(clean), clean_metric=float(np.mean(clean)),
+                 corrupt_metric=float(np.mean(corrupt)))
+    with all_or_none():
+        write_table(out, outputs["output"], schema="edges", run=run, force=force, extra=extra)
 
 
 def _aggregated(df, path: str):

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from dolm.errors import InputError
-from dolm.executor import concat_h5
+from dolm.executor import check_shard_set, concat_h5
 from dolm_tools.collect_acts.store import COORDS, _first_difference
 
 
@@ -53,20 +53,8 @@ def run_merge(
         loaded.append((path, df, meta.extra, shard))
 
     # ---- same N, each K once, none missing
-    counts = {s["count"] for _, _, _, s in loaded}
-    if len(counts) != 1:
-        detail = ", ".join(f"{p}: {s['index']}/{s['count']}" for p, _, _, s in loaded)
-        raise InputError(f"merge: shards split the work differently ({detail})")
-    n = counts.pop()
-    seen: dict[int, str] = {}
-    for path, _, _, s in loaded:
-        k = int(s["index"])
-        if k in seen:
-            raise InputError(f"merge: shard {k}/{n} given twice: {seen[k]} and {path}")
-        seen[k] = path
-    missing = [f"{k}/{n}" for k in range(1, n + 1) if k not in seen]
-    if missing:
-        raise InputError(f"merge: shards missing: {', '.join(missing)} (have {len(seen)} of {n})")
+    n = check_shard_set([(p, int(s["index"]), int(s["count"])) for p, _, _, s in loaded],
+                        "merge")
 
     # ---- same prompts, model and options
     first_path, _, first_extra, _ = loaded[0]

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import click
 from dolm.cli import model_options, output_option, tool
+from dolm.executor import executor_options
 
 
 @tool("dla")
+@executor_options()
 @click.argument("prompts", type=click.Path(dir_okay=False, allow_dash=True))
 @model_options
 @output_option(help="Attributions table (Parquet; '-' for stdout).")

@@ -529,6 +529,20 @@ def to_frame(lm: Any, df: Any, req: Request, results: list[dict], heads: bool) -
     return pd.concat(frames, ignore_index=True)
 
 
+def _shard(df: Any, req: Request, run: Any) -> tuple[Any, Request]:
+    """The run's block of prompts (``--shard``/Ray) and their token ids."""
+    from dataclasses import replace
+
+    from dolm.executor import shard_offset, shard_rows
+
+    block = shard_rows(df, run)
+    if block is df:
+        return df, req
+    lo, hi = shard_offset(run), shard_offset(run) + len(block)
+    return block, replace(req, **{f: getattr(req, f)[lo:hi] for f in
+                                  ("target", "foil", "choices", "target_str", "foil_str")})
+
+
 def run_dla(run: Any, *, df: Any, prompts: str, model_opts: Any, output: str, force: bool,
             metric: str, target: str | None, foil: str | None, heads: bool,
             first_token: bool) -> None:
@@ -539,7 +553,8 @@ def run_dla(run: Any, *, df: Any, prompts: str, model_opts: Any, output: str, fo
     lm = load_model(model_opts, run=run)
     lmap = check_decomposable(lm, heads)
     req = resolve(lm, df, prompts, metric=metric, target=target, foil=foil,
-                  first_token=first_token)
+                  first_token=first_token)  # the whole table: --metric auto sees every prompt
+    df, req = _shard(df, req, run)
     norm = final_norm_linear(lm)
     w_u, b_u = unembed_matrix(lm)
     texts = df["prompt"].astype(str).tolist()

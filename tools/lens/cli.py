@@ -19,6 +19,7 @@ from dolm.cli import (
     seed_option,
     subcommand,
 )
+from dolm.executor import executor_options
 
 
 @click.group(name="dolm-lens", cls=DefaultCommandGroup,
@@ -34,6 +35,7 @@ def main() -> None:
 
 
 @subcommand(main, "run", "lens")
+@executor_options()
 @click.argument("prompts", type=click.Path(dir_okay=False, allow_dash=True))
 @model_options
 @output_option(help="Lens table (Parquet; '-' for stdout).")
@@ -72,7 +74,10 @@ def run_cmd(run, prompts, model_opts, output, force, positions, top_k, translato
 
     df, pos, lenses = check_request(prompts=prompts, positions=positions, top_k=top_k,
                                     translators=translators, lens=lens, run=run)
+    from dolm.executor import shard_rows
     from dolm_tools.lens.core import run_lens
+
+    df = shard_rows(df, run)  # every prompt is read on its own: a block is the whole's rows
 
     run_lens(run, df=df, prompts=prompts, model_opts=model_opts, output=output, force=force,
              positions=positions, pos=pos, lenses=lenses, top_k=top_k, translators=translators,

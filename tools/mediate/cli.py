@@ -13,6 +13,7 @@ import click
 from dolm.cli import log, model_options, output_option, seed_option, subcommand, tool_group
 from dolm.columns import expand_columns
 from dolm.errors import InputError
+from dolm.executor import executor_options
 
 
 @tool_group("mediate")
@@ -225,7 +226,50 @@ def _f(v) -> str:
     return "nan" if v is None else f"{v:.4g}"
 
 
+def _fill_siblings(params: dict) -> None:
+    """--executor ray: name the effects and summary files the run writes by default, so
+    that every shard writes them and they are merged (refused now if they exist)."""
+    from dolm.formats import check_output
+
+    for key, suffix in (("effects", "effects.parquet"), ("summary", "summary.json")):
+        if not params.get(key):
+            params[key] = _sibling(params["output"], suffix)
+            check_output(params[key], bool(params.get("force")), option=f"--{key}")
+
+
+def _merge_interventional(run, shard_files, outputs, force) -> None:
+    """--executor ray: the shards' per-pair effects tables concatenated (pair order) give
+    the whole run's per-pair runs; the bootstrap, q-values and summary are computed once
+    over all pairs, as in one process."""
+    import pandas as pd
+    from dolm.executor import adopt_chain
+    from dolm.formats import all_or_none, read_json, read_table
+    from dolm_tools.mediate import interventional as iv
+
+    adopt_chain(run, shard_files[0]["output"])
+    effects = pd.concat([read_table(s["effects"], schema="effects")[0] for s in shard_files],
+                        ignore_index=True)
+    summaries = [read_json(s["summary"], schema="mediation_summary")[0] for s in shard_files]
+    first = read_table(shard_files[0]["output"], schema="mediation")[0]
+    pos = first.loc[first["method"] == "interventional", "position"]
+    res, parser = iv.res_from_effects(effects)
+    p = run.params
+    desc = {k: summaries[0][k] for k in ("treatment", "control_value", "treat_value")}
+    desc["pair_by"] = summaries[0]["options"]["pair_by"]
+    stat_frames = [iv.statistical_rows(read_table(path, schema="mediation")[0])
+                   for path in p.get("statistical_tables") or ()]
+    with all_or_none():
+        _finish_interventional(
+            run, res=res, effects=effects, sites=parser.sites, parser=parser,
+            position_label=None if pos.isna().all() else int(pos.iloc[0]),
+            notes=[n for sm in summaries for n in sm.get("notes") or []], desc=desc,
+            stat_frames=stat_frames, params=p, paths=outputs, output=outputs["output"],
+            force=force)
+
+
 @subcommand(main, "interventional", "mediate", outputs=("output", "effects", "summary"))
+@executor_options(outputs=("output", "effects", "summary"), merge=_merge_interventional,
+                  fill=_fill_siblings)
 @click.argument("prompts", type=click.Path(dir_okay=False, allow_dash=True))
 @model_options
 @click.option("--sites", "-s", "sites", multiple=True, required=True,
@@ -281,9 +325,9 @@ def interventional(run, prompts, model_opts, sites, treatment, pair_by, control_
     T+m0 - C, acme_treated = T - T+m0, ade_treated = T - C+m1, total = T - C; means over
     pairs with bootstrap CIs (-o, method=interventional), per-pair runs (--effects).
     """
-    import pandas as pd
     from dolm.cli import load_model, progress
-    from dolm.formats import check_output, json_safe, read_table, write_json, write_table
+    from dolm.executor import shard_rows
+    from dolm.formats import check_output, read_table
     from dolm_tools.mediate import interventional as iv
 
     paths = {}
@@ -303,6 +347,7 @@ def interventional(run, prompts, model_opts, sites, treatment, pair_by, control_
                                 text_column=text_column, path=prompts)
     if not pairs:
         raise InputError(f"{prompts}: no prompt pairs")
+    pairs = shard_rows(pairs, run, what="prompt pairs")
     lm = load_model(model_opts, run=run)
     site_list = lm.expand_sites([x.strip() for s in sites for x in s.split(",") if x.strip()])
     for s in site_list:
@@ -319,10 +364,24 @@ def interventional(run, prompts, model_opts, sites, treatment, pair_by, control_
         return progress(total=total, desc="pairs", unit="pair")
 
     res = iv.run_pairs(lm, prep, site_list, model_opts.batch_size, progress=bar)
+    _finish_interventional(run, res=res, effects=iv.effects_table(prep, res, site_list, lm),
+                           sites=site_list, parser=lm, position_label=prep.position_label,
+                           notes=prep.notes, desc=desc, stat_frames=stat_frames,
+                           params=run.params, paths=paths, output=output, force=force)
+
+
+def _finish_interventional(run, *, res, effects, sites, parser, position_label, notes, desc,
+                           stat_frames, params, paths, output, force) -> None:
+    """The mediation table, the summary and the effects table from the per-pair runs
+    ``res`` (in one process, or merged from Ray shards); write them and report."""
+    import pandas as pd
+    from dolm.formats import json_safe, write_json, write_table
+    from dolm_tools.mediate import interventional as iv
+
+    metric, sims, seed, fdr = params["metric"], params["sims"], params["seed"], params["fdr"]
     m = iv.METRICS.index(metric)
     pp = iv.per_pair(res, m)
-    pos_label = prep.position_label
-    table = iv.mediation_table(pp, site_list, lm, pos_label, sims, seed, fdr)
+    table = iv.mediation_table(pp, sites, parser, position_label, sims, seed, fdr)
     comp = []
     if stat_frames:
         stat = pd.concat(stat_frames, ignore_index=True)
@@ -336,14 +395,16 @@ def interventional(run, prompts, model_opts, sites, treatment, pair_by, control_
             "significant": bool(r.significant), "rho_at_zero": None} for r in avg.itertuples()]
     order = sorted(per, key=lambda x: -abs(x["acme_average"] or 0.0))
     C, T = res["C"][:, m], res["T"][:, m]
+    n_pairs = len(C)
     summ = json_safe({
-        "tool": "mediate", "method": "interventional", "input": str(prompts),
+        "tool": "mediate", "method": "interventional", "input": str(params["prompts"]),
         "treatment": desc["treatment"], "outcome": metric, "covariates": [],
-        "n_units": len(pairs), "control_value": desc["control_value"],
+        "n_units": n_pairs, "control_value": desc["control_value"],
         "treat_value": desc["treat_value"],
-        "options": {"sites": list(sites), "position": position, "anchor": anchor,
-                    "text_column": text_column, "pair_by": desc["pair_by"], "sims": sims,
-                    "seed": seed, "fdr": fdr, "metric": metric},
+        "options": {"sites": list(params["sites"]), "position": params["position"],
+                    "anchor": params["anchor"], "text_column": params["text_column"],
+                    "pair_by": desc["pair_by"], "sims": sims, "seed": seed, "fdr": fdr,
+                    "metric": metric},
         "inference": f"{metric} of the target teacher-forced after the context; per-pair "
                      f"effects from patched runs; means over pairs; 95% percentile intervals "
                      f"from {sims} bootstrap resamples of the pairs (seeded); p = 2 Phi(-|est|/"
@@ -352,17 +413,17 @@ def interventional(run, prompts, model_opts, sites, treatment, pair_by, control_
         "skipped": [], "mediators": per, "top": [p["mediator"] for p in order[:10]],
         "control_mean": float(C.mean()), "treated_mean": float(T.mean()),
         "total_effect": float((T - C).mean()),
-        "comparison": comp, "notes": prep.notes,
+        "comparison": comp, "notes": notes,
     })
     extra = {"treatment": desc["treatment"], "outcome": metric, "method": "interventional"}
     if paths["effects"]:
-        write_table(iv.effects_table(prep, res, site_list, lm), paths["effects"],
-                    schema="effects", run=run, force=force, extra=extra)
+        write_table(effects, paths["effects"], schema="effects", run=run, force=force,
+                    extra=extra)
     if paths["summary"]:
         write_json(summ, paths["summary"], schema="mediation_summary", run=run, force=force)
     write_table(table, output, schema="mediation", run=run, force=force, extra=extra)
     log(f"dolm-mediate: control {metric} {C.mean():.4g}, treated {T.mean():.4g}, total "
-        f"effect {(T - C).mean():.4g} over {len(pairs)} pairs")
+        f"effect {(T - C).mean():.4g} over {n_pairs} pairs")
     for name in summ["top"][:5]:
         r = next(p for p in per if p["mediator"] == name)
         log(f"dolm-mediate:   {name}: ACME = {_f(r['acme_average'])} "

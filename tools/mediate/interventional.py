@@ -499,6 +499,41 @@ def effects_table(prep: Prepared, res: dict[str, np.ndarray], sites: list[str],
     return frame(rows, "effects", columns=list(rows[0]) if rows else None)
 
 
+class _SitesOf:
+    """Layer and head of each site as an effects table records them (``parse_site`` for
+    :func:`mediation_table` where no model is loaded: the Ray driver's merge)."""
+
+    def __init__(self, eff: pd.DataFrame) -> None:
+        from types import SimpleNamespace
+
+        first = eff.drop_duplicates("site")
+        self.sites = [str(x) for x in first["site"]]
+        self._at = {str(r.site): SimpleNamespace(layer=None if pd.isna(r.layer) else int(r.layer),
+                                                 head=None if pd.isna(r.head) else int(r.head))
+                    for r in first.itertuples()}
+
+    def parse_site(self, site: str) -> Any:
+        return self._at[site]
+
+
+def res_from_effects(eff: pd.DataFrame) -> tuple[dict[str, np.ndarray], _SitesOf]:
+    """The :func:`run_pairs` arrays back from an :func:`effects_table` (rows pair x site x
+    metric x (nie, nde), in that order), and its sites: the per-pair values are all there,
+    so shards' effects tables concatenated give the whole run's mediation table."""
+    sites = _SitesOf(eff)
+    s_n, m_n = len(sites.sites), len(METRICS)
+    n = len(eff) // (s_n * m_n * 2)
+    if n * s_n * m_n * 2 != len(eff):
+        raise InputError(f"effects table: {len(eff)} rows is not pairs x {s_n} sites x "
+                         f"{m_n} metrics x 2 runs")
+    shape = (n, s_n, m_n, 2)
+    v = eff["value"].to_numpy(dtype=np.float64).reshape(shape)
+    c = eff["clean_value"].to_numpy(dtype=np.float64).reshape(shape)
+    t = eff["corrupt_value"].to_numpy(dtype=np.float64).reshape(shape)
+    return {"C": c[:, 0, :, 0].copy(), "T": t[:, 0, :, 0].copy(),
+            "CM1": v[..., 0].copy(), "TM0": v[..., 1].copy()}, sites
+
+
 _ATTN_NAME = re.compile(r"^attn_to\.[^.]+\.L(\d+)\.H(\d+)$")
 
 

@@ -21,6 +21,7 @@ from dolm.cli import (
     subcommand,
     tool_group,
 )
+from dolm.executor import executor_options
 
 TOOL = "steer"
 
@@ -313,7 +314,19 @@ def _label_values(df, label: str, threshold, path: str):
 # ------------------------------------------------------------------ apply
 
 
+def _apply_slopes(table, extra: dict) -> dict:
+    """--executor ray: the dose-response slopes of the merged table (a shard's are its own
+    prompts')."""
+    from dolm_tools.steer.apply import slopes
+
+    if extra.get("mode") == "add":
+        df = table.to_pandas()
+        extra["slopes"] = {one: slopes(df[df["site"] == one]) for one in extra["sites"]}
+    return extra
+
+
 @subcommand(main, "apply", TOOL)
+@executor_options(groups=("intervention", "metric"), finish=_apply_slopes)
 @click.argument("prompts", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--directions", "directions", required=True, type=click.Path(dir_okay=False),
               help="A directions file (dolm-steer fit).")
@@ -350,6 +363,7 @@ def apply(run, prompts, directions, site, alphas, mode, scale, positions, n_gene
     import numpy as np
     from dolm.cli import check_model_match, load_model, log, parse_float_list, progress
     from dolm.errors import InputError
+    from dolm.executor import shard_rows
     from dolm.formats import load_safetensors, read_table, write_table
     from dolm.metrics import prompt_targets, select_prompts
 
@@ -376,7 +390,7 @@ def apply(run, prompts, directions, site, alphas, mode, scale, positions, n_gene
         if scale == "std" and not (dx.get("proj_std") or {}).get(one):
             raise InputError(f"--scale std: {directions} records no proj_std for {one}")
     df, _ = read_table(prompts, schema="prompts", run=run)
-    df = select_prompts(df, where, limit, prompts)
+    df = shard_rows(select_prompts(df, where, limit, prompts), run)
     import pandas as pd
     from dolm_tools.steer.apply import effects_rows, generate, run_steering, slopes
 
