@@ -181,7 +181,7 @@ class Scorer:
             gh, gm = grads[2 * lyr], grads[2 * lyr + 1]
             out[:, r0:r0 + 3 * nh, :up] = torch.einsum(
                 "btsd,btrd->brs", diff[:, :, :up].double(), gh.double()).cpu()
-            upm = g.mlp_sender(lyr)
+            upm = g.n_upstream(g.mlp_recv[lyr])
             out[:, g.mlp_recv[lyr], :upm] = torch.einsum(
                 "btsd,btd->bs", diff[:, :, :upm].double(), gm.double()).cpu()
         return out, grads[-1]
