@@ -217,7 +217,8 @@ class GraphRunner:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The embed node's output (``resid_pre.0``) from the model's own embedding."""
-        return self.lm.embed_resid(ids.to(self.device))
+        ids = ids.to(self.device)
+        return self.lm.embed_resid(ids, torch.ones_like(ids))
 
     # ------------------------------------------------------------------ the pass
     def run(self, ids: torch.Tensor | None, positions: torch.Tensor, *,
@@ -302,7 +303,16 @@ class GraphRunner:
                                  requires_grad=True)
                 probe_at[(lyr, 0)] = pr
                 xs = xs + pr
-            return {(i // 3, CHANNELS[i % 3]): xs[:, :, j] for j, i in enumerate(sel)}
+            out = {}
+            for j, i in enumerate(sel):
+                key = (i // 3, CHANNELS[i % 3])
+                rows = None if probes else \
+                    (mask[:, r0 + i].abs().sum(-1) > 0).nonzero().flatten()
+                if rows is None or len(rows) == b:
+                    out[key] = xs[:, :, j]
+                else:  # only these rows patch this receiver
+                    out[key] = (rows, xs[rows, :, j])
+            return out
 
         def mlp_in(lyr: int, x: torch.Tensor):
             if not g.parallel:

@@ -11,7 +11,9 @@ goes through transformers' attention interface (GPT-2, llama/mistral/qwen2 with
 grouped-query attention and rotary, gpt_neox with its parallel residual, ...):
 
 - ``heads(layer, x) -> {(head, channel): stream} | None`` is called at the pre-hook of
-  ``ln1`` with the block input ``x`` (B, T, d). For the returned head-channels the
+  ``ln1`` with the block input ``x`` (B, T, d); a stream is (B, T, d), or ``(rows,
+  values)`` when only batch rows ``rows`` get their own input (``values`` (len(rows), T,
+  d); the other rows keep the ordinary one). For the returned head-channels the
   attention module is run again on ``ln1(stream)`` (all streams stacked along the batch;
   the model's own projections, rotary embedding, q/k norms) up to its attention function,
   where their queries, keys and values are captured; the real attention call then uses,
@@ -80,14 +82,15 @@ def receiver_problem(lm) -> str | None:
     return None
 
 
-def _expand(x, b: int, n: int):
-    """Repeat batch-``b`` tensors (in tuples/lists too) ``n`` times along the batch."""
+def _expand(x, b: int, rows: torch.Tensor):
+    """Batch-``b`` tensors (in tuples/lists too) taken at batch rows ``rows`` (the stacked
+    streams' rows); tensors of batch 1 broadcast and stay."""
     if isinstance(x, torch.Tensor):
         if b > 1 and x.dim() > 0 and x.shape[0] == b:
-            return x.repeat(n, *([1] * (x.dim() - 1)))
+            return x[rows.to(x.device)]
         return x
     if isinstance(x, (tuple, list)):
-        return type(x)(_expand(v, b, n) for v in x)
+        return type(x)(_expand(v, b, rows) for v in x)
     return x
 
 
@@ -141,19 +144,18 @@ class ReceiverInputs:
             return None if new is None else _with_input(args, kwargs, new)
         return hook
 
-    def _capture(self, layer: int, ln1, x: torch.Tensor, b: int):
-        """q, k, v of the attention module run on ``ln1(x)`` (x: n * b stacked streams
-        (n * b, T, d)): its own projections and position code, stopped at the attention
-        function."""
+    def _capture(self, layer: int, ln1, x: torch.Tensor, rows: torch.Tensor, b: int):
+        """q, k, v of the attention module run on ``ln1(x)`` (x: stacked streams, row i
+        a stream of batch row ``rows[i]``): its own projections and position code,
+        stopped at the attention function."""
         ad = self.lm.adapter
         args, kwargs = self._calls[layer]
         if any(kwargs.get(k) is not None for k in ("past_key_values", "layer_past",
                                                    "past_key_value")):
             raise InputError("receiver inputs: the blocks were called with a KV cache; "
                              "per-head input streams need the full recompute")
-        n = x.shape[0] // b
-        args = tuple(_expand(a, b, n) for a in args[1:])
-        kwargs = {k: _expand(v, b, n) for k, v in kwargs.items() if k != "hidden_states"}
+        args = tuple(_expand(a, b, rows) for a in args[1:])
+        kwargs = {k: _expand(v, b, rows) for k, v in kwargs.items() if k != "hidden_states"}
         if self._calls[layer][0]:
             args = (None, *args)
         self._capturing = True
@@ -176,23 +178,31 @@ class ReceiverInputs:
             streams = self._streams.pop(layer, None)
             if not streams:
                 return eager(module, query, key, value, attention_mask, **kwargs)
-            keys = list(streams)
             b = query.shape[0]
-            x = torch.cat([streams[k].to(query.device) for k in keys], dim=0)
-            qs, ks, vs = self._capture(layer, ln1, x, b)
+            parts = []  # (head, channel, batch rows or None, stream rows)
+            for (h, c), val in streams.items():
+                rows, xs = val if isinstance(val, tuple) else (None, val)
+                parts.append((int(h), c, rows, xs))
+            every = torch.arange(b)
+            rows = torch.cat([every if r is None else torch.as_tensor(r).cpu()
+                              for _, _, r, _ in parts])
+            x = torch.cat([xs.to(query.device) for *_, xs in parts], dim=0)
+            qs, ks, vs = self._capture(layer, ln1, x, rows, b)
             group = query.shape[1] // key.shape[1]
             q = query.clone()
             k = key.repeat_interleave(group, dim=1) if group > 1 else key.clone()
             v = value.repeat_interleave(group, dim=1) if group > 1 else value.clone()
-            for i, (h, c) in enumerate(keys):
-                rows = slice(i * b, (i + 1) * b)
-                h = int(h)
+            at = 0
+            for h, c, r, xs in parts:
+                src = slice(at, at + xs.shape[0])
+                at += xs.shape[0]
+                dst = slice(None) if r is None else torch.as_tensor(r).to(query.device)
                 if c == "q":
-                    q[:, h] = qs[rows, h]
+                    q[dst, h] = qs[src, h]
                 elif c == "k":
-                    k[:, h] = ks[rows, h // group]
+                    k[dst, h] = ks[src, h // group]
                 else:
-                    v[:, h] = vs[rows, h // group]
+                    v[dst, h] = vs[src, h // group]
             mod = _Ungrouped(module) if group > 1 else module
             return eager(mod, q, k, v, attention_mask, **kwargs)
 
