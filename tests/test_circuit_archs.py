@@ -310,3 +310,25 @@ def test_unresolvable_families_are_refused_with_the_reason(tiny_lm, family, why)
 
     with pytest.raises(InputError, match=why):
         GraphRunner(tiny_lm(family))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
+def test_fast_receiver_gradients_equal_the_streams(tiny_lm, family):
+    """EAP's one-backward path (projection gradients per head through the projection's
+    slice and the norm) equals the per-head input streams; grouped-query models (llama)
+    keep the streams."""
+    import pandas as pd
+    from dolm.circuits.scores import Scorer, prepare
+
+    lm = tiny_lm(family)
+    df = pd.DataFrame({"prompt_id": ["p0", "p1"], "prompt": ["the king of France",
+                                                             "a red cat and a"],
+                       "cf_prompt": ["the queen of Italy", "a blue dog and a"],
+                       "target": [" is", " dog"], "foil": [" was", " cat"]})
+    sc = Scorer(lm, prepare(lm, df, "t", "logit_diff", "cf"), "logit_diff", batch_size=2)
+    fast = sc.attribution(1)
+    assert sc.runner._fast is (family != "llama")
+    sc.runner._fast = False
+    streams = sc.attribution(1)
+    assert np.abs(fast - streams).max() <= 1e-5 * max(1.0, np.abs(streams).max())
+    assert np.abs(streams).max() > 1e-2

@@ -203,6 +203,7 @@ class GraphRunner:
         self.w_o = [self._o_map(lyr, 1.0 if scale is None else float(scale))
                     for lyr in range(lm.n_layers)]
         self._contexts: dict = {}
+        self._fast: bool | None = None  # fast receiver gradients (checked on first use)
 
     @torch.no_grad()
     def _o_map(self, layer: int, scale: float) -> torch.Tensor:
@@ -332,7 +333,7 @@ class GraphRunner:
         with lm.trace(read=reads if need_outs else ()) as tr, \
                 lm.receiver_inputs(heads=heads_in, mlp=mlp_in):
             h = run_rows(lm, [start] * b, lambda lyr, a, z: h0[a:z], t,
-                         contexts=self._contexts)
+                         contexts=self._context_cache())
             fill("head", n - 1)
             fill("mlp", n - 1)
         if keep:
@@ -352,6 +353,130 @@ class GraphRunner:
         ad = lm.adapter
         logits = ad.logits_from_final_norm(ad.final_norm(xf))
         return Pass(logits, outs if keep else None, entries, probe_list)
+
+    def _context_cache(self) -> dict:
+        """Layer contexts by length, per attention implementation (masks differ)."""
+        return self._contexts.setdefault(self.lm.model.config._attn_implementation, {})
+
+    # ------------------------------------------------------------------ gradients
+    def receiver_grads(self, embeds: torch.Tensor, positions: torch.Tensor,
+                       metric) -> list[torch.Tensor]:
+        """dM/d(every receiver's input) from the embed output ``embeds`` (attribution
+        patching): per layer the heads' (B, T, 3H, d) (head-major q, k, v) and the MLP's
+        (B, T, d), then the logits' input (B, d); ``metric(logits) -> scalar``.
+
+        Fast path where the q/k/v projections' layout is known
+        (:func:`dolm.models.streams.qkv_projections`) and every query head has its own
+        key/value head: one ordinary backward; the gradient at each projection's output,
+        read per head, goes back through that head's slice of the projection (read off
+        the module) and the norm. It is checked once against the per-head input streams
+        (``run(probes=True)``), which are used where it is not available or disagrees."""
+        if self._fast is None:
+            self._fast = self._fast_agrees(embeds, positions)
+        if self._fast:
+            return self._fast_grads(embeds, positions, metric)
+        with torch.enable_grad():
+            p = self.run(None, positions, embeds=embeds, probes=True)
+            return [x.detach() for x in torch.autograd.grad(metric(p.logits), p.probes)]
+
+    def _fast_agrees(self, embeds: torch.Tensor, positions: torch.Tensor) -> bool:
+        from dolm.models.streams import qkv_projections
+
+        lm = self.lm
+        projs = [qkv_projections(lm, lyr) for lyr in range(lm.n_layers)]
+        if any(p is None for p in projs):
+            return False
+        self._proj = projs
+        with torch.no_grad():
+            self._w_qkv = [self._qkv_map(lyr) for lyr in range(lm.n_layers)]
+        if any(w[1].shape[1] != lm.n_heads for w in self._w_qkv):
+            return False  # grouped keys/values: a query head's k/v gradient is not separate
+        t = min(int(embeds.shape[1]), 8)
+        e = embeds[:1, :t]
+        pos = positions[:1].clamp(max=t - 1)
+
+        def probe(lg):
+            return lg.float().logsumexp(-1).sum() + lg.float()[:, :7].sum()
+
+        try:
+            fast = self._fast_grads(e, pos, probe)
+        except Exception:  # noqa: BLE001 - any failure: the general path serves
+            return False
+        with torch.enable_grad():
+            p = self.run(None, pos, embeds=e, probes=True)
+            ref = torch.autograd.grad(probe(p.logits), p.probes)
+        for a, b in zip(fast, ref, strict=True):
+            if float((a - b).abs().max()) > 1e-4 * max(1.0, float(b.abs().max())):
+                return False
+        return True
+
+    def _qkv_map(self, layer: int) -> list[torch.Tensor]:
+        """[W_q, W_k, W_v] of ``layer``, each (d, heads, d_head): the projections' linear
+        part read off the modules (P(I) - P(0))."""
+        from dolm.models.streams import split_heads
+
+        lm = self.lm
+        mods, layout = self._proj[layer]
+        eye = torch.eye(lm.d_model, dtype=self.dtype, device=self.device)
+        outs = [m(eye) - m(torch.zeros_like(eye[:1])) for m in mods]
+        n_kv = (outs[0].shape[-1] // lm.d_head - lm.n_heads) // 2 if layout == "q|k|v" else 0
+        return split_heads(outs, layout, lm.n_heads, n_kv, lm.d_head)
+
+    def _fast_grads(self, embeds, positions, metric) -> list[torch.Tensor]:
+        from dolm.engine import run_rows
+        from dolm.models.hooks import _input_of
+        from dolm.models.streams import split_heads
+
+        lm, ad = self.lm, self.lm.adapter
+        n, nh, d, dh = lm.n_layers, lm.n_heads, lm.d_model, lm.d_head
+        h0 = embeds.to(device=self.device, dtype=self.dtype)
+        b, t = h0.shape[:2]
+        xs, pr_proj, pr_mlp, handles = {}, {}, {}, []
+
+        def add_probe(store, key, x):
+            z = torch.zeros_like(x, requires_grad=True)
+            store[key] = z
+            return x + z
+
+        for lyr in range(n):
+            for i, m in enumerate(self._proj[lyr][0]):
+                handles.append(m.register_forward_hook(
+                    lambda mod, a, out, key=(lyr, i): add_probe(pr_proj, key, out)))
+            handles.append(ad.block_module(lyr, "ln1").register_forward_pre_hook(
+                lambda mod, a, k, lyr=lyr: xs.__setitem__(lyr, _input_of(a, k)),
+                with_kwargs=True))
+        try:
+            with torch.enable_grad(), lm.receiver_inputs(
+                    mlp=lambda lyr, x: add_probe(pr_mlp, lyr, x)):
+                h = run_rows(lm, [0] * b, lambda lyr, a, z: h0[a:z], t,
+                             contexts=self._context_cache())
+                rows = torch.arange(b, device=h.device)
+                xf = add_probe(pr_mlp, "final", h[rows, positions.to(h.device)])
+                logits = ad.logits_from_final_norm(ad.final_norm(xf))
+                keys = [(lyr, i) for lyr in range(n) for i in range(len(self._proj[lyr][0]))]
+                wrt = [pr_proj[k] for k in keys] + [pr_mlp[lyr] for lyr in range(n)]
+                got = torch.autograd.grad(metric(logits), wrt + [pr_mlp["final"]],
+                                          allow_unused=True)
+        finally:
+            for hd in handles:
+                hd.remove()
+        got = [torch.zeros_like(w) if g is None else g.detach()
+               for w, g in zip(wrt + [pr_mlp["final"]], got, strict=True)]
+        by_key = dict(zip(keys, got, strict=False))
+        out = []
+        for lyr in range(n):
+            mods, layout = self._proj[lyr]
+            gp = split_heads([by_key[(lyr, i)] for i in range(len(mods))], layout, nh, nh, dh)
+            u = torch.stack([torch.einsum("bthe,dhe->bthd", gp[c], self._w_qkv[lyr][c])
+                             for c in range(3)], dim=3).reshape(b, t, 3 * nh, d)
+            x = xs[lyr].detach().requires_grad_(True)
+            with torch.enable_grad():
+                nrm = ad.block_module(lyr, "ln1")(x)
+                gx = torch.autograd.grad(nrm, x, u.permute(2, 0, 1, 3).contiguous(),
+                                         is_grads_batched=True)[0]
+            out += [gx.permute(1, 2, 0, 3), got[len(keys) + lyr]]
+        out.append(got[-1])
+        return out
 
     def check(self, ids: torch.Tensor, positions: torch.Tensor, tol: float = 1e-3) -> float:
         """Max |graph pass - model| of the read logits; InputError beyond ``tol``."""

@@ -202,11 +202,8 @@ class Scorer:
             acc = None
             for al in alphas:
                 emb = e_cor + al * (e_clean - e_cor)
-                with torch.enable_grad():
-                    p = self.runner.run(None, pos, embeds=emb, probes=True)
-                    m = self._metric(p.logits, a, z).sum()
-                    grads = torch.autograd.grad(m, p.probes)
-                grads = [gr.detach() for gr in grads]
+                grads = self.runner.receiver_grads(
+                    emb, pos, lambda lg, a=a, z=z: self._metric(lg, a, z).sum())
                 acc = grads if acc is None else [x + y for x, y in zip(acc, grads, strict=True)]
             grads = [x / len(alphas) for x in acc]
             prod, g_logits = self._edge_products(diff, grads)

@@ -249,3 +249,46 @@ class ReceiverInputs:
     def __exit__(self, exc_type, exc, tb):
         self._remove()
         return False
+
+
+# --------------------------------------------------------------------------- projections
+#: child names of an attention module and how their outputs split into (channel, head):
+#: "sep" one module per channel (its output: heads x d_head), "c,h" fused (3, heads,
+#: d_head) (GPT-2's c_attn), "h,c" fused (heads, 3, d_head) (GPT-NeoX), "q|k|v" fused
+#: [q heads | k heads | v heads] (Phi-3)
+_PROJ_LAYOUTS = (
+    (("q_proj", "k_proj", "v_proj"), "sep"),
+    (("c_attn",), "c,h"),
+    (("query_key_value",), "h,c"),
+    (("qkv_proj",), "q|k|v"),
+)
+
+
+def qkv_projections(lm, layer: int):
+    """The q/k/v projection modules of ``layer``'s attention and their output layout
+    (``(modules, layout)``; see :data:`_PROJ_LAYOUTS`), or None when dolm does not know
+    them (callers then use :class:`ReceiverInputs`, which needs no layout). A layout is a
+    claim: callers verify what they compute with it against the stacked streams."""
+    attn = lm.adapter.block_module(layer, "attn")
+    for names, layout in _PROJ_LAYOUTS:
+        mods = [getattr(attn, n, None) for n in names]
+        if all(m is not None for m in mods):
+            return mods, layout
+    return None
+
+
+def split_heads(outs: list[torch.Tensor], layout: str, n_heads: int, n_kv: int,
+                d_head: int) -> list[torch.Tensor]:
+    """Projection outputs (..., width) -> [q (..., H, dh), k (..., Hkv, dh), v (...)]."""
+    if layout == "sep":
+        return [o.reshape(*o.shape[:-1], -1, d_head) for o in outs]
+    o = outs[0]
+    lead = o.shape[:-1]
+    if layout == "c,h":
+        x = o.reshape(*lead, 3, n_heads, d_head)
+        return [x[..., c, :, :] for c in range(3)]
+    if layout == "h,c":
+        x = o.reshape(*lead, n_heads, 3, d_head)
+        return [x[..., :, c, :] for c in range(3)]
+    q, k, v = o.split([n_heads * d_head, n_kv * d_head, n_kv * d_head], dim=-1)
+    return [t.reshape(*lead, -1, d_head) for t in (q, k, v)]
