@@ -187,6 +187,38 @@ def runner_problem(lm) -> str | None:
     return None
 
 
+class _Outs:
+    """The senders' outputs (B, T, S, d) of one pass, filled layer by layer from the
+    reads of ``tr`` (``head.L.*`` through the output projection, ``mlp_out.L``); senders
+    below ``start`` come from ``outs0`` (a cached run)."""
+
+    def __init__(self, runner, h0: torch.Tensor, outs0=None, start: int = 0):
+        g = runner.graph
+        self.runner, self.start, self.filled, self.tr = runner, start, set(), None
+        if outs0 is not None:
+            self.t = outs0.clone()
+        else:
+            self.t = h0.new_zeros(*h0.shape[:2], g.n_senders, h0.shape[-1])
+            self.t[:, :, 0] = h0.detach()
+
+    def reads(self) -> list[str]:
+        return [s for lyr in range(self.start, self.runner.lm.n_layers)
+                for s in (f"head.{lyr}.*", f"mlp_out.{lyr}")]
+
+    def fill(self, kind: str, lyr: int) -> None:
+        if (kind, lyr) in self.filled or lyr < self.start:
+            return
+        self.filled.add((kind, lyr))
+        g, tr, nh = self.runner.graph, self.tr, self.runner.lm.n_heads
+        if kind == "head":
+            z = torch.stack([tr[f"head.{lyr}.{i}"] for i in range(nh)], dim=2)
+            hs = g.head_sender(lyr)
+            self.t[:, :, hs:hs + nh] = torch.einsum("bthe,hed->bthd", z,
+                                                    self.runner.w_o[lyr])
+        else:
+            self.t[:, :, g.mlp_sender(lyr)] = tr[f"mlp_out.{lyr}"]
+
+
 class GraphRunner:
     """The edge-level forward pass of a loaded model on the shared engine (module doc)."""
 
@@ -250,30 +282,16 @@ class GraphRunner:
         h0 = h0.to(device=self.device, dtype=self.dtype)
         b, t = h0.shape[:2]
         need_outs = keep or mask is not None
-        outs = None
-        if need_outs:
-            if outs0 is not None:
-                outs = outs0.clone()
-            else:
-                outs = h0.new_zeros(b, t, g.n_senders, d)
-                outs[:, :, 0] = h0
+        so = _Outs(self, h0, outs0, start) if need_outs else None
+        outs = so.t if need_outs else None
         if mask is not None and mask.shape[0] == 1 and b > 1:
             mask = mask.expand(b, -1, -1)
         entries = [] if keep else None
         probe_at: dict = {}
-        filled: set = set()
-        reads = [s for lyr in range(start, n) for s in (f"head.{lyr}.*", f"mlp_out.{lyr}")]
 
         def fill(kind: str, lyr: int):
-            if not need_outs or (kind, lyr) in filled or lyr < start:
-                return
-            filled.add((kind, lyr))
-            if kind == "head":
-                z = torch.stack([tr[f"head.{lyr}.{i}"] for i in range(nh)], dim=2)
-                hs = g.head_sender(lyr)
-                outs[:, :, hs:hs + nh] = torch.einsum("bthe,hed->bthd", z, self.w_o[lyr])
-            else:
-                outs[:, :, g.mlp_sender(lyr)] = tr[f"mlp_out.{lyr}"]
+            if so is not None:
+                so.fill(kind, lyr)
 
         def delta(recv: slice, up: int) -> torch.Tensor:
             """sum_s mask[r, s] (patch[s] - outs[s]) for receivers ``recv`` (B, T, R, d)."""
@@ -330,8 +348,10 @@ class GraphRunner:
                 xm = xm + pr
             return xm
 
-        with lm.trace(read=reads if need_outs else ()) as tr, \
+        with lm.trace(read=so.reads() if need_outs else ()) as tr, \
                 lm.receiver_inputs(heads=heads_in, mlp=mlp_in):
+            if so is not None:
+                so.tr = tr
             h = run_rows(lm, [start] * b, lambda lyr, a, z: h0[a:z], t,
                          contexts=self._context_cache())
             fill("head", n - 1)
@@ -360,7 +380,7 @@ class GraphRunner:
 
     # ------------------------------------------------------------------ gradients
     def receiver_grads(self, embeds: torch.Tensor, positions: torch.Tensor,
-                       metric) -> list[torch.Tensor]:
+                       metric, keep: bool = False):
         """dM/d(every receiver's input) from the embed output ``embeds`` (attribution
         patching): per layer the heads' (B, T, 3H, d) (head-major q, k, v) and the MLP's
         (B, T, d), then the logits' input (B, d); ``metric(logits) -> scalar``.
@@ -370,14 +390,19 @@ class GraphRunner:
         key/value head: one ordinary backward; the gradient at each projection's output,
         read per head, goes back through that head's slice of the projection (read off
         the module) and the norm. It is checked once against the per-head input streams
-        (``run(probes=True)``), which are used where it is not available or disagrees."""
+        (``run(probes=True)``), which are used where it is not available or disagrees.
+        ``keep``: return ``(grads, outs)``, the senders' outputs of this pass too (EAP's
+        clean run is this pass)."""
         if self._fast is None:
             self._fast = self._fast_agrees(embeds, positions)
         if self._fast:
-            return self._fast_grads(embeds, positions, metric)
-        with torch.enable_grad():
-            p = self.run(None, positions, embeds=embeds, probes=True)
-            return [x.detach() for x in torch.autograd.grad(metric(p.logits), p.probes)]
+            grads, outs = self._fast_grads(embeds, positions, metric, keep)
+        else:
+            with torch.enable_grad():
+                p = self.run(None, positions, embeds=embeds, probes=True, keep=keep)
+                grads = [x.detach() for x in torch.autograd.grad(metric(p.logits), p.probes)]
+            outs = p.outs
+        return (grads, outs) if keep else grads
 
     def _fast_agrees(self, embeds: torch.Tensor, positions: torch.Tensor) -> bool:
         from dolm.models.streams import qkv_projections
@@ -399,7 +424,7 @@ class GraphRunner:
             return lg.float().logsumexp(-1).sum() + lg.float()[:, :7].sum()
 
         try:
-            fast = self._fast_grads(e, pos, probe)
+            fast, _ = self._fast_grads(e, pos, probe)
         except Exception:  # noqa: BLE001 - any failure: the general path serves
             return False
         with torch.enable_grad():
@@ -422,7 +447,7 @@ class GraphRunner:
         n_kv = (outs[0].shape[-1] // lm.d_head - lm.n_heads) // 2 if layout == "q|k|v" else 0
         return split_heads(outs, layout, lm.n_heads, n_kv, lm.d_head)
 
-    def _fast_grads(self, embeds, positions, metric) -> list[torch.Tensor]:
+    def _fast_grads(self, embeds, positions, metric, keep: bool = False):
         from dolm.engine import run_rows
         from dolm.models.hooks import _input_of
         from dolm.models.streams import split_heads
@@ -432,6 +457,7 @@ class GraphRunner:
         h0 = embeds.to(device=self.device, dtype=self.dtype)
         b, t = h0.shape[:2]
         xs, pr_proj, pr_mlp, handles = {}, {}, {}, []
+        so = _Outs(self, h0) if keep else None
 
         def add_probe(store, key, x):
             z = torch.zeros_like(x, requires_grad=True)
@@ -443,13 +469,29 @@ class GraphRunner:
                 handles.append(m.register_forward_hook(
                     lambda mod, a, out, key=(lyr, i): add_probe(pr_proj, key, out)))
             handles.append(ad.block_module(lyr, "ln1").register_forward_pre_hook(
-                lambda mod, a, k, lyr=lyr: xs.__setitem__(lyr, _input_of(a, k)),
-                with_kwargs=True))
+                lambda mod, a, k, lyr=lyr: ln1_in(lyr, _input_of(a, k)), with_kwargs=True))
+
+        def ln1_in(lyr, x):
+            xs[lyr] = x
+            if so is not None:
+                so.fill("head", lyr - 1)
+                so.fill("mlp", lyr - 1)
+
+        def mlp_in(lyr, x):
+            if so is not None and not self.graph.parallel:
+                so.fill("head", lyr)
+            return add_probe(pr_mlp, lyr, x)
+
         try:
-            with torch.enable_grad(), lm.receiver_inputs(
-                    mlp=lambda lyr, x: add_probe(pr_mlp, lyr, x)):
+            with torch.enable_grad(), lm.trace(read=so.reads() if keep else ()) as tr, \
+                    lm.receiver_inputs(mlp=mlp_in):
+                if so is not None:
+                    so.tr = tr
                 h = run_rows(lm, [0] * b, lambda lyr, a, z: h0[a:z], t,
                              contexts=self._context_cache())
+                if so is not None:
+                    so.fill("head", n - 1)
+                    so.fill("mlp", n - 1)
                 rows = torch.arange(b, device=h.device)
                 xf = add_probe(pr_mlp, "final", h[rows, positions.to(h.device)])
                 logits = ad.logits_from_final_norm(ad.final_norm(xf))
@@ -476,7 +518,7 @@ class GraphRunner:
                                          is_grads_batched=True)[0]
             out += [gx.permute(1, 2, 0, 3), got[len(keys) + lyr]]
         out.append(got[-1])
-        return out
+        return out, (so.t if so is not None else None)
 
     def check(self, ids: torch.Tensor, positions: torch.Tensor, tol: float = 1e-3) -> float:
         """Max |graph pass - model| of the read logits; InputError beyond ``tol``."""
