@@ -100,6 +100,7 @@ demo:
     DOLM_N=200 just formats-psm::all
     DOLM_N=40 DOLM_SIMS=200 just cot-mediation::all
     DOLM_CUNIT_D=6 just cunit::data cunit::grads cunit::fit cunit::plot
+    DOLM_N=8 DOLM_CIRCUIT_FROM="$out/families" just circuit::all
     dolm-plot report "$out" -o "$out/report.html" --force
     echo "report: $out/report.html" >&2
 

@@ -80,7 +80,9 @@ def edges(run, prompts, model_opts, method, metric, corruption, noise, steps, bu
     Nodes: embed, head.L.H, mlp.L, logits; edges from every sender to every downstream
     receiver, into heads separately through q, k and v. Score = metric(clean run with
     the edge patched from the corrupted run) - metric(clean run) (exact), or its
-    EAP / EAP-IG estimate. GPT-2-family models (the toy).
+    EAP / EAP-IG estimate. Any model whose heads dolm resolves (GPT-2, llama/
+    mistral/qwen2 with grouped-query attention, gpt_neox, ...; post-norm blocks are
+    refused).
     """
     from dolm_tools.circuit.core import run_edges
 

@@ -416,6 +416,46 @@ def cunit_answer(files: dict[str, Any]) -> Answer:
     return a
 
 
+# ------------------------------------------------------------------ circuits
+
+
+def circuit_answer(files: dict[str, Any]) -> Answer:
+    from dolm_tools.circuit.summary import METHODS, task_summary
+
+    a = Answer()
+    tasks = sorted({k.rsplit("/", 1)[0] for k in files
+                    if k.endswith("/faithfulness.parquet")})
+    rows, curves = [], []
+    for t in tasks:
+        s = task_summary({m: _data(files, f"{t}/edges.{m}.parquet") for m in METHODS},
+                         _data(files, f"{t}/faithfulness.parquet"))
+        src = files.get(f"{t}/edges.exact.parquet")
+        extra = (src.meta.extra or {}) if src is not None else {}
+        rho, circ = s["rho"], s["circuit"] or {}
+        small = s["smallest"]
+        rows.append([t, extra.get("n_prompts", ""), num(extra.get("clean_metric")),
+                     num(rho.get(("eap", "exact"))), num(rho.get(("eap-ig", "exact"))),
+                     num(rho.get(("eap", "eap-ig"))), circ.get("n_edges", ""),
+                     num(circ.get("faithfulness")), num(circ.get("complement_ratio")),
+                     "none" if small is None else small, s["n_edges_graph"]])
+        curves.append([t, ", ".join(f"{n}: {f:.2f}" for n, f in s["curve"])])
+        a.headline.append((f"{t}: smallest circuit, faithfulness >= 0.8",
+                           f"{'none' if small is None else small} of {s['n_edges_graph']} "
+                           f"edges; rho(EAP-IG, exact) {num(rho.get(('eap-ig', 'exact')), 2)}"))
+    if rows:
+        a.tables.append(table(
+            ["task", "prompts", "clean logit diff", "rho(EAP, exact)", "rho(EAP-IG, exact)",
+             "rho(EAP, EAP-IG)", "circuit edges", "faithfulness", "complement ratio",
+             "smallest n with faithfulness >= 0.8", "edges in graph"], rows,
+            "Spearman rank correlation of |edge score| over every edge of the graph; the "
+            "circuit = the top edges of the exact ranking, every other edge patched from the "
+            "counterfactual run (faithfulness = circuit metric / full metric; complement ratio "
+            "= the metric with the circuit's edges patched / full). One run, no interval."))
+        a.tables.append(table(["task", "faithfulness of the top-n exact edges (n: value)"],
+                              curves, "the faithfulness curve"))
+    return a
+
+
 # ------------------------------------------------------------------ families
 
 
@@ -483,6 +523,13 @@ STUDIES: tuple[Study, ...] = (
           "interventional data?", ("cunit",),
           (("*", "dags", None), ("fit/metrics.parquet", "scores", None),
            ("fit/metrics.parquet", "history", None)), cunit_answer),
+    Study("circuit", "Edge-level circuits: which connections carry each task",
+          "Which head-to-head connections (through a head's query, key or value), MLPs and "
+          "the embedding carry the answer of each task, and how small can a circuit be that "
+          "keeps it? Edges are scored by exact edge patching from the counterfactual prompt "
+          "and by its gradient estimates EAP and EAP-IG.", ("circuit",),
+          (("*faithfulness.parquet", "curve", None), ("*circuit.json", "graph", None),
+           ("*edges.exact.parquet", "matrix", None)), circuit_answer),
     Study("families", "Task families (smoke run)",
           "Has the model learned each task? Greedy accuracy and the target's log-probability "
           "on 24 prompts per family.", ("families",),

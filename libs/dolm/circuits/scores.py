@@ -172,18 +172,22 @@ class Scorer:
     def _edge_products(self, diff: torch.Tensor, grads: list) -> torch.Tensor:
         """Per prompt, sum over positions of diff[s] . grad[r] for every edge -> (B, E)."""
         g, lm = self.g, self.lm
-        b = diff.shape[0]
-        out = torch.zeros(b, g.n_receivers, g.n_senders, dtype=torch.float64)
+        b, t = diff.shape[:2]
+        out = torch.zeros(b, g.n_receivers, g.n_senders, dtype=torch.float32)
         nh = lm.n_heads
+        # (B, S, T * d): one batched matrix product per receiver group (float32 sums over
+        # T * d terms; the products are summed in the model's float32 anyway)
+        dm = diff.float().permute(0, 2, 1, 3).reshape(b, g.n_senders, -1)
         for lyr in range(lm.n_layers):
             up = g.head_sender(lyr)
             r0 = g.head_recv0[lyr]
             gh, gm = grads[2 * lyr], grads[2 * lyr + 1]
-            out[:, r0:r0 + 3 * nh, :up] = torch.einsum(
-                "btsd,btrd->brs", diff[:, :, :up].double(), gh.double()).cpu()
-            upm = g.mlp_sender(lyr)
-            out[:, g.mlp_recv[lyr], :upm] = torch.einsum(
-                "btsd,btd->bs", diff[:, :, :upm].double(), gm.double()).cpu()
+            gh = gh.float().permute(0, 2, 1, 3).reshape(b, 3 * nh, -1)
+            out[:, r0:r0 + 3 * nh, :up] = torch.bmm(gh, dm[:, :up].transpose(1, 2)).cpu()
+            upm = g.n_upstream(g.mlp_recv[lyr])
+            out[:, g.mlp_recv[lyr], :upm] = torch.bmm(
+                dm[:, :upm], gm.float().reshape(b, -1, 1))[..., 0].cpu()
+        out = out.double()
         return out, grads[-1]
 
     def attribution(self, steps: int = 1) -> np.ndarray:
@@ -194,21 +198,28 @@ class Scorer:
         dst = torch.as_tensor([e[1] for e in g.edges])
         res = []
         for a, z in batches(len(self.data.prompt_ids), self.batch_size):
-            clean, corrupt = self.base(a, z)
             ids, pos, t = self._b(a, z)
-            diff = corrupt.outs - clean.outs
-            e_clean, e_cor = clean.outs[:, :, 0], corrupt.outs[:, :, 0]
+            e_clean, e_cor = self.runner.embed(ids), self.corrupt_embeds(a, z)
+            with torch.no_grad():
+                corrupt = self.runner.run(None, pos, embeds=e_cor, keep=True)
             alphas = [1.0] if steps <= 1 else [(k + 0.5) / steps for k in range(steps)]
-            acc = None
+            acc, clean_outs = None, None
+
+            def metric(lg, a=a, z=z):
+                return self._metric(lg, a, z).sum()
+
             for al in alphas:
                 emb = e_cor + al * (e_clean - e_cor)
-                with torch.enable_grad():
-                    p = self.runner.run(None, pos, embeds=emb, probes=True)
-                    m = self._metric(p.logits, a, z).sum()
-                    grads = torch.autograd.grad(m, p.probes)
-                grads = [gr.detach() for gr in grads]
+                if al == 1.0:  # the gradient pass is the clean run: keep its outputs
+                    grads, clean_outs = self.runner.receiver_grads(emb, pos, metric, True)
+                else:
+                    grads = self.runner.receiver_grads(emb, pos, metric)
                 acc = grads if acc is None else [x + y for x, y in zip(acc, grads, strict=True)]
             grads = [x / len(alphas) for x in acc]
+            if clean_outs is None:
+                with torch.no_grad():
+                    clean_outs = self.runner.run(ids, pos, keep=True).outs
+            diff = corrupt.outs - clean_outs
             prod, g_logits = self._edge_products(diff, grads)
             rows = torch.arange(z - a)
             dl = diff[rows, pos.to(diff.device)].double()  # (B, S, d)

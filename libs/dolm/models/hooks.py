@@ -74,6 +74,19 @@ def register_attention() -> None:
     _REGISTERED = True
 
 
+def release(lm, handles: list, fn_modules: list, saved_impl) -> None:
+    """Remove hooks and attention-function handlers (emptying both lists) and restore the
+    attention implementation ``saved_impl`` (None: it was not switched)."""
+    for h in handles:
+        h.remove()
+    handles.clear()
+    for key in fn_modules:
+        _HANDLERS.pop(key, None)
+    fn_modules.clear()
+    if saved_impl is not None:
+        lm.model.set_attn_implementation(saved_impl)
+
+
 def _first(output):
     """The tensor a module contributes (item 0 of a tuple/list)."""
     if isinstance(output, torch.Tensor):
@@ -544,16 +557,9 @@ class Trace:
         return self
 
     def _remove(self):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        for key in self._fn_modules:
-            _HANDLERS.pop(key, None)
-        self._fn_modules.clear()
+        release(self.lm, self._handles, self._fn_modules, self._saved_attn_impl)
+        self._saved_attn_impl = None
         self._resid_pre.clear()
-        if self._saved_attn_impl is not None:
-            self.lm.model.set_attn_implementation(self._saved_attn_impl)
-            self._saved_attn_impl = None
 
     def __exit__(self, exc_type, exc, tb):
         self._remove()

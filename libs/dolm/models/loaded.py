@@ -617,6 +617,13 @@ class LoadedModel:
             h = _first(layers[i](h, *rest, **kwargs))
         return h
 
+    def receiver_inputs(self, heads=None, mlp=None):
+        """Per-head q/k/v input streams and the MLP's input for edge-level interventions
+        (a context manager; see :mod:`dolm.models.streams`)."""
+        from dolm.models.streams import ReceiverInputs
+
+        return ReceiverInputs(self, heads=heads, mlp=mlp)
+
     def embed_resid(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
         """``resid_pre.0`` of these tokens, from the model's own embedding code (no block
         runs). Hooks of an enclosing ``lm.trace`` on ``embed`` fire."""
