@@ -11,7 +11,11 @@ the running hidden states), so rows of every start layer share one batch. After 
 last block only the position the metric reads goes through the final norm and the
 unembedding. Where the model allows it (``lm.supports_prefix_kv()``), positions before a
 batch's first patched position are not recomputed at all: their keys/values come from the
-base run (``CachedRuns.kv``) and cells are ordered by first patched position.
+base run (``CachedRuns.kv``) and cells are ordered by first patched position;
+:class:`BatchPlan` chooses where batches end (cutting where that position jumps when the
+recomputed positions would cost more than the extra layer steps). The clean and the
+corrupted cache runs are one set of forwards (:func:`forward_pair`), unembedded only at
+the positions the metric reads.
 
 ``resid_pre.l`` and ``resid_post.l`` (= ``resid_pre.(l+1)``) patches are written
 directly into the running hidden states at the entry of a layer; the sites inside a
