@@ -61,6 +61,29 @@ def test_engine_matches_one_forward_per_cell(tiny_lm, family):
             assert abs(ref - r["value"]) < 1e-4, (r["intervention"], ref, r["value"])
 
 
+def test_batch_plan_cuts_where_the_prefix_jumps():
+    """BatchPlan: batches cover every cell once, hold at most `size` rows, and a batch is
+    cut where the first patched position jumps (rows after it would recompute positions
+    they do not change) rather than filled to `size`."""
+    from dolm_tools.patch.engine import BatchPlan
+
+    prefix = np.array([0] * 6 + [14] * 6)  # 12 cells, T = 16
+    start = np.array([0, 1, 2, 3, 4, 5] * 2)
+    plan = BatchPlan(prefix, start, np.full(12, 16), n_layers=6)
+    i, batches = 0, []
+    while i < 12:
+        z = plan.cut(i, 8)
+        assert i < z <= min(i + 8, 12)
+        batches.append((i, z))
+        i = z
+    assert batches == [(0, 6), (6, 12)]
+    # a second size (out-of-memory back-off) re-plans from the current cell
+    assert plan.cut(6, 3) in (7, 8, 9)
+    # without a jump, batches are filled (fewer layer steps)
+    flat = BatchPlan(np.zeros(12, dtype=int), start, np.full(12, 16), n_layers=6)
+    assert flat.cut(0, 12) == 12
+
+
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_patching_clean_run_into_itself_changes_nothing(tiny_lm, direction):
     lm = tiny_lm("gpt2")
@@ -365,5 +388,5 @@ def test_spans_json_errors_are_named(tiny_lm):
     lm = tiny_lm("gpt2")
     df = prompts_df()
     df.loc[0, "spans"] = json.dumps({"subject": [5, 2]})
-    with pytest.raises(InputError, match=r"prompt p0: column 'spans': span 'subject' must be"):
+    with pytest.raises(InputError, match=r"column 'spans' of prompt 'p0': span 'subject' must be"):
         patch_rows(lm, df, mode="noise")

@@ -35,6 +35,25 @@ def hidden_last(lm, texts, layer):
     return h[torch.arange(len(texts)), enc.last_index].double().numpy()
 
 
+def block0_hooked_logit_diff(lm, enc, edit):
+    """logit(" X") - logit(" Y") at the last token, block 0's output edited by a plain
+    forward hook (``edit(h) -> h``): the hand-written reference for steering."""
+
+    def hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = edit(h.clone())
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handle = lm.adapter.block(0).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            out = lm.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+    finally:
+        handle.remove()
+    lg = out.logits[torch.arange(enc.input_ids.shape[0]), enc.last_index]
+    return (lg[:, lm.token_id(" X")] - lg[:, lm.token_id(" Y")]).numpy()
+
+
 # ----------------------------------------------------------------------------- directions
 
 
@@ -139,20 +158,7 @@ def test_steering_equals_a_plain_forward_hook(tiny_lm, sweep):
     ut = torch.tensor(u, dtype=torch.float32)
 
     def run(edit):
-        def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            h = edit(h.clone())
-            return (h, *output[1:]) if isinstance(output, tuple) else h
-
-        handle = lm.adapter.block(0).register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                out = lm.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
-        finally:
-            handle.remove()
-        lg = out.logits[torch.arange(len(texts)), enc.last_index]
-        ids = [lm.token_id(" X"), lm.token_id(" Y")]
-        return (lg[:, ids[0]] - lg[:, ids[1]]).numpy()
+        return block0_hooked_logit_diff(lm, enc, edit)
 
     def add_last(h):
         h[torch.arange(len(texts)), enc.last_index] += 1.5 * ut
@@ -241,3 +247,47 @@ def test_cli_probe_from_acts_then_dose_response_and_bad_input(tiny_gpt2_dir, tin
              "--directions", str(dirs), "-o", bad)
     assert r.returncode == 3 and "--allow-model-mismatch" in r.stderr, r.stderr
     assert not os.path.exists(bad)
+
+
+def test_positions_language_equals_a_plain_hook_and_old_spellings_agree(tiny_lm, sweep):
+    """--positions takes the shared language: `-1` steers what `last` does, `0,-1` the first
+    and last token (checked against a hand hook), and a span spec its tokens."""
+    import json
+
+    from dolm.positions import parse_spans, token_mask
+
+    lm = tiny_lm("gpt2")
+    sub = sweep.head(4)
+    tg = prompt_targets(sub, lm, "prompts")
+    texts = list(sub["prompt"])
+    u = np.random.default_rng(3).normal(size=lm.d_model)
+    u /= np.linalg.norm(u)
+
+    def steer(positions, spans=None):
+        return run_steering(lm, tg, texts, "resid_post.0", u, [2.0], "add", positions,
+                            batch_size=3, spans=spans)[1][0]["logit_diff"]
+
+    np.testing.assert_array_equal(steer("-1"), steer("last"))
+    enc = lm.encode(texts)
+    ut = torch.tensor(u, dtype=torch.float32)
+
+    def hooked(mask):
+        def edit(h):
+            h[torch.from_numpy(mask)] += 2.0 * ut
+            return h
+
+        return block0_hooked_logit_diff(lm, enc, edit)
+
+    first_last = np.zeros(tuple(enc.input_ids.shape), dtype=bool)
+    for i, n in enumerate(enc.lengths):
+        first_last[i, [0, n - 1]] = True
+    np.testing.assert_array_equal(token_mask(enc, "0,-1"), first_last)
+    np.testing.assert_allclose(steer("0,-1"), hooked(first_last), atol=1e-4)
+    # a span over the first 5 characters: its tokens, resolved against the encoding
+    spans = [parse_spans(json.dumps({"head": [0, 5]}), f"p{i}", "t") for i in range(4)]
+    mask = token_mask(enc, "span:head", spans)
+    want = np.zeros_like(mask)
+    for i in range(4):
+        want[i, enc.span_to_tokens(i, 0, 5)] = True
+    np.testing.assert_array_equal(mask, want)
+    np.testing.assert_allclose(steer("span:head", spans), hooked(want), atol=1e-4)

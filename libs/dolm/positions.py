@@ -15,7 +15,9 @@ is the single-spec form of the intervention tools (patch, ablate, lens) and
 :func:`parse_specs` the list form (collect-acts). :func:`resolve` turns a spec into token
 positions of one prompt from its token count, character offsets and spans;
 :func:`parse_spans` reads a ``spans`` cell and :func:`span_tokens` maps a character span to
-tokens. This module depends on nothing but :mod:`dolm.errors`.
+tokens; :func:`token_mask` resolves one spec against every row of an encoding (the
+(rows, T) mask an intervention writes through). This module depends on nothing but
+:mod:`dolm.errors` and :func:`dolm.metrics.is_missing`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from dolm.errors import InputError
+from dolm.metrics import is_missing
 
 BUILTIN = ("last", "all")
 _INT = re.compile(r"[+-]?\d+")
@@ -143,21 +146,30 @@ def needs_spans(specs: Sequence[str]) -> bool:
     return any(parse_spec(s).kind.startswith("span") for s in specs)
 
 
-def parse_spans(value: Any, prompt_id: str, where: str) -> dict[str, tuple[int, int]]:
-    """The ``spans`` cell (JSON object name -> [start, end)) as a dict; {} when null."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+def parse_spans(value: Any, prompt_id: str, where: str, *, column: str = "spans",
+                strict: bool = False) -> dict[str, tuple[int, int]]:
+    """A ``spans`` cell (JSON object, or a dict: name -> [start, end) character offsets)
+    as a dict; {} when null. ``strict``: every span must be two integers with start <=
+    end (a span that is written back or compared, as dolm-patch does), not merely
+    convertible to them."""
+    if is_missing(value):
         return {}
+    where = f"{where}: column {column!r} of prompt {prompt_id!r}"
     try:
         obj = json.loads(value) if isinstance(value, str) else dict(value)
         out = {}
         for name, se in obj.items():
+            if strict and (not isinstance(se, (list, tuple)) or len(se) != 2
+                           or not all(isinstance(x, int) and not isinstance(x, bool)
+                                      for x in se) or se[0] > se[1]):
+                raise InputError(f"{where}: span {name!r} must be [start, end) with start "
+                                 f"<= end, found {se!r}")
             start, end = int(se[0]), int(se[1])
             out[str(name)] = (start, end)
         return out
     except (ValueError, TypeError, KeyError, IndexError):
         raise InputError(
-            f"{where}: column 'spans' of prompt {prompt_id!r}: expected a JSON object "
-            f"name -> [char_start, char_end), found {value!r}"
+            f"{where}: expected a JSON object name -> [char_start, char_end), found {value!r}"
         ) from None
 
 
@@ -216,5 +228,24 @@ def resolve(
     return toks
 
 
+def token_mask(enc: Any, spec: str, spans: Sequence[dict] | None = None,
+               option: str = "--positions") -> np.ndarray:
+    """(rows, T) bool: the positions one spec selects in each row of ``enc`` (a
+    :class:`dolm.models.Encoding`: ``input_ids``, ``lengths``, ``offsets``, ``names``);
+    ``spans``: each row's spans (:func:`parse_spans`), needed by span specs only."""
+    n, t = enc.input_ids.shape
+    out = np.zeros((n, t), dtype=bool)
+    is_span = parse_spec(spec, option).kind.startswith("span")
+    if is_span and getattr(enc, "offsets", None) is None:
+        raise InputError(f"{option} {spec}: the tokenizer gives no character offsets; span "
+                         "positions are unusable")
+    for i, length in enumerate(enc.lengths):
+        off = np.asarray(enc.offsets[i]).reshape(-1, 2) if is_span else None
+        pos = resolve(spec, int(length), off, spans[i] if spans else {}, str(enc.names[i]),
+                      option)
+        out[i, pos] = True
+    return out
+
+
 __all__ = ["BUILTIN", "PositionSpec", "needs_spans", "parse_positions", "parse_spec",
-           "parse_spans", "parse_specs", "resolve", "span_tokens"]
+           "parse_spans", "parse_specs", "resolve", "span_tokens", "token_mask"]

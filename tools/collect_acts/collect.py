@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,28 @@ def relpath(target: str, start_file: str) -> str:
         return os.path.abspath(target)
 
 
+@dataclass
+class Request:
+    """The options of a run, checked before any file or model is read."""
+
+    site_patterns: list[str]
+    attention_to: list[str]
+    specs: list[str]
+    shard: tuple[int, int] | None
+
+
+@dataclass
+class Durable:
+    """The partial files of a run: the outcomes journal, and (with --acts) the open
+    activations file and its writer; ``resumed``: continuing a killed run."""
+
+    journal: Journal
+    tmp_journal: str | None = None
+    fh: Any = None
+    writer: ActsWriter | None = None
+    resumed: bool = False
+
+
 def run_collect(
     run: Any,
     *,
@@ -92,17 +115,40 @@ def run_collect(
     resume: bool,
     shard: str | None,
 ) -> None:
+    """Check the options, plan the prompts, score them into the partial files, and turn
+    those into the outputs (see the module doc)."""
     from dolm.cli import load_model, log, progress
-    from dolm.formats import (
-        all_or_none,
-        finish_h5,
-        open_h5_for_write,
-        partial_path,
-        read_table,
-        write_table,
-    )
 
-    # ---- options that need no file or model
+    req = check_request(prompts, output, acts, sites, positions, attention_to, generate,
+                        resume, shard)
+    lm, settings, items, fingerprint = _plan(run, req, prompts, load_model, model_opts,
+                                             act_dtype, generate)
+    run.params["fingerprint"] = fingerprint
+    dur = _journal(output, fingerprint, resume, log)
+    try:
+        if acts:
+            _open_acts(dur, run, lm, settings, acts, output, fingerprint, force, act_dtype,
+                       compression, log)
+        if not dur.resumed:
+            dur.journal.start()
+        elif dur.journal.n_done:
+            log(f"dolm-collect-acts: resuming after {dur.journal.n_done} of {len(items)} "
+                "prompts")
+
+        _loop(lm, settings, items, dur.journal, dur.writer, model_opts.batch_size, progress,
+              log)
+        _finish(dur, run, lm, settings, fingerprint, output, acts, force, log)
+    finally:
+        dur.journal.close()
+        if dur.fh is not None and not (dur.writer is not None and dur.writer.broken):
+            _close_quietly(dur.fh)
+        if dur.tmp_journal is not None:
+            Path(dur.tmp_journal).unlink(missing_ok=True)
+
+
+def check_request(prompts: str, output: str, acts: str | None, sites, positions,
+                  attention_to, generate: int, resume: bool, shard: str | None) -> Request:
+    """The option checks that need no file or model."""
     site_patterns = split_patterns(sites)
     if acts and not site_patterns:
         raise InputError("--acts: needs --sites (e.g. --sites 'resid_post.*')")
@@ -124,18 +170,24 @@ def run_collect(
         if s in pos.BUILTIN:
             raise InputError(f"--attention-to {s}: expected a span name from the prompts' spans")
     specs = pos.parse_specs(list(positions) or None)
-    shard_kn = parse_shard(shard)
+    return Request(site_patterns, spans, specs, parse_shard(shard))
 
-    # ---- inputs
-    df, meta = read_table(prompts, schema="prompts", run=run)
+
+def _plan(run: Any, req: Request, prompts: str, load_model, model_opts, act_dtype: str,
+          generate: int):
+    """Read the prompts (this shard's), load the model, plan the items; returns (model,
+    settings, items, the run's fingerprint)."""
+    from dolm.formats import read_table
+
+    df, _ = read_table(prompts, schema="prompts", run=run)
     prompts_sha = run.inputs[-1].get("sha256") if run.inputs else None
     n_total = len(df)
-    lo, hi = (0, n_total) if shard_kn is None else shard_range(*shard_kn, n_total)
+    lo, hi = (0, n_total) if req.shard is None else shard_range(*req.shard, n_total)
     sub = df.iloc[lo:hi].reset_index(drop=True)
     del df
 
     lm = load_model(model_opts, run=run)
-    site_names = lm.expand_sites(site_patterns) if site_patterns else []
+    site_names = lm.expand_sites(req.site_patterns) if req.site_patterns else []
     for s in site_names:
         if s.split(".")[0] == "attn":
             raise InputError(
@@ -144,97 +196,98 @@ def run_collect(
             )
     settings = Settings(
         sites=site_names,
-        positions=specs,
+        positions=req.specs,
         act_dtype=act_dtype,
         generate=generate,
-        attention_to=spans,
+        attention_to=req.attention_to,
     )
     items = plan_items(sub, lm, settings, where=prompts, first_index=lo)
-    del sub
-
     fingerprint = {
         "prompts_sha256": prompts_sha,
         "n_prompts": n_total,
         "shard": None
-        if shard_kn is None
-        else {"index": shard_kn[0], "count": shard_kn[1], "start": lo, "stop": hi},
+        if req.shard is None
+        else {"index": req.shard[0], "count": req.shard[1], "start": lo, "stop": hi},
         "model": model_fingerprint(lm.info),
         "options": settings.fingerprint(),
     }
-    run.params["fingerprint"] = fingerprint
+    return lm, settings, items, fingerprint
 
-    # ---- durable state: journal (+ activations partial)
-    tmp_journal = None
+
+def _journal(output: str, fingerprint: dict, resume: bool, log) -> Durable:
+    """The outcomes journal (a temporary one for --output -), reopened with --resume."""
+    from dolm.formats import partial_path
+
+    dur = Durable(Journal(partial_path(output), fingerprint) if output != "-" else None)
     if output == "-":
-        fd, tmp_journal = tempfile.mkstemp(prefix=".dolm-collect-acts.", suffix=".partial")
+        fd, dur.tmp_journal = tempfile.mkstemp(prefix=".dolm-collect-acts.", suffix=".partial")
         os.close(fd)
-        journal = Journal(tmp_journal, fingerprint)
-    else:
-        journal = Journal(partial_path(output), fingerprint)
-    resumed = bool(resume) and journal.resume()
-    if resume and not resumed:
-        log(f"dolm-collect-acts: --resume: no partial run at {journal.path}; starting from the top")
-    fh = writer = None
-    try:
-        if acts:
-            extra = dict(fingerprint, outcomes=None if output == "-" else relpath(output, acts))
-            part = partial_path(acts)
-            if resumed and not part.exists():
-                log(f"dolm-collect-acts: --resume: {part} is gone; starting over")
-            elif resumed:
-                try:
-                    fh = open_h5_for_write(
-                        acts, "activations", run, force=force, resume=True, extra=extra
-                    )
-                except Exception as exc:  # noqa: BLE001 - an unreadable partial: start over
-                    log(f"dolm-collect-acts: cannot reuse {part} ({exc}); starting over")
-                    fh = None
-            if fh is not None:
-                writer = ActsWriter(fh, widths(lm, site_names), act_dtype, compression)
-                why = writer.reopen(journal.acts_rows, journal.segments)
-                if why is not None:
-                    log(f"dolm-collect-acts: cannot reuse {part} ({why}); starting over")
-                    _close_quietly(fh)
-                    fh = writer = None
-            if fh is None:
-                resumed = False
-                part.unlink(missing_ok=True)
-                fh = open_h5_for_write(
-                    acts, "activations", run, force=force, resume=False, extra=extra
-                )
-                writer = ActsWriter(fh, widths(lm, site_names), act_dtype, compression)
-                writer.create()
-                writer.commit()
-        if not resumed:
-            journal.start()
-        elif journal.n_done:
-            log(f"dolm-collect-acts: resuming after {journal.n_done} of {len(items)} prompts")
+        dur.journal = Journal(dur.tmp_journal, fingerprint)
+    dur.resumed = bool(resume) and dur.journal.resume()
+    if resume and not dur.resumed:
+        log(f"dolm-collect-acts: --resume: no partial run at {dur.journal.path}; starting "
+            "from the top")
+    return dur
 
-        _loop(lm, settings, items, journal, writer, model_opts.batch_size, progress, log)
 
-        # ---- finish: both outputs appear together (the table is written first under a
-        # temporary name); the journal goes last
-        table = build_table(journal.rows(), settings, lm)
-        out_extra = dict(fingerprint, acts=None if not acts else relpath(acts, output))
-        if output == "-":
-            out_extra["acts"] = os.path.abspath(acts) if acts else None
-        with all_or_none():
-            write_table(table, output, schema="outcomes", run=run, force=force,
-                        extra=out_extra)
-            if fh is not None:
-                finish_h5(fh, acts, "activations", run)
-                fh = None
-        journal.remove()
-        done = f"dolm-collect-acts: {table.num_rows} prompts -> {output}"
-        if acts:
-            done += f"; {writer.rows} rows x {len(site_names)} sites -> {acts}"
-        log(done)
-    finally:
-        journal.close()
-        if fh is not None and not (writer is not None and writer.broken):
-            _close_quietly(fh)
-        if tmp_journal is not None:
-            Path(tmp_journal).unlink(missing_ok=True)
+def _open_acts(dur: Durable, run: Any, lm, settings, acts: str, output: str,
+               fingerprint: dict, force: bool, act_dtype: str, compression: str, log) -> None:
+    """The activations partial: reopened and checked when resuming, else created (a
+    partial that cannot be reused means starting over)."""
+    from dolm.formats import open_h5_for_write, partial_path
+
+    site_widths = widths(lm, settings.sites)
+    extra = dict(fingerprint, outcomes=None if output == "-" else relpath(output, acts))
+    part = partial_path(acts)
+    if dur.resumed and not part.exists():
+        log(f"dolm-collect-acts: --resume: {part} is gone; starting over")
+    elif dur.resumed:
+        try:
+            dur.fh = open_h5_for_write(
+                acts, "activations", run, force=force, resume=True, extra=extra
+            )
+        except Exception as exc:  # noqa: BLE001 - an unreadable partial: start over
+            log(f"dolm-collect-acts: cannot reuse {part} ({exc}); starting over")
+            dur.fh = None
+    if dur.fh is not None:
+        dur.writer = ActsWriter(dur.fh, site_widths, act_dtype, compression)
+        why = dur.writer.reopen(dur.journal.acts_rows, dur.journal.segments)
+        if why is not None:
+            log(f"dolm-collect-acts: cannot reuse {part} ({why}); starting over")
+            _close_quietly(dur.fh)
+            dur.fh = dur.writer = None
+    if dur.fh is None:
+        dur.resumed = False
+        part.unlink(missing_ok=True)
+        dur.fh = open_h5_for_write(
+            acts, "activations", run, force=force, resume=False, extra=extra
+        )
+        dur.writer = ActsWriter(dur.fh, site_widths, act_dtype, compression)
+        dur.writer.create()
+        dur.writer.commit()
+
+
+def _finish(dur: Durable, run: Any, lm, settings, fingerprint: dict, output: str,
+            acts: str | None, force: bool, log) -> None:
+    """Both outputs appear together (the table is written first under a temporary name);
+    the journal goes last."""
+    from dolm.formats import all_or_none, finish_h5, write_table
+
+    table = build_table(dur.journal.rows(), settings, lm)
+    out_extra = dict(fingerprint, acts=None if not acts else relpath(acts, output))
+    if output == "-":
+        out_extra["acts"] = os.path.abspath(acts) if acts else None
+    with all_or_none():
+        write_table(table, output, schema="outcomes", run=run, force=force,
+                    extra=out_extra)
+        if dur.fh is not None:
+            finish_h5(dur.fh, acts, "activations", run)
+            dur.fh = None
+    dur.journal.remove()
+    done = f"dolm-collect-acts: {table.num_rows} prompts -> {output}"
+    if acts:
+        done += f"; {dur.writer.rows} rows x {len(settings.sites)} sites -> {acts}"
+    log(done)
 
 
 def _close_quietly(fh: Any) -> None:

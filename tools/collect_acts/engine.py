@@ -12,7 +12,6 @@ rounding of batched matmuls).
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,13 +244,6 @@ def _np(x: Any) -> np.ndarray:
 # ---------------------------------------------------------------- scoring
 
 
-def _accepts(model: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
-
-
 class Scorer:
     """Runs batches for one model and one set of settings."""
 
@@ -269,7 +261,7 @@ class Scorer:
             [f"attn.{layer}" for layer in range(lm.n_layers)] if settings.attention_to else []
         )
         self.read = list(settings.sites) + [s for s in self.attn_sites if s not in settings.sites]
-        self.keep_ok = "logits" not in settings.sites and _accepts(lm.model, "logits_to_keep")
+        self.keep_ok = "logits" not in settings.sites and lm.accepts("logits_to_keep")
         self.act_dtype = getattr(torch, settings.act_dtype)
 
     # ---------------------------------------------------------------- forward

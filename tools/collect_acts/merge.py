@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from dolm.activations import COORDS
 from dolm.errors import InputError
 from dolm.executor import check_shard_set, concat_h5
-from dolm_tools.collect_acts.store import COORDS, _first_difference
+from dolm_tools.collect_acts.store import _first_difference
 
 
 def _shard_of(path: str, extra: dict[str, Any]) -> dict[str, Any]:

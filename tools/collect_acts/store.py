@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from dolm.activations import COORDS
 from dolm.errors import InputError
 from dolm.formats import write_error
 
 JOURNAL_KIND = "dolm-collect-acts journal"
 RESUMABLE = "what was committed stays in the partial files: free space and rerun with --resume"
-COORDS = ("prompt_id", "prompt_index", "position", "position_label", "token_id")
 
 
 class Journal:

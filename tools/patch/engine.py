@@ -11,7 +11,11 @@ the running hidden states), so rows of every start layer share one batch. After 
 last block only the position the metric reads goes through the final norm and the
 unembedding. Where the model allows it (``lm.supports_prefix_kv()``), positions before a
 batch's first patched position are not recomputed at all: their keys/values come from the
-base run (``CachedRuns.kv``) and cells are ordered by first patched position.
+base run (``CachedRuns.kv``) and cells are ordered by first patched position;
+:class:`BatchPlan` chooses where batches end (cutting where that position jumps when the
+recomputed positions would cost more than the extra layer steps). The clean and the
+corrupted cache runs are one set of forwards (:func:`forward_pair`), unembedded only at
+the positions the metric reads.
 
 ``resid_pre.l`` and ``resid_post.l`` (= ``resid_pre.(l+1)``) patches are written
 directly into the running hidden states at the entry of a layer; the sites inside a
@@ -34,6 +38,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from dolm.engine import entry_layer, entry_site, row_writer, rows_start, run_rows
 from dolm.engine import unembed as unembed_at
@@ -179,11 +184,68 @@ def run_cells(lm, runs: CachedRuns, cells: list[Cell], batch_size, progress=None
         rows = sorted(order[a:z], key=lambda i: (cells[i].start, i))
         return rows, run_chunk(lm, runs, [cells[i] for i in rows])
 
-    for a, z, (rows, res) in iter_batched(len(order), fn, batch_size, max_batch_size=64):
+    planner = BatchPlan(np.array([cell_prefix(runs, cells[i]) for i in order]),
+                        np.array([cells[i].start for i in order]),
+                        runs.t_base[torch.tensor([cells[i].inst for i in order],
+                                                 dtype=torch.long)].numpy(), lm.n_layers)
+    for a, z, (rows, res) in iter_batched(len(order), fn, batch_size, max_batch_size=64,
+                                          cut=planner.cut):
         out[torch.tensor(rows)] = res
         if progress is not None:
             progress(z - a)
     return out
+
+
+class BatchPlan:
+    """Batch boundaries over cells in run order (first patched position ascending) that
+    minimise the layer-steps' cost, at most ``size`` rows a batch.
+
+    A batch steps positions ``p..t-1`` (``p``: its first cell's prefix, ``t``: its
+    longest base) for every row that has joined by each layer, so a step costs about
+    ``rows x (t - p)`` token passes plus a fixed cost per step (reading the layer's
+    weights, ~``STEP_TOKENS`` token passes on a CPU). Cutting where the prefix jumps
+    saves recomputed positions; filling batches saves steps. Dynamic programming over
+    the cut points (each cell's batch ends at most ``size`` cells later); the plan is
+    recomputed from the current cell when the size changes (out-of-memory back-off).
+    Boundaries change only which rows share a batch, not any row's result.
+    """
+
+    STEP_TOKENS = 40
+
+    def __init__(self, prefix: np.ndarray, start: np.ndarray, t_base: np.ndarray,
+                 n_layers: int):
+        self.prefix, self.start, self.t_base = prefix, start, t_base
+        self.n_layers = n_layers
+        self.stops: dict[int, int] = {}
+        self.size = None
+
+    def cut(self, i: int, size: int) -> int:
+        if size != self.size or i not in self.stops:
+            self.size = size
+            self.stops = self._plan(i, size)
+        return self.stops[i]
+
+    def _plan(self, first: int, size: int) -> dict[int, int]:
+        n = len(self.prefix)
+        layers = np.arange(self.n_layers)
+        best = np.full(n + 1, np.inf)
+        best[first] = 0.0
+        arg = np.zeros(n + 1, dtype=np.int64)
+        for z in range(first + 1, n + 1):
+            a0 = max(first, z - size)
+            joined = (self.start[a0:z, None] <= layers[None, :]).astype(np.int64)
+            rows = np.cumsum(joined[::-1], axis=0)[::-1]  # rows of [a, z) by layer
+            t = np.maximum.accumulate(self.t_base[a0:z][::-1])[::-1]
+            width = np.maximum(t - self.prefix[a0:z], 1)
+            tokens = rows * width[:, None]
+            cost = (tokens + self.STEP_TOKENS * (tokens > 0)).sum(axis=1) + best[a0:z]
+            k = int(np.argmin(cost))
+            best[z], arg[z] = cost[k], a0 + k
+        stops, z = {}, n
+        while z > first:
+            stops[int(arg[z])] = z
+            z = int(arg[z])
+        return stops
 
 
 # --------------------------------------------------------------------- cache runs
@@ -191,13 +253,15 @@ def run_cells(lm, runs: CachedRuns, cells: list[Cell], batch_size, progress=None
 
 def forward_runs(lm, input_ids: torch.Tensor, lengths: list[int], sites: list[str],
                  embed_noise=None, batch_size="auto", ids: torch.Tensor | None = None,
-                 kv: list | None = None):
+                 kv: list | None = None, kv_rows: slice | None = None):
     """Full forwards of padded ``input_ids`` reading ``sites``.
 
     ``embed_noise(a, z)``: optional (z - a, T, d) tensor added to the ``embed`` output of
     rows a..z. Returns (dict site -> (N, T, d) on the model's device, read rows (N, K+2)
-    at each row's last position when ``ids`` is given). ``kv``: a list that receives
-    every layer's (keys, values) of all rows (``lm.forward_kv``).
+    at each row's last position when ``ids`` is given; only those positions are
+    unembedded where the model takes ``logits_to_keep``). ``kv``: a list that receives
+    every layer's (keys, values) (``lm.forward_kv``) of the rows ``kv_rows`` (all rows
+    when None).
     """
     from dolm.models.batching import iter_batched
 
@@ -208,6 +272,8 @@ def forward_runs(lm, input_ids: torch.Tensor, lengths: list[int], sites: list[st
     store: dict[str, list[torch.Tensor]] = defaultdict(list)
     reads: list[torch.Tensor] = []
     kv_parts: list[list] = []
+    keep_ok = ids is not None and lm.accepts("logits_to_keep")
+    kv_lo, kv_hi = (0, n) if kv_rows is None else (kv_rows.start or 0, kv_rows.stop)
 
     @torch.no_grad()
     def fn(a: int, z: int):
@@ -220,19 +286,28 @@ def forward_runs(lm, input_ids: torch.Tensor, lengths: list[int], sites: list[st
 
             write = {"embed": add}
         ids_a, mask_a = input_ids[a:z].to(lm.device), mask[a:z].to(lm.device)
+        last = torch.tensor([x - 1 for x in lengths[a:z]])
+        kwargs, col = {}, last
+        if keep_ok:  # unembed only the positions read (the rows' last ones)
+            keep, col = torch.unique(last, return_inverse=True)
+            kwargs["logits_to_keep"] = keep.to(lm.device)
         layer_kv = None
         with lm.trace(read=sites, write=write) as tr:
-            if kv is None:
-                out = lm.model(input_ids=ids_a, attention_mask=mask_a, use_cache=False)
+            if kv is None or z <= kv_lo or a >= kv_hi:
+                out = lm.model(input_ids=ids_a, attention_mask=mask_a, use_cache=False,
+                               **kwargs)
             else:
-                out, layer_kv = lm.forward_kv(ids_a, mask_a)
+                out, layer_kv = lm.forward_kv(ids_a, mask_a, **kwargs)
+                r0, r1 = max(kv_lo, a) - a, min(kv_hi, z) - a
+                layer_kv = [(k[r0:r1], v[r0:r1]) for k, v in layer_kv]
         vals = {s: tr[s].clone() for s in sites}
         if layer_kv is not None:
             vals["kv"] = layer_kv
         rd = None
         if ids is not None:
-            last = torch.tensor([x - 1 for x in lengths[a:z]])
-            logits = out.logits[torch.arange(z - a), last.to(out.logits.device)]
+            if out.logits.shape[1] != (len(kwargs["logits_to_keep"]) if kwargs else t):
+                col = last  # a model that took logits_to_keep but kept every position
+            logits = out.logits[torch.arange(z - a), col.to(out.logits.device)]
             rd = read_logits(logits, ids[a:z])
         return vals, rd
 
@@ -248,6 +323,47 @@ def forward_runs(lm, input_ids: torch.Tensor, lengths: list[int], sites: list[st
         kv[:] = [(torch.cat([part[i][0] for part in kv_parts]),
                   torch.cat([part[i][1] for part in kv_parts])) for i in range(lm.n_layers)]
     return cat, (torch.cat(reads, dim=0) if reads else None)
+
+
+def forward_pair(lm, clean: tuple, cor: tuple, sites: list[str], embed_noise=None,
+                 batch_size="auto", kv_of: str | None = None):
+    """The clean and the corrupted runs as one set of forwards (rows share the weight
+    reads), split back into two :func:`forward_runs` results.
+
+    ``clean``/``cor``: (input_ids (N, T), lengths, read ids (N, K)); ``embed_noise``
+    applies to the corrupted rows only; ``kv_of`` ("clean" / "cor" / None): whose keys
+    and values to return as a third item (list per layer, cut to that run's T).
+    """
+    (c_ids, c_len, c_read_ids), (x_ids, x_len, x_read_ids) = clean, cor
+    n_c, t_c, t_x = c_ids.shape[0], c_ids.shape[1], x_ids.shape[1]
+    t = max(t_c, t_x)
+
+    def pad(x):
+        return torch.nn.functional.pad(x, (0, t - x.shape[1]))
+
+    input_ids = torch.cat([pad(c_ids), pad(x_ids)])
+    noise_all = None
+    if embed_noise is not None:
+        def noise_all(a: int, z: int):
+            out = torch.zeros(z - a, t, lm.d_model)
+            lo, hi = max(a, n_c), max(z, n_c)
+            if hi > lo:
+                part = embed_noise(lo - n_c, hi - n_c)
+                out[lo - a:hi - a, :part.shape[1]] = part
+            return out
+
+    kv = [] if kv_of else None
+    rows = slice(0, n_c) if kv_of == "clean" else slice(n_c, input_ids.shape[0])
+    cache, read = forward_runs(lm, input_ids, list(c_len) + list(x_len), sites,
+                               embed_noise=noise_all, batch_size=batch_size,
+                               ids=torch.cat([c_read_ids, x_read_ids]), kv=kv,
+                               kv_rows=rows if kv_of else None)
+    clean_out = ({s: v[:n_c, :t_c] for s, v in cache.items()}, read[:n_c])
+    cor_out = ({s: v[n_c:, :t_x] for s, v in cache.items()}, read[n_c:])
+    if kv is not None:
+        t_kv = t_c if kv_of == "clean" else t_x
+        kv = [(k[:, :, :t_kv], v[:, :, :t_kv]) for k, v in kv]
+    return clean_out, cor_out, kv
 
 
 # --------------------------------------------------------------------- attribution

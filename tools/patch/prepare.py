@@ -11,12 +11,12 @@ aligns the two sequences at their ends).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
 from dolm.errors import InputError
 from dolm.metrics import first_token, is_missing
+from dolm.positions import parse_spans
 from dolm.readout import intended_choice
 
 MODES = ("counterfactual", "noise")
@@ -39,8 +39,8 @@ class Prompt:
     choices: list[str] | None
     choice_ids: list[int] | None
     intended: str | None
-    spans: dict[str, list[int]]
-    cf_spans: dict[str, list[int]]
+    spans: dict[str, tuple[int, int]]
+    cf_spans: dict[str, tuple[int, int]]
 
 
 @dataclass
@@ -69,29 +69,6 @@ def _list_or_none(v) -> list | None:
         return [str(x) for x in list(v)]
     except TypeError:
         return None
-
-
-def _parse_spans(raw, where: str) -> dict[str, list[int]]:
-    if is_missing(raw):
-        return {}
-    if isinstance(raw, dict):
-        obj = raw
-    else:
-        try:
-            obj = json.loads(raw)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"{where}: expected a JSON object name -> [start, end), "
-                             f"found {str(raw)[:60]!r} ({exc})") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{where}: expected a JSON object name -> [start, end)")
-    out = {}
-    for name, se in obj.items():
-        if (not isinstance(se, (list, tuple)) or len(se) != 2
-                or not all(isinstance(x, int) for x in se) or se[0] > se[1]):
-            raise InputError(f"{where}: span {name!r} must be [start, end) with start <= end, "
-                             f"found {se!r}")
-        out[str(name)] = [int(se[0]), int(se[1])]
-    return out
 
 
 def read_prompts(df, lm, *, mode: str, metric: str, path: str,
@@ -154,10 +131,9 @@ def read_prompts(df, lm, *, mode: str, metric: str, path: str,
         if "intended_option" in cols and not is_missing(row.get("intended_option")):
             value = row["intended_option"]
             intended = intended_choice(value, choices, (target, foil)) or str(value).strip()
-        spans = _parse_spans(row.get("spans"), f"{path}: prompt {pid}: column 'spans'") \
-            if "spans" in cols else {}
-        cf_spans = _parse_spans(row.get("cf_spans"), f"{path}: prompt {pid}: column "
-                                "'cf_spans'") if "cf_spans" in cols else {}
+        spans, cf_spans = ({} if c not in cols else
+                           parse_spans(row.get(c), pid, path, column=c, strict=True)
+                           for c in ("spans", "cf_spans"))
         out.append(Prompt(pid, text, cf_text, target, foil, tid, fid, choices, cids,
                           intended, spans, cf_spans))
     ids = [p.prompt_id for p in out]

@@ -312,15 +312,12 @@ class Patcher:
             starts = {c.start for c in cells}
             sites = engine.cache_sites(lm, sorted(keys) + sorted(starts))
             sites = [s for s in sites if s]
-            # the base run's keys/values, when the model can reuse them for the prefix
-            base_kv = [] if lm.supports_prefix_kv() else None
-            clean_cache, clean_read = engine.forward_runs(lm, clean_ids, clean_len, sites,
-                                                  batch_size=o.batch_size, ids=ids_clean,
-                                                  kv=None if denoise else base_kv)
-            cor_cache, cor_read = engine.forward_runs(lm, cor_ids, cor_len, sites,
-                                                      embed_noise=noise, batch_size=o.batch_size,
-                                                      ids=ids_cor,
-                                                      kv=base_kv if denoise else None)
+            # one set of forwards for both runs; the base run's keys/values, when the model
+            # can reuse them for the prefix
+            kv_of = ("cor" if denoise else "clean") if lm.supports_prefix_kv() else None
+            (clean_cache, clean_read), (cor_cache, cor_read), base_kv = engine.forward_pair(
+                lm, (clean_ids, clean_len, ids_clean), (cor_ids, cor_len, ids_cor), sites,
+                embed_noise=noise, batch_size=o.batch_size, kv_of=kv_of)
             base_c, src_c = (cor_cache, clean_cache) if denoise else (clean_cache, cor_cache)
             runs = engine.CachedRuns(
                 base_entry={lyr: base_c[engine.site_for_key(lm, lyr)] for lyr in starts},

@@ -1,11 +1,12 @@
 """Steering: add alpha x a unit direction at a site (or project the direction out), at
-the last prompt position or at every position, for many alphas in one batched run.
+the prompt positions one ``--positions`` spec selects (:mod:`dolm.positions`: last, all,
+integers, span:NAME, NAME_first, NAME_last), for many alphas in one batched run.
 
 Every (alpha, prompt) pair is one batch row; a row starts at the site's layer from the
 cached clean residual stream (:mod:`dolm.variants`). Generation under steering is
-greedy, without a key/value cache, the steering applied at every forward: with
-``positions=last`` at the last prompt position and every generated one (the positions
-whose next token is chosen), with ``all`` everywhere.
+greedy, without a key/value cache, the steering applied at every forward: at the
+selected prompt positions and every generated one (with ``last``: the positions whose
+next token is chosen; with ``all``: everywhere).
 """
 
 from __future__ import annotations
@@ -14,18 +15,13 @@ import numpy as np
 import torch
 from dolm.engine import row_writer, start_layer, writes_embed
 from dolm.metrics import Targets, effect_frames, ids_matrix, metrics_table
+from dolm.positions import token_mask
 from dolm.variants import clean_pass, run_variants
 
 
-def position_mask(enc, positions: str) -> torch.Tensor:
-    n, t = enc.input_ids.shape
-    mask = torch.zeros(n, t, dtype=torch.bool)
-    for i, length in enumerate(enc.lengths):
-        if positions == "all":
-            mask[i, :length] = True
-        else:
-            mask[i, length - 1] = True
-    return mask
+def position_mask(enc, positions: str, spans=None) -> torch.Tensor:
+    """(rows, T) bool of the prompt positions steered (the ``--positions`` language)."""
+    return torch.from_numpy(token_mask(enc, positions, spans))
 
 
 def steer_fn(mode: str, u: torch.Tensor):
@@ -47,8 +43,9 @@ def steer_fn(mode: str, u: torch.Tensor):
 
 def run_steering(lm, targets: list[Targets], texts: list[str], site: str, direction: np.ndarray,
                  alphas: list[float], mode: str, positions: str, batch_size="auto",
-                 progress=None):
-    """Clean metrics and metrics per alpha (``[None]`` for project): name -> (N,)."""
+                 progress=None, spans=None):
+    """Clean metrics and metrics per alpha (``[None]`` for project): name -> (N,).
+    ``positions``: one spec of :mod:`dolm.positions` (``spans``: each prompt's spans)."""
     names = [t.prompt_id for t in targets]
     enc = lm.encode(texts, names=names, device="cpu")
     n = len(targets)
@@ -61,7 +58,7 @@ def run_steering(lm, targets: list[Targets], texts: list[str], site: str, direct
     v_alpha = np.repeat(np.asarray([a or 0.0 for a in al], dtype=np.float64), n)
     v_prompt = np.tile(np.arange(n), len(al))
     v_start = np.full(len(v_prompt), start)
-    pmask = position_mask(enc, positions)
+    pmask = position_mask(enc, positions, spans)
     make_value = steer_fn(mode, u)
 
     def make_writes(rows: np.ndarray, t: int) -> dict:
@@ -80,8 +77,10 @@ def run_steering(lm, targets: list[Targets], texts: list[str], site: str, direct
 @torch.no_grad()
 def generate(lm, texts: list[str], names: list[str], site: str, direction: np.ndarray,
              alphas: list, mode: str, positions: str, n_tokens: int,
-             batch_size="auto") -> list[list[str]]:
-    """Greedy continuations under steering: [alpha index][prompt index] -> text."""
+             batch_size="auto", spans=None) -> list[list[str]]:
+    """Greedy continuations under steering: [alpha index][prompt index] -> text.
+
+    Steered: the prompt positions ``positions`` selects and every generated position."""
     from dolm.models.batching import iter_batched, pad_right
 
     u = torch.as_tensor(direction, dtype=torch.float32)
@@ -89,6 +88,7 @@ def generate(lm, texts: list[str], names: list[str], site: str, direction: np.nd
     tok = lm.tokenizer
     enc = lm.encode(texts, names=names, device="cpu")
     base_ids = [enc.input_ids[i, :n].tolist() for i, n in enumerate(enc.lengths)]
+    prompt_mask = position_mask(enc, positions, spans)
     eos = tok.eos_token_id
     n = len(texts)
     al = [a if a is not None else 0.0 for a in alphas]
@@ -99,7 +99,7 @@ def generate(lm, texts: list[str], names: list[str], site: str, direction: np.nd
     def fn(a: int, z: int):
         rows = rows_all[a:z]
         seqs = [list(base_ids[i]) for _, i in rows]
-        first = [len(s) - 1 for s in seqs]
+        n_prompt = [len(s) for s in seqs]
         alive = [True] * len(rows)
         gen: list[list[int]] = [[] for _ in rows]
         alpha_rows = np.asarray([al[k] for k, _ in rows], dtype=np.float64)
@@ -108,8 +108,9 @@ def generate(lm, texts: list[str], names: list[str], site: str, direction: np.nd
                 break
             ids, mask = pad_right(seqs, lm.pad_id, lm.device)
             pmask = torch.zeros(ids.shape, dtype=torch.bool)
-            for r, s in enumerate(seqs):
-                pmask[r, (0 if positions == "all" else first[r]):len(s)] = True
+            for r, (s, (_, i)) in enumerate(zip(seqs, rows, strict=True)):
+                pmask[r, :n_prompt[r]] = prompt_mask[i, :n_prompt[r]]
+                pmask[r, n_prompt[r]:len(s)] = True
             write = {site: row_writer(np.arange(len(seqs)), pmask, make_value(alpha_rows))}
             with lm.trace(write=write):
                 res = lm.model(input_ids=ids, attention_mask=mask, use_cache=False)

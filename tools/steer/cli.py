@@ -12,6 +12,9 @@ probe scores, training-data hash, model hash) and, with ``--scores``, a ``probes
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import click
 from dolm.cli import (
     model_options,
@@ -94,11 +97,100 @@ def fit(run, prompts, method, sites, label, threshold, negatives, probe_kind, te
         scores, where, limit, model_opts, output, force, seed):
     """Fit directions at sites from PROMPTS (a prompts table)."""
     import numpy as np
-    from dolm.cli import load_model, log
-    from dolm.errors import InputError
-    from dolm.formats import read_h5, read_table, save_safetensors, write_table
+    from dolm.cli import log
+    from dolm.formats import read_table, save_safetensors, write_table
     from dolm.metrics import select_prompts
-    from dolm_tools.steer import fit as F
+
+    _check_fit_options(method, label, negatives, acts, vector, output, scores)
+    df, _ = read_table(prompts, schema="prompts", run=run)
+    df = select_prompts(df, where, limit, prompts)
+    neg_df = None
+    if negatives is not None:
+        neg_df, _ = read_table(negatives, schema="prompts", run=run)
+        if len(neg_df) == 0:
+            from dolm.errors import InputError
+
+            raise InputError(f"--negatives {negatives}: no prompts")
+    y = None if label is None else _label_values(df, label, threshold, prompts)
+    probe_kind = _probe_kind(method, probe_kind, y, label)
+    job = FitJob(method=method, prompts=prompts, df=df, neg_df=neg_df, label=label, y=y,
+                 threshold=threshold, negatives=negatives, probe_kind=probe_kind,
+                 test_fraction=test_fraction, c_reg=c_reg, seed=seed, position=position,
+                 vector=vector, batch_size=model_opts.batch_size)
+    if acts is not None:
+        _read_acts(job, run, acts, sites, acts_label, model_opts,
+                   allow_other_prompts or negatives is not None, allow_model_mismatch)
+    else:
+        _model_acts(job, run, sites, model_opts)
+    extra = {"method": method, "sites": job.site_list, "label": label,
+             "threshold": threshold, "position": position, "normalisation": "unit",
+             "model_spec": job.model_info.get("spec"),
+             "weights_sha256": job.model_info.get("weights_sha256")}
+    fitted, method_extra = METHODS[method](job)
+    extra.update(method_extra)
+    site_list = job.site_list
+    best = fitted.best_site or (site_list[0] if len(site_list) == 1 else None)
+    extra.update(best_site=best, norms=fitted.norms, proj_mean=fitted.proj_mean,
+                 proj_std=fitted.proj_std,
+                 scores={s: {r["metric"]: r["value"] for r in fitted.scores if r["site"] == s}
+                         for s in site_list if any(r["site"] == s for r in fitted.scores)},
+                 n_prompts=len(job.pids))
+    import torch
+
+    tensors = {f"direction.{s}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+               for s, v in fitted.directions.items()}
+    if scores is not None:
+        write_table(_scores_frame(fitted, job, best), scores, schema="probes", run=run,
+                    force=force, extra=extra)
+    save_safetensors(tensors, output, schema="directions", run=run, force=force, extra=extra)
+    if fitted.scores:
+        key = fitted.scores[0]["metric"]
+        line = ", ".join(f"{r['site']} {r['value']:.3f}" for r in fitted.scores
+                         if r["metric"] == key)
+        log(f"dolm-steer fit: held-out {key}: {line}")
+    if best is not None:
+        log(f"dolm-steer fit: best site {best}")
+
+
+@dataclass
+class FitJob:
+    """One ``fit`` run's inputs: the prompts (and negatives), the label values ``y``, the
+    method's settings, and (once read) the activations ``data`` (site -> (N, width), the
+    prompts' rows first, then the negatives'), the sites, the model (None with --acts)."""
+
+    method: str
+    prompts: str
+    df: Any
+    neg_df: Any
+    label: str | None
+    y: Any
+    threshold: float | None
+    negatives: str | None
+    probe_kind: str | None
+    test_fraction: float
+    c_reg: float
+    seed: int
+    position: str
+    vector: str | None
+    batch_size: Any
+    data: dict = field(default_factory=dict)
+    site_list: list = field(default_factory=list)
+    lm: Any = None
+    model_info: dict = field(default_factory=dict)
+
+    @property
+    def pids(self) -> list[str]:
+        return [str(x) for x in self.df["prompt_id"]]
+
+    def all_ids(self) -> list[str]:
+        """Prompt ids of the rows of ``data``: the prompts, then the negatives."""
+        neg = [] if self.neg_df is None else [str(x) for x in self.neg_df["prompt_id"]]
+        return self.pids + neg
+
+
+def _check_fit_options(method, label, negatives, acts, vector, output, scores) -> None:
+    """Option combinations ``fit`` refuses before reading anything."""
+    from dolm.errors import InputError
 
     if output == "-":
         raise InputError("--output: a safetensors file cannot go to stdout; give a path")
@@ -119,136 +211,148 @@ def fit(run, prompts, method, sites, label, threshold, negatives, probe_kind, te
         raise InputError("--negatives: only for --method diffmeans (a probe needs --label)")
     if label is not None and negatives is not None:
         raise InputError("--label and --negatives: give one of them")
-    df, _ = read_table(prompts, schema="prompts", run=run)
-    df = select_prompts(df, where, limit, prompts)
-    neg_df = None
-    if negatives is not None:
-        neg_df, _ = read_table(negatives, schema="prompts", run=run)
-        if len(neg_df) == 0:
-            raise InputError(f"--negatives {negatives}: no prompts")
-    y = None
-    if label is not None:
-        y = _label_values(df, label, threshold, prompts)
+
+
+def _probe_kind(method: str, probe_kind, y, label):
+    """--probe, defaulted from the label (logistic for a binary one) and checked."""
+    import numpy as np
+    from dolm.errors import InputError
+
     if probe_kind is None and method == "probe":
         probe_kind = "logistic" if set(np.unique(y)) <= {0.0, 1.0} else "ridge"
     if probe_kind == "logistic" and y is not None and not set(np.unique(y)) <= {0.0, 1.0}:
         raise InputError(f"--probe logistic: --label {label} is not binary; binarise it with "
                          "--threshold T, or use --probe ridge")
-    pids = [str(x) for x in df["prompt_id"]]
-    texts = [str(x) for x in df["prompt"]]
-    lm = None
-    if acts is not None:
-        from dolm.cli import check_model_match, check_same_prompts, input_sha256
+    return probe_kind
 
-        fh, ameta = read_h5(acts, schema="activations", run=run)
-        try:
-            check_same_prompts(ameta, prompts, input_sha256(run, prompts),
-                               allow_other_prompts or negatives is not None)
-            if click.get_current_context().get_parameter_source("model").name in (
-                    "COMMANDLINE", "ENVIRONMENT"):
-                check_model_match(ameta, load_model(model_opts), allow_model_mismatch)
-            want = None if sites in ("*", "all") else _acts_sites(fh, sites, acts)
-            if neg_df is not None:
-                all_ids = pids + [str(x) for x in neg_df["prompt_id"]]
-            else:
-                all_ids = pids
-            data, site_list = F.h5_acts(fh, acts, all_ids, want, acts_label)
-        finally:
-            fh.close()
-        model_info = ameta.model_entry() or {}
-        if model_info:
-            run.set_model(model_info)
+
+def _read_acts(job: FitJob, run, acts: str, sites: str, acts_label, model_opts,
+               allow_other_prompts: bool, allow_model_mismatch: bool) -> None:
+    """``job.data``/``site_list``/``model_info`` from a dolm-collect-acts file."""
+    from dolm.activations import vectors_by_prompt
+    from dolm.cli import check_model_match, check_same_prompts, input_sha256, load_model
+    from dolm.formats import read_h5
+
+    fh, ameta = read_h5(acts, schema="activations", run=run)
+    try:
+        check_same_prompts(ameta, job.prompts, input_sha256(run, job.prompts),
+                           allow_other_prompts)
+        if click.get_current_context().get_parameter_source("model").name in (
+                "COMMANDLINE", "ENVIRONMENT"):
+            check_model_match(ameta, load_model(model_opts), allow_model_mismatch)
+        want = None if sites in ("*", "all") else _acts_sites(fh, sites, acts)
+        job.data, job.site_list = vectors_by_prompt(fh, acts, job.all_ids(), want, acts_label)
+    finally:
+        fh.close()
+    job.model_info = ameta.model_entry() or {}
+    if job.model_info:
+        run.set_model(job.model_info)
+
+
+def _model_acts(job: FitJob, run, sites: str, model_opts) -> None:
+    """``job.data``/``site_list``/``model_info``/``lm`` by running the model."""
+    from dolm.cli import load_model
+    from dolm.errors import InputError
+    from dolm_tools.steer import fit as F
+
+    lm = job.lm = load_model(model_opts, run=run)
+    job.model_info = lm.info
+    job.site_list = lm.expand_sites(sites)
+    for s in job.site_list:
+        if lm.parse_site(s).kind in ("attn", "logits"):
+            raise InputError(f"--sites: {s}: directions live at residual, attention/MLP "
+                             "output, head or final_norm sites")
+    if job.method == "file":
+        return
+    texts = [str(x) for x in job.df["prompt"]]
+    if job.neg_df is not None:
+        texts += [str(x) for x in job.neg_df["prompt"]]
+    job.data = F.model_acts(lm, texts, job.all_ids(), job.site_list, job.position,
+                            job.batch_size)
+
+
+def _fit_diffmeans(job: FitJob):
+    import numpy as np
+    from dolm.errors import InputError
+    from dolm_tools.steer import fit as F
+
+    pids, y, extra = job.pids, job.y, {}
+    if job.neg_df is not None:
+        pos = np.r_[np.ones(len(pids), bool), np.zeros(len(job.neg_df), bool)]
+        fitted = F.diff_means(job.data, pos, None, job.test_fraction, job.seed)
+        extra["training_data_sha256"] = F.data_hash(job.all_ids(), pos.astype(float))
+        extra["negatives"] = job.negatives
     else:
-        lm = load_model(model_opts, run=run)
-        model_info = lm.info
-        site_list = lm.expand_sites(sites)
-        for s in site_list:
-            if lm.parse_site(s).kind in ("attn", "logits"):
-                raise InputError(f"--sites: {s}: directions live at residual, attention/MLP "
-                                 "output, head or final_norm sites")
-        if method == "file":
-            data = {}
-        else:
-            names, tx = pids, texts
-            if neg_df is not None:
-                names = pids + [str(x) for x in neg_df["prompt_id"]]
-                tx = texts + [str(x) for x in neg_df["prompt"]]
-            data = F.model_acts(lm, tx, names, site_list, position, model_opts.batch_size)
-    extra = {"method": method, "sites": site_list, "label": label, "threshold": threshold,
-             "position": position, "normalisation": "unit",
-             "model_spec": model_info.get("spec"),
-             "weights_sha256": model_info.get("weights_sha256")}
-    if method == "diffmeans":
-        if neg_df is not None:
-            pos = np.r_[np.ones(len(pids), bool), np.zeros(len(neg_df), bool)]
-            train_ids = pids + [str(x) for x in neg_df["prompt_id"]]
-            fitted = F.diff_means(data, pos, None, test_fraction, seed)
-            extra["training_data_sha256"] = F.data_hash(train_ids, pos.astype(float))
-            extra["negatives"] = negatives
-        else:
-            if not set(np.unique(y)) <= {0.0, 1.0}:
-                raise InputError(f"--label {label}: diffmeans needs a binary label; binarise "
-                                 "it with --threshold T")
-            fitted = F.diff_means(data, y.astype(bool), _groups(df), test_fraction, seed)
-            extra["training_data_sha256"] = F.data_hash(pids, y)
-        extra["n_positive"] = int(len(pids) if y is None else y.sum())
-    elif method == "probe":
-        fitted = F.probes(data, y, probe_kind, _groups(df), test_fraction, seed, c_reg)
-        extra.update(probe=probe_kind, test_fraction=test_fraction, C=c_reg,
-                     training_data_sha256=F.data_hash(pids, y))
-    elif method == "pca":
-        if "cf_prompt" not in df.columns or df["cf_prompt"].isna().any():
-            raise InputError(f"--method pca: {prompts} needs a cf_prompt for every prompt "
-                             "(the pair's other member)")
-        cf = [str(x) for x in df["cf_prompt"]]
-        cf_data = F.model_acts(lm, cf, [p + ":cf" for p in pids], site_list, position,
-                               model_opts.batch_size)
-        fitted = F.pca_pairs(data, cf_data)
-        extra["training_data_sha256"] = F.data_hash(pids, [None] * len(pids))
-    else:
-        if len(site_list) != 1:
-            raise InputError(f"--method file: --sites must name one site, found "
-                             f"{', '.join(site_list)}")
-        site = site_list[0]
-        width = lm.d_head if lm.parse_site(site).kind == "head" else lm.d_model
-        fitted = F.from_vector(F.read_vector(vector), site, width, vector)
-        from dolm.formats import sha256_file
+        if not set(np.unique(y)) <= {0.0, 1.0}:
+            raise InputError(f"--label {job.label}: diffmeans needs a binary label; binarise "
+                             "it with --threshold T")
+        fitted = F.diff_means(job.data, y.astype(bool), _groups(job.df), job.test_fraction,
+                              job.seed)
+        extra["training_data_sha256"] = F.data_hash(pids, y)
+    extra["n_positive"] = int(len(pids) if y is None else y.sum())
+    return fitted, extra
 
-        extra["training_data_sha256"] = sha256_file(vector)
-        extra["vector"] = vector
-    best = fitted.best_site or (site_list[0] if len(site_list) == 1 else None)
-    extra.update(best_site=best, norms=fitted.norms, proj_mean=fitted.proj_mean,
-                 proj_std=fitted.proj_std,
-                 scores={s: {r["metric"]: r["value"] for r in fitted.scores if r["site"] == s}
-                         for s in site_list if any(r["site"] == s for r in fitted.scores)},
-                 n_prompts=len(pids))
-    import torch
 
-    tensors = {f"direction.{s}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
-               for s, v in fitted.directions.items()}
-    if scores is not None:
-        import pandas as pd
+def _fit_probe(job: FitJob):
+    from dolm_tools.steer import fit as F
 
-        if not fitted.scores:
-            raise InputError(f"--scores: --method {method} gives no scores here (probe, pca, "
-                             "and diffmeans with a --label and at least 8 prompts do)")
-        sdf = pd.DataFrame(fitted.scores)
-        sdf["layer"] = [_layer_of(s) for s in sdf["site"]]
-        sdf["method"] = method if method != "probe" else f"probe_{probe_kind}"
-        sdf["label"] = label
-        sdf["best"] = sdf["site"] == best
-        sdf = sdf[["site", "layer", "method", "label", "metric", "value", "n_train", "n_test",
-                   "best"]]
-        sdf["layer"] = sdf["layer"].astype("Int64")
-        write_table(sdf, scores, schema="probes", run=run, force=force, extra=extra)
-    save_safetensors(tensors, output, schema="directions", run=run, force=force, extra=extra)
-    if fitted.scores:
-        key = fitted.scores[0]["metric"]
-        line = ", ".join(f"{r['site']} {r['value']:.3f}" for r in fitted.scores
-                         if r["metric"] == key)
-        log(f"dolm-steer fit: held-out {key}: {line}")
-    if best is not None:
-        log(f"dolm-steer fit: best site {best}")
+    fitted = F.probes(job.data, job.y, job.probe_kind, _groups(job.df), job.test_fraction,
+                      job.seed, job.c_reg)
+    return fitted, dict(probe=job.probe_kind, test_fraction=job.test_fraction, C=job.c_reg,
+                        training_data_sha256=F.data_hash(job.pids, job.y))
+
+
+def _fit_pca(job: FitJob):
+    from dolm.errors import InputError
+    from dolm_tools.steer import fit as F
+
+    df, pids = job.df, job.pids
+    if "cf_prompt" not in df.columns or df["cf_prompt"].isna().any():
+        raise InputError(f"--method pca: {job.prompts} needs a cf_prompt for every prompt "
+                         "(the pair's other member)")
+    cf = [str(x) for x in df["cf_prompt"]]
+    cf_data = F.model_acts(job.lm, cf, [p + ":cf" for p in pids], job.site_list,
+                           job.position, job.batch_size)
+    fitted = F.pca_pairs(job.data, cf_data)
+    return fitted, {"training_data_sha256": F.data_hash(pids, [None] * len(pids))}
+
+
+def _fit_file(job: FitJob):
+    from dolm.errors import InputError
+    from dolm.formats import sha256_file
+    from dolm_tools.steer import fit as F
+
+    if len(job.site_list) != 1:
+        raise InputError(f"--method file: --sites must name one site, found "
+                         f"{', '.join(job.site_list)}")
+    site = job.site_list[0]
+    width = job.lm.d_head if job.lm.parse_site(site).kind == "head" else job.lm.d_model
+    fitted = F.from_vector(F.read_vector(job.vector), site, width, job.vector)
+    return fitted, {"training_data_sha256": sha256_file(job.vector), "vector": job.vector}
+
+
+#: --method -> fn(job) -> (fitted directions and held-out scores, metadata for the file)
+METHODS = {"diffmeans": _fit_diffmeans, "probe": _fit_probe, "pca": _fit_pca,
+           "file": _fit_file}
+
+
+def _scores_frame(fitted, job: FitJob, best):
+    """The held-out scores per site as a ``probes`` table."""
+    import pandas as pd
+    from dolm.errors import InputError
+
+    if not fitted.scores:
+        raise InputError(f"--scores: --method {job.method} gives no scores here (probe, pca, "
+                         "and diffmeans with a --label and at least 8 prompts do)")
+    sdf = pd.DataFrame(fitted.scores)
+    sdf["layer"] = [_layer_of(s) for s in sdf["site"]]
+    sdf["method"] = job.method if job.method != "probe" else f"probe_{job.probe_kind}"
+    sdf["label"] = job.label
+    sdf["best"] = sdf["site"] == best
+    sdf = sdf[["site", "layer", "method", "label", "metric", "value", "n_train", "n_test",
+               "best"]]
+    sdf["layer"] = sdf["layer"].astype("Int64")
+    return sdf
 
 
 def _groups(df):
@@ -265,20 +369,9 @@ def _layer_of(site: str):
 
 def _acts_sites(fh, sites: str, path: str) -> list[str]:
     """Expand --sites patterns against the datasets an activations file has."""
-    import fnmatch
+    from dolm.activations import match_sites
 
-    have = [k for k in fh.keys() if k not in ("prompt_id", "prompt_index", "position",
-                                             "position_label", "token_id")]
-    out = []
-    for pat in [p.strip() for p in sites.split(",") if p.strip()]:
-        hit = [h for h in have if fnmatch.fnmatchcase(h, pat)]
-        if not hit:
-            from dolm.errors import InputError
-
-            raise InputError(f"--sites {pat}: {path} has no matching dataset (it has "
-                             f"{', '.join(have) or 'none'})")
-        out += [h for h in hit if h not in out]
-    return sorted(out, key=_site_key)
+    return sorted(match_sites(fh, sites, path), key=_site_key)
 
 
 def _site_key(s: str):
@@ -340,8 +433,10 @@ def _apply_slopes(table, extra: dict) -> dict:
 @click.option("--scale", type=click.Choice(["unit", "std"]), default="unit", show_default=True,
               help="Units of alpha: the unit direction, or the standard deviation of the "
                    "training activations along it (proj_std in the file).")
-@click.option("--positions", type=click.Choice(["last", "all"]), default="last",
-              show_default=True, help="Positions steered: the last prompt token, or all.")
+@click.option("--positions", default="last", show_default=True,
+              help="Prompt positions steered: last, all, integers (negative = from the end), "
+                   "span:NAME, NAME_first or NAME_last (spans from the prompts' spans column; "
+                   "generated tokens are always steered).")
 @click.option("--generate", "n_generate", type=click.IntRange(min=0), default=0,
               show_default=True,
               help="Also generate N tokens greedily under steering (column 'generation').")
@@ -366,7 +461,9 @@ def apply(run, prompts, directions, site, alphas, mode, scale, positions, n_gene
     from dolm.executor import shard_rows
     from dolm.formats import load_safetensors, read_table, write_table
     from dolm.metrics import prompt_targets, select_prompts
+    from dolm.positions import needs_spans, parse_spans, parse_spec
 
+    positions = parse_spec(positions).text
     alpha_list = parse_float_list(alphas, "--alphas")
     if not all(np.isfinite(alpha_list)):
         raise InputError(f"--alphas: expected finite numbers, found {alphas!r}")
@@ -412,6 +509,12 @@ def apply(run, prompts, directions, site, alphas, mode, scale, positions, n_gene
         vecs[one] = vec / np.linalg.norm(vec)
     targets = prompt_targets(df, lm, prompts)
     texts = [str(x) for x in df["prompt"]]
+    spans = None
+    if needs_spans([positions]):
+        if "spans" not in df.columns:
+            raise InputError(f"--positions {positions}: {prompts} has no spans column")
+        spans = [parse_spans(v, str(pid), prompts)
+                 for v, pid in zip(df["spans"], df["prompt_id"], strict=True)]
     label = f"{dx.get('method', 'direction')}"
     if dx.get("label"):
         label += f"({dx['label']}" + (f">{dx['threshold']:g}" if dx.get("threshold")
@@ -428,11 +531,11 @@ def apply(run, prompts, directions, site, alphas, mode, scale, positions, n_gene
         stds[one] = std
         raw = [a * std for a in alpha_list]
         clean, per, used = run_steering(lm, targets, texts, one, vec, raw, mode, positions,
-                                        model_opts.batch_size, progress=bar)
+                                        model_opts.batch_size, progress=bar, spans=spans)
         gens = None
         if n_generate:
             gens = generate(lm, texts, [t.prompt_id for t in targets], one, vec, used, mode,
-                            positions, n_generate, model_opts.batch_size)
+                            positions, n_generate, model_opts.batch_size, spans=spans)
         shown = alpha_list if mode == "add" else used
         out = effects_rows(lm, targets, one, shown, clean, per, mode, positions, label, gens)
         frames.append(out)

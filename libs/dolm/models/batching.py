@@ -72,11 +72,14 @@ def parse_batch_size(batch_size) -> int | str:
 
 def iter_batched(n_items: int, fn: Callable[[int, int], object], batch_size="auto", *,
                  max_batch_size: int = 64, start: int = 0,
-                 on_backoff: Callable[[int], None] | None = None) -> Iterator[tuple]:
+                 on_backoff: Callable[[int], None] | None = None,
+                 cut: Callable[[int, int], int] | None = None) -> Iterator[tuple]:
     """Yield ``(start, stop, fn(start, stop))`` for consecutive slices (see module doc).
 
     ``start`` skips items already done (resume). ``on_backoff(new_size)`` is called
-    whenever the batch size is halved.
+    whenever the batch size is halved. ``cut(i, size)``: where the batch starting at ``i``
+    ends, at most ``size`` items (default ``i + size``), for callers that plan cheaper
+    batch boundaries.
     """
     bs = parse_batch_size(batch_size)
     auto = bs == "auto"
@@ -84,6 +87,8 @@ def iter_batched(n_items: int, fn: Callable[[int, int], object], batch_size="aut
     i = start
     while i < n_items:
         stop = min(i + size, n_items)
+        if cut is not None:
+            stop = max(i + 1, min(stop, cut(i, size)))
         failed = None
         try:
             result = fn(i, stop)

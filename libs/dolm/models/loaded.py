@@ -169,6 +169,16 @@ class _PrefixKV:
         return torch.cat([k, key_states], dim=-2), torch.cat([v, value_states], dim=-2)
 
 
+def accepts_kwarg(module, name: str) -> bool:
+    """Whether ``module.forward`` takes the keyword ``name``."""
+    import inspect
+
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
 def _cache_kwarg(module) -> str:
     """Name of a forward's KV-cache argument (``cache`` in transformers >= 5.x)."""
     import inspect
@@ -511,18 +521,20 @@ class LoadedModel:
                             shape=(b, s - prefix), attn_impl=self.config._attn_implementation,
                             prefix=prefix, cache_slot=slot)
 
-    def forward_kv(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def forward_kv(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   **kwargs):
         """A full forward that also returns every layer's keys and values.
 
         Returns ``(output, [(keys, values)] * n_layers)``, each (batch, kv_heads, seq,
         head_dim) as the attention caches them; the keys/values of a prefix that a later
-        run leaves unchanged are what :meth:`run_layers` ``past=`` takes.
+        run leaves unchanged are what :meth:`run_layers` ``past=`` takes. ``kwargs`` go to
+        the model's forward (e.g. ``logits_to_keep``).
         """
         from transformers.cache_utils import DynamicCache
 
         cache = DynamicCache()
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                         **{_cache_kwarg(self.model): cache})
+                         **{_cache_kwarg(self.model): cache}, **kwargs)
         kv = []
         for layer in getattr(cache, "layers", ()):
             keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
@@ -533,6 +545,11 @@ class LoadedModel:
         if len(kv) != self.n_layers:
             raise InputError(f"forward_kv: {len(kv)} cached layers for {self.n_layers} blocks")
         return out, kv
+
+    def accepts(self, name: str) -> bool:
+        """Whether the model's forward takes the keyword ``name`` (e.g. ``logits_to_keep``:
+        unembed only the positions a caller reads)."""
+        return accepts_kwarg(self.model, name)
 
     def supports_prefix_kv(self) -> bool:
         """Whether blocks can reuse a cached run's keys/values for an unchanged prefix
