@@ -95,14 +95,14 @@ def split_by_environment(X, tg):
     return [X[envs[k]] for k in keys], [list(k) for k in keys]
 
 
-def run_gies(X, tg, timeout=None):
+def run_gies(X, tg, cpu_limit=None):
     """GIES (Hauser & Buehlmann 2012; the pure-Python ``gies`` package) with its Gaussian
     BIC score on the same interventional table, split by environment (known targets).
-    Returns the I-essential graph (undirected edges as both directions). ``timeout``
-    (wall seconds): run it in a child process and give up after that long (the graph is
-    then None and the times are what it had used)."""
-    if timeout:
-        return _run_gies_child(X, tg, timeout)
+    Returns the I-essential graph (undirected edges as both directions). ``cpu_limit``
+    (CPU seconds): run it in a child process and give up after that much CPU (the graph
+    is then None and the times are what it had used)."""
+    if cpu_limit:
+        return run_limited(run_gies, (X, tg), cpu_limit)
     import gies
 
     data, interventions = split_by_environment(X, tg)
@@ -111,26 +111,38 @@ def run_gies(X, tg, timeout=None):
     return (np.asarray(est) != 0).astype(int), time.perf_counter() - t0, time.process_time() - c0
 
 
-def _gies_child(X, tg, queue):
-    queue.put(run_gies(X, tg))
+def _child(fn, args, cpu_limit, queue):
+    import resource
+
+    # the kernel stops the child (SIGXCPU, then SIGKILL) once it has used cpu_limit CPU
+    # seconds: a budget in CPU, not wall, time, because the machine may be shared
+    resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_limit), int(cpu_limit) + 5))
+    queue.put(fn(*args))
 
 
-def _run_gies_child(X, tg, timeout):
+def run_limited(fn, args, cpu_limit):
+    """Run ``fn(*args)`` (returning ``(graph, wall, cpu)``) in a forked child limited to
+    ``cpu_limit`` CPU seconds; ``(None, wall, cpu used)`` if it ran out."""
     import multiprocessing as mp
+    import queue as q
 
     ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_gies_child, args=(X, tg, queue))
+    results = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, cpu_limit, results))
     t0 = time.perf_counter()
     proc.start()
-    proc.join(timeout)
-    if proc.is_alive():
-        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        proc.kill()
-        proc.join()
-        return None, time.perf_counter() - t0, cpu
-    return queue.get()
+    stat = Path(f"/proc/{proc.pid}/stat")
+    cpu = 0.0
+    while True:
+        try:
+            return results.get(timeout=5)
+        except q.Empty:
+            if stat.exists():
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            if not proc.is_alive():
+                proc.join()
+                return None, time.perf_counter() - t0, cpu
 
 
 def run_dagma(X, seed):
@@ -146,9 +158,17 @@ def run_dagma(X, seed):
     return (W != 0).astype(int), time.perf_counter() - t0, time.process_time() - c0
 
 
-def run_dagma_mlp(X, seed):
+DAGMA_MLP_ITERS = (50000, 80000)  # the package's warm_iter, max_iter
+
+
+def run_dagma_mlp(X, seed, iters=DAGMA_MLP_ITERS, cpu_limit=None):
     """DAGMA's nonlinear version: ``DagmaNonlinear(DagmaMLP(dims=[d, 10, 1]))`` with its
-    README's call ``fit(X, lambda1=0.02, lambda2=0.005)`` (package defaults otherwise)."""
+    README's call ``fit(X, lambda1=0.02, lambda2=0.005)``, one torch thread (as cunit).
+    ``iters`` = (warm_iter, max_iter): the package's (50k, 80k) Adam steps cost about
+    15-30 ms each here at d = 10 (about an hour of CPU a fit), so a smaller budget can be
+    given and is recorded; ``cpu_limit`` as for GIES."""
+    if cpu_limit:
+        return run_limited(run_dagma_mlp, (X, seed, iters), cpu_limit)
     import contextlib
 
     import torch
@@ -156,6 +176,8 @@ def run_dagma_mlp(X, seed):
     from dagma.nonlinear import DagmaMLP, DagmaNonlinear
 
     utils.set_random_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.set_default_dtype(torch.double)
     d = X.shape[1]
     t0, c0 = time.perf_counter(), time.process_time()
@@ -163,14 +185,17 @@ def run_dagma_mlp(X, seed):
         with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
             model = DagmaNonlinear(DagmaMLP(dims=[d, 10, 1], bias=True, dtype=torch.double),
                                    dtype=torch.double)
-            W = model.fit(np.asarray(X, dtype=float), lambda1=0.02, lambda2=0.005)
+            W = model.fit(np.asarray(X, dtype=float), lambda1=0.02, lambda2=0.005,
+                          warm_iter=int(iters[0]), max_iter=int(iters[1]))
     finally:
         torch.set_default_dtype(torch.float32)
+        torch.set_num_threads(threads)
     return (W != 0).astype(int), time.perf_counter() - t0, time.process_time() - c0
 
 
 def section_nonlinear(rows, mechanisms, dims, seeds, n_obs, n_int, dagma_max_d,
-                      methods=("cunit", "gies", "dagma-mlp")):
+                      methods=("cunit", "gies", "dagma-mlp"), dagma_iters=DAGMA_MLP_ITERS,
+                      cpu_limit=None):
     """Nonlinear SCMs (standardised), perfect known targets: cunit with MLP mechanisms
     against GIES (linear-Gaussian BIC) on the same table and DagmaMLP on the pooled one."""
     for mech in mechanisms:
@@ -184,15 +209,19 @@ def section_nonlinear(rows, mechanisms, dims, seeds, n_obs, n_int, dagma_max_d,
                            scaling="standardised", method="cunit --mechanism mlp",
                            wall_s=wall, cpu_s=cpu, metrics=structure_metrics(B, A))
                 if "gies" in methods:
-                    A, wall, cpu = run_gies(Xs, tg)
+                    A, wall, cpu = run_gies(Xs, tg, cpu_limit)
                     record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
                            scaling="standardised", method="GIES (interventional)",
                            wall_s=wall, cpu_s=cpu, metrics=structure_metrics(B, A))
                 if "dagma-mlp" in methods and d <= dagma_max_d:
-                    A, wall, cpu = run_dagma_mlp(Xs, seed)
+                    A, wall, cpu = run_dagma_mlp(Xs, seed, dagma_iters, cpu_limit)
+                    name = "DagmaMLP (same table, pooled)"
+                    if tuple(dagma_iters) != DAGMA_MLP_ITERS:
+                        name = (f"DagmaMLP (same table, pooled; {dagma_iters[0]}/"
+                                f"{dagma_iters[1]} steps)")
                     record(rows, "nonlinear", graph=f"er/{mech}", d=d, seed=seed,
-                           scaling="standardised", method="DagmaMLP (same table, pooled)",
-                           wall_s=wall, cpu_s=cpu, metrics=structure_metrics(B, A))
+                           scaling="standardised", method=name, wall_s=wall, cpu_s=cpu,
+                           finished=A is not None, metrics=_metrics(B, A))
 
 
 def section_unknown(rows, mechanisms, dims, seeds, n_obs, n_int, methods=("known", "unknown")):
@@ -485,8 +514,10 @@ def main(argv=None):
     ap.add_argument("--gies-max-d", type=int, default=50,
                     help="Run GIES on graphs up to this size (0: never).")
     ap.add_argument("--gies-timeout", type=float, default=None,
-                    help="er: give GIES this many wall seconds, then record that it did "
-                         "not finish.")
+                    help="Give GIES (and DagmaMLP) this many CPU seconds, then record that "
+                         "it did not finish.")
+    ap.add_argument("--dagma-mlp-iters", default=None,
+                    help="nonlinear: DagmaMLP's warm_iter,max_iter (package: 50000,80000).")
     ap.add_argument("--no-cunit", action="store_true", help="er: skip cunit (GIES only).")
     ap.add_argument("--methods", default="cunit,gies,dagma-mlp",
                     help="Methods of the nonlinear section (cunit, gies, dagma-mlp) or of "
@@ -547,7 +578,10 @@ def main(argv=None):
     if "nonlinear" in only:
         section_nonlinear(rows, args.mechanisms.split(","),
                           [int(x) for x in args.nonlinear_dims.split(",")], seeds, n_obs,
-                          n_int, args.dagma_mlp_max_d, args.methods.split(","))
+                          n_int, args.dagma_mlp_max_d, args.methods.split(","),
+                          dagma_iters=(tuple(int(x) for x in args.dagma_mlp_iters.split(","))
+                                       if args.dagma_mlp_iters else DAGMA_MLP_ITERS),
+                          cpu_limit=args.gies_timeout)
     if "unknown" in only:
         section_unknown(rows, args.mechanisms.split(","),
                         [int(x) for x in args.nonlinear_dims.split(",")], seeds, n_obs, n_int,
