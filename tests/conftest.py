@@ -81,3 +81,23 @@ def tiny_lm(tiny_model_dir):
         return loaded[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def circuit_scorer(tiny_lm):
+    """``family -> (lm, data, scorer)``: three clean/counterfactual prompt pairs prepared for
+    the circuit scorer (logit_diff, counterfactual corruption) on a tiny model."""
+    import pandas as pd
+    from dolm.circuits.scores import Scorer, prepare
+
+    def get(family: str = "gpt2"):
+        lm = tiny_lm(family)
+        df = pd.DataFrame({
+            "prompt_id": ["p0", "p1", "p2"],
+            "prompt": ["the king of France", "a red cat and a", "one two three four five"],
+            "cf_prompt": ["the queen of Italy", "a blue dog and a", "five four three two one"],
+            "target": [" is", " dog", " six"], "foil": [" was", " cat", " one"]})
+        data = prepare(lm, df, "t", "logit_diff", "cf")
+        return lm, data, Scorer(lm, data, "logit_diff", batch_size=2)
+
+    return get

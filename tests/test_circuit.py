@@ -88,18 +88,8 @@ EDGES = [("embed", "head.1.2", "k"), ("head.0.1", "head.2.0", "q"),
 
 
 @pytest.fixture(scope="module")
-def tiny_scorer(tiny_lm):
-    import pandas as pd
-    from dolm.circuits.scores import Scorer, prepare
-
-    lm = tiny_lm("gpt2")
-    df = pd.DataFrame({
-        "prompt_id": ["p0", "p1", "p2"],
-        "prompt": ["the king of France", "a red cat and a", "one two three four five"],
-        "cf_prompt": ["the queen of Italy", "a blue dog and a", "five four three two one"],
-        "target": [" is", " dog", " six"], "foil": [" was", " cat", " one"]})
-    data = prepare(lm, df, "t", "logit_diff", "cf")
-    return lm, data, Scorer(lm, data, "logit_diff", batch_size=2)
+def tiny_scorer(circuit_scorer):
+    return circuit_scorer("gpt2")
 
 
 def test_graph_pass_reproduces_the_model(tiny_scorer):

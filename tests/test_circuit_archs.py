@@ -160,19 +160,9 @@ EDGES = [("embed", "head.1.2", "k"), ("head.0.1", "head.2.0", "q"),
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def arch(request, tiny_lm):
-    import pandas as pd
-    from dolm.circuits.scores import Scorer, prepare
-
-    lm = tiny_lm(request.param)
-    df = pd.DataFrame({
-        "prompt_id": ["p0", "p1", "p2"],
-        "prompt": ["the king of France", "a red cat and a", "one two three four five"],
-        "cf_prompt": ["the queen of Italy", "a blue dog and a", "five four three two one"],
-        "target": [" is", " dog", " six"], "foil": [" was", " cat", " one"]})
-    data = prepare(lm, df, "t", "logit_diff", "cf")
-    oracle = Oracle(lm.model, request.param)
-    return lm, data, Scorer(lm, data, "logit_diff", batch_size=2), oracle
+def arch(request, circuit_scorer):
+    lm, data, scorer = circuit_scorer(request.param)
+    return lm, data, scorer, Oracle(lm.model, request.param)
 
 
 def _prompt(data, i):
