@@ -386,6 +386,49 @@ def test_refuters_run_on_our_estimator():
         got["random_common_cause"]["estimate"], abs=0.5)
 
 
+def test_refute_sample_keeps_the_treated_share():
+    from dolm_tools.psm.refute import refute_sample
+
+    t = np.r_[np.ones(300, int), np.zeros(700, int)][np.random.default_rng(0).permutation(1000)]
+    idx = refute_sample(t, 100, seed=3)
+    assert len(idx) == 100 and len(np.unique(idx)) == 100 and np.all(np.diff(idx) > 0)
+    assert t[idx].sum() == 30  # treated and controls in their proportions
+    assert not np.array_equal(idx, refute_sample(t, 100, seed=4))
+    assert refute_sample(t, 1000, 3) is None and refute_sample(t, 0, 3) is None
+
+
+def test_refuters_on_a_subsample_of_a_large_contrast():
+    """Above --refute-max-units the refuters run on a subsample and test against the
+    estimate on that subsample; at or below it nothing changes (the default covers every
+    table of up to 20,000 units)."""
+    from dolm_tools.psm.core import point_estimate
+    from dolm_tools.psm.refute import refute_sample
+
+    u = prepare(confounded(400, 1), "t", "y", ["x1", "x2", "x3"])
+    opt = Options(estimands=("ATT",), refute_sims=5, seed=2)
+    full = run_psm(u, opt).summary["contrasts"][0]["refutation"]
+    same = run_psm(u, Options(estimands=("ATT",), refute_sims=5, seed=2,
+                              refute_max_units=400)).summary["contrasts"][0]["refutation"]
+    assert full == same and full["sample"] is None and full["n_units"] == 400
+    res = run_psm(u, Options(estimands=("ATT",), refute_sims=5, seed=2, refute_max_units=250))
+    att = res.summary["contrasts"][0]["effects"][0]["estimate"]
+    ref = res.summary["contrasts"][0]["refutation"]
+    smp = ref["sample"]
+    assert (ref["n_units"], smp["n_units"], smp["of_units"], smp["max_units"]) == (
+        250, 250, 400, 250)
+    # the sample's own estimate, recomputed from its rows, is what the tests compare with
+    df = u.df
+    X, t = df[["x1", "x2", "x3"]].to_numpy(float), df["t"].to_numpy()
+    idx = refute_sample(t, 250, 2)
+    want = point_estimate(X[idx], ["x1", "x2", "x3"], t[idx], df["y"].to_numpy(float)[idx],
+                          np.arange(400)[idx], opt, "ATT")
+    assert smp["estimate"] == pytest.approx(want, abs=1e-12) and want != att
+    got = {r["refuter"]: r for r in ref["results"]}
+    assert all(r["estimate"] == smp["estimate"] for r in got.values())
+    assert abs(got["placebo_treatment"]["new_effect"]) < 0.5  # truth 0; the effect is 1
+    assert got["random_common_cause"]["new_effect"] == pytest.approx(want, abs=0.5)
+
+
 def _brute_nearest(d_focal, d_pool, rank_pool, order, k, cal):
     """Greedy nearest without replacement, by brute force: each focal unit in ``order``
     takes the nearest free pool unit (ties: the smaller rank), k rounds."""

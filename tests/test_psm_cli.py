@@ -190,3 +190,20 @@ def test_refuters_run_the_reported_method(tmp_path, method):
     assert all(x["estimate"] == pytest.approx(est, abs=1e-9) for x in by.values())
     assert abs(by["placebo_treatment"]["new_effect"]) < 0.4  # truth 0; the effect is 1
     assert by["random_common_cause"]["new_effect"] == pytest.approx(est, abs=0.1)
+
+
+def test_refuters_on_a_subsample_are_recorded_and_printed(tmp_path):
+    """--refute-max-units: a larger contrast is refuted on a subsample, said on stderr and
+    in the summary (the default keeps every table of up to 20,000 units whole)."""
+    pq = tmp_path / "units.parquet"
+    units().to_parquet(pq)
+    out = tmp_path / "psm.json"
+    r = psm(pq, "-t", "t", "-y", "y", "-c", "x1,x2", "--estimand", "ATT", "--refute-sims", "3",
+            "--refute-max-units", "300", "-o", out)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(out.read_text())
+    assert s["options"]["refute_max_units"] == 300
+    ref = s["contrasts"][0]["refutation"]
+    assert ref["sample"]["n_units"] == 300 and ref["sample"]["of_units"] == 600
+    assert "random subsample of 300 of 600 units" in r.stderr
+    assert "placebo_treatment" in r.stderr

@@ -8,3 +8,7 @@ score, caliper, common support), ``balance`` (MatchIt-style SMD, variance ratio,
 refuters on our estimator), ``core`` (``run_psm``: the pipeline as plain functions),
 ``cli`` (the click command).
 """
+
+# A contrast with more units than this is refuted on a random subsample of this many: the
+# refuters' 3 x 50 refits of the propensity model and the matching (BENCHMARKS.md, dolm-psm)
+REFUTE_MAX_UNITS = 20_000

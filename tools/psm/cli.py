@@ -6,6 +6,7 @@ import click
 from dolm.cli import log, output_option, seed_option, tool
 from dolm.columns import expand_columns
 from dolm.errors import InputError
+from dolm_tools.psm import REFUTE_MAX_UNITS
 
 
 def _caliper(ctx, param, value):
@@ -157,6 +158,12 @@ def _sibling(output: str, suffix: str) -> str | None:
               help="Run DoWhy's placebo, random-common-cause and data-subset refuters.")
 @click.option("--refute-sims", type=click.IntRange(min=2), default=50, show_default=True,
               help="Simulations per refuter (each re-runs the propensity fit and matching).")
+@click.option("--refute-max-units", type=click.IntRange(min=0), default=None,
+              help="Refute a contrast with more units than this on a random subsample of "
+              "this many (treated and controls in their proportions; the refuters' tests "
+              "compare with the estimate on that sample; recorded in the summary's "
+              "refutation.sample). 0: always all units.  [default: "
+              f"{REFUTE_MAX_UNITS}]")
 @click.option("--balance-terms", "balance_terms", default="",
               help="Also report balance on these terms of the covariates, as cobalt's "
               "poly = 2 / int = TRUE: 'squares' (each non-binary covariate squared, "
@@ -176,8 +183,8 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
          match_method, stabilize, trim, learner, folds, n_subclass, max_pairs, estimator, ratio,
          replace, distance, m_order,
          ties, caliper, no_caliper, caliper_on, common_support, exact, mahvars, pool_short,
-         estimands, se, n_boot, refute, refute_sims, balance_terms, dropna, output, pairs,
-         balance, units, force, seed):
+         estimands, se, n_boot, refute, refute_sims, refute_max_units, balance_terms, dropna,
+         output, pairs, balance, units, force, seed):
     """Propensity score matching of TABLE: balance, ATT/ATC/ATE, sensitivity.
 
     Every level of --treatment is compared with the reference level. Writes the summary
@@ -259,7 +266,9 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
                   estimator=estimator, stabilize=stabilize, trim=trim, learner=learner,
                   folds=folds,
                   estimands=est, se=se, n_boot=n_boot, seed=seed, refute=refute,
-                  refute_sims=refute_sims, balance_terms=terms)
+                  refute_sims=refute_sims, balance_terms=terms,
+                  refute_max_units=(REFUTE_MAX_UNITS if refute_max_units is None
+                                    else refute_max_units))
     res = run_psm(u, opt)
     summary = {"tool": "psm", "input": str(table), **res.summary,
                "covariates_from": "dag" if dag_info else "option", "dag": dag_info}
@@ -285,6 +294,17 @@ def _report(summary: dict) -> None:
         for e in c["effects"]:
             log(f"dolm-psm: {c['contrast']}: {e['estimand']:>5} = {_f(e['estimate'])} "
                 f"[{_f(e['ci_low'])}, {_f(e['ci_high'])}] (n_sets={e['n_sets']})")
+        ref = c.get("refutation")
+        if ref:
+            smp = ref.get("sample")
+            on = (f"a random subsample of {smp['n_units']} of {smp['of_units']} units "
+                  f"(--refute-max-units; {ref['estimand']} there = {_f(smp['estimate'])})"
+                  if smp else f"all {ref.get('n_units')} units")
+            res = ", ".join(
+                f"{r['refuter']} {_f(r['new_effect'])} (p={_f(r['p_value'])})"
+                if "error" not in r else f"{r['refuter']} failed" for r in ref["results"])
+            log(f"dolm-psm: {c['contrast']}: refuters ({ref['estimand']}, "
+                f"{ref['num_simulations']} simulations each, on {on}): {res}")
 
 
 def _f(v) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from dolm.errors import InputError
 from dolm.formats import json_safe
+from dolm_tools.psm import REFUTE_MAX_UNITS
 from dolm_tools.psm import balance as bal
 from dolm_tools.psm import effects as eff
 from dolm_tools.psm import estimators as est_mod
@@ -38,6 +39,7 @@ class Options:
     seed: int = 0
     refute: bool = True
     refute_sims: int = 50
+    refute_max_units: int = REFUTE_MAX_UNITS  # larger contrasts: refuters on a subsample; 0 = all
     positivity_eps: float = 0.01
     distance: str = "logit"  # ps | logit | mahalanobis | robust-mahalanobis
     m_order: str | None = None  # largest | smallest | random | data; None = MatchIt's default
@@ -798,6 +800,7 @@ def run_psm(units: Units, opt: Options) -> PSMResult:
             "caliper": opt.caliper, "common_support": opt.common_support,
             "estimands": list(opt.estimands), "se": opt.se, "n_boot": opt.n_boot,
             "seed": opt.seed, "refute": opt.refute, "refute_sims": opt.refute_sims,
+            "refute_max_units": opt.refute_max_units,
         },
         "contrasts": contrasts,
     }
