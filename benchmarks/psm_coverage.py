@@ -101,6 +101,60 @@ def summarise(per_rep: list[dict[str, list[float]]]) -> dict[str, dict]:
     return rows
 
 
+MATCHIT_R = r"""
+suppressMessages(library(MatchIt))
+d <- read.csv(commandArgs(TRUE)[1])
+m <- matchit(t ~ x1 + x2 + x3, data = d, method = "nearest", distance = "glm",
+             link = "linear.logit", caliper = 0.2, m.order = "largest", replace = FALSE,
+             discard = "both", distance.options = list(epsilon = 1e-14, maxit = 100))
+mm <- m$match.matrix
+ok <- !is.na(mm[, 1])
+w <- m$weights
+att <- weighted.mean(d$y[d$t == 1], w[d$t == 1]) - weighted.mean(d$y[d$t == 0], w[d$t == 0])
+cat(sprintf("%d %d", match(rownames(mm)[ok], rownames(d)) - 1L,
+            match(mm[ok, 1], rownames(d)) - 1L), sep = "\n")
+cat(sprintf("att %.15g\ncaliper %.15g\n", att, unname(m$caliper)))
+"""
+
+
+def matchit_check(design: str, reps: int, n: int) -> None:
+    """The first estimator's matches (nearest 1:1, logit, caliper 0.2, largest first, discard
+    both) beside R MatchIt's on the first replicates: dolm's default, ``--ties data``
+    (MatchIt's documented rule) and ``--ties matchit-4.5.1`` (the installed 4.5.1, whose
+    caliper never binds: kosukeimai/MatchIt#163)."""
+    import subprocess
+    import tempfile
+
+    from dolm_tools.psm.core import Options, run_psm
+    from dolm_tools.psm.data import prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        script, csv = os.path.join(tmp, "m.R"), os.path.join(tmp, "d.csv")
+        with open(script, "w") as f:
+            f.write(MATCHIT_R)
+        for rep in range(reps):
+            df = draw(n, rep, design)
+            df.to_csv(csv, index=False)
+            lines = subprocess.run(["Rscript", script, csv], capture_output=True, text=True,
+                                   check=True).stdout.split("\n")
+            kv = dict(x.split() for x in lines if x.startswith(("att", "caliper")))
+            theirs = {tuple(map(int, x.split())) for x in lines
+                      if x and not x.startswith(("att", "caliper"))}
+            u = prepare(df, "t", "y", ["x1", "x2", "x3"])
+            for ties in ("canonical", "data", "matchit-4.5.1"):
+                res = run_psm(u, Options(refute=False, estimands=("ATT",), seed=rep, ties=ties))
+                p = res.pairs
+                mine = set(zip(p.treated_row.tolist(), p.control_row.tolist(), strict=True))
+                c = res.summary["contrasts"][0]
+                print(f"{design} replicate {rep}, --ties {ties}: {len(mine)} pairs, "
+                      f"{len(mine & theirs)} of MatchIt 4.5.1's {len(theirs)} in common"
+                      f"{' (identical)' if mine == theirs else ''}; ATT "
+                      f"{c['effects'][0]['estimate']:.9f} vs MatchIt {float(kv['att']):.9f};"
+                      f" caliper width {c['matching']['caliper_width']:.9f} vs "
+                      f"{float(kv['caliper']):.9f}; m.order "
+                      f"{c['matching']['directions']['ATT']['m_order']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--design", choices=sorted(DESIGNS), default="standard")
@@ -110,7 +164,13 @@ def main() -> None:
     ap.add_argument("-o", "--output", default=None,
                     help="[default: benchmarks/results/psm_coverage[_thin].json]")
     ap.add_argument("--only", default=None, help="Run the estimators whose name has this.")
+    ap.add_argument("--matchit-check", type=int, default=0, metavar="K",
+                    help="Only compare the first estimator's matches with R MatchIt's on "
+                    "the first K replicates (needs Rscript and MatchIt).")
     a = ap.parse_args()
+    if a.matchit_check:
+        matchit_check(a.design, a.matchit_check, a.n)
+        return
     if a.only:
         for k in [k for k in ESTIMATORS if a.only not in k]:
             del ESTIMATORS[k]
