@@ -71,7 +71,7 @@ def refute_sample(t: np.ndarray, max_units: int, seed: int) -> np.ndarray | None
     rng = np.random.default_rng([seed, 29])
     tr, co = np.flatnonzero(t == 1), np.flatnonzero(t == 0)
     k1 = min(max(int(round(max_units * len(tr) / n)), 2), len(tr))
-    k0 = min(max_units - k1, len(co))
+    k0 = min(max(max_units - k1, 2), len(co))
     return np.sort(np.concatenate([rng.choice(tr, k1, replace=False),
                                    rng.choice(co, k0, replace=False)]))
 
