@@ -386,6 +386,22 @@ def test_refuters_run_on_our_estimator():
         got["random_common_cause"]["estimate"], abs=0.5)
 
 
+@pytest.mark.parametrize("estimator", ["diff", "bias-corrected", "regression"])
+@pytest.mark.parametrize("estimand", ["ATT", "ATE"])
+def test_refuters_estimate_with_the_runs_estimator(estimator, estimand):
+    """The refuters' estimator reproduces the reported estimate for every --estimator (it
+    used to return the plain matched difference for bias-corrected and regression runs)."""
+    from dolm_tools.psm.core import point_estimate
+
+    u = prepare(confounded(400, 1), "t", "y", ["x1", "x2", "x3"])
+    opt = Options(estimands=(estimand,), refute=False, estimator=estimator)
+    res = run_psm(u, opt)
+    want = res.summary["contrasts"][0]["effects"][0]["estimate"]
+    got = point_estimate(u.design.X, u.design.names, u.df["t"].to_numpy(),
+                         u.df["y"].to_numpy(float), np.arange(400), opt, estimand)
+    assert got == pytest.approx(want, abs=1e-10)
+
+
 def test_refute_sample_keeps_the_treated_share():
     from dolm_tools.psm.refute import refute_sample
 

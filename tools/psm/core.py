@@ -309,9 +309,15 @@ def point_estimate(X, names, t, y, rank, opt: Options, estimand: str) -> float:
     for dname in dirs:
         pf, pm, _ = m.pairs[dname]
         if len(pf):
-            sets.append(eff.set_diffs(y, pf, pm, dname == "ATT"))
+            s = eff.set_diffs(y, pf, pm, dname == "ATT")
+            if opt.estimator == "bias-corrected":  # the run's own estimator, not the plain one
+                s = eff.bias_correct(s, X, y, dname == "ATT")
+            sets.append(s)
     if not sets:
         return float("nan")
+    if opt.estimator == "regression":
+        return float(est_mod.wls_effect(y, t, _weights(len(t), sets), X=X, target=estimand,
+                                        cluster=None)["estimate"])
     return float(np.concatenate([s.d for s in sets]).mean())
 
 
