@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dolm_tools.train_cunit.engine import CausalNetwork, CausalUnit, do
+from dolm_tools.train_cunit.engine import CausalNetwork, CausalUnit, GramStats, do
 from dolm_tools.train_cunit.gradcheck import check_gradients
 from dolm_tools.train_cunit.graphs import (
     canonical,
@@ -112,6 +112,34 @@ def test_do_values_receive_the_gradient_of_the_intervened_entries():
 
 
 # ------------------------------------------------------------------ graphs and penalties
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("with_targets", [False, True])
+def test_gram_nll_equals_the_row_by_row_nll_and_its_gradients(hard, with_targets):
+    """The linear engine's NLL from sufficient statistics (what training uses) against the
+    row-by-row teacher-forced NLL: same value and the same gradient for every parameter."""
+    gen = torch.Generator().manual_seed(3)
+    n, d = 400, 6
+    z = torch.randn(n, d, generator=gen)
+    mask = (torch.rand(n, d, generator=gen) < 0.15) if with_targets else None
+    net = CausalNetwork(d, "linear", generator=gen)
+    with torch.no_grad():
+        for p in (net.log_scale, net.unit.logits, net.unit.bias, net.unit.weight):
+            p.copy_(torch.randn(p.shape, generator=gen))
+    params = [net.log_scale, net.unit.logits, net.unit.bias, net.unit.weight]
+    rows = net.nll_terms(z, mask, hard=hard).sum(1).mean()
+    g_rows = torch.autograd.grad(rows, params, allow_unused=True)
+    gram = net.gram_nll(GramStats(z, mask), hard=hard)
+    g_gram = torch.autograd.grad(gram, params, allow_unused=True)
+    assert gram.item() == pytest.approx(rows.item(), rel=1e-6)
+    for a, b in zip(g_rows, g_gram, strict=True):
+        if a is None:  # hard gates: no gradient into the logits on either path
+            assert b is None or float(b.abs().max()) == 0.0
+            continue
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    if with_targets:  # the intervened entries really are left out
+        assert not torch.allclose(gram, net.gram_nll(GramStats(z, None), hard=hard))
 
 
 def test_acyclicity_penalties_are_zero_exactly_on_dags():

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .engine import CausalNetwork
+from .engine import CausalNetwork, GramStats
 from .graphs import is_dag, make_acyclic
 from .search import greedy_polish, search_graph_and_targets
 
@@ -194,9 +194,18 @@ def fit(
     total_rounds = cfg.max_rounds
     bar = progress(range(total_rounds), desc="training", unit="round") if progress else None
 
+    # the linear mechanism on the full training set: the NLL from sufficient statistics
+    # (same value and gradients, O(d^3) a step instead of O(n d^2))
+    full_batch = not cfg.batch_size or cfg.batch_size >= len(Ztr)
+    gram = (GramStats(Ztr, Mtr if Mtr.any() else None) if cfg.mechanism == "linear"
+            and full_batch and cfg.p_random_intervention <= 0 else None)
+
     def penalised(Zb, Mb, hb_int, train=True):
-        terms = net.nll_terms(Zb, Mb if Mb.any() else None, block=cfg.block_gradients)
-        nll = terms.sum(1).mean()
+        if gram is not None:
+            nll = net.gram_nll(gram)
+        else:
+            terms = net.nll_terms(Zb, Mb if Mb.any() else None, block=cfg.block_gradients)
+            nll = terms.sum(1).mean()
         A = net.unit.adjacency()
         E = net.unit.edge_strength()
         loss = nll + cfg.lambda_sparse * A.sum() + cfg.lambda_l2 * sum(
@@ -367,9 +376,12 @@ def refine(net: CausalNetwork, Z, M, B: np.ndarray, cfg: TrainConfig):
     params = [p for n_, p in net.named_parameters() if p.requires_grad and n_ != "unit.logits"]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     net.train()
+    gram = GramStats(Z, M if M.any() else None) if net.unit.mechanism == "linear" else None
     for _ in range(cfg.refine_steps):
-        terms = net.nll_terms(Z, M if M.any() else None, hard=True)
-        loss = terms.sum(1).mean()
+        if gram is not None:
+            loss = net.gram_nll(gram, hard=True)
+        else:
+            loss = net.nll_terms(Z, M if M.any() else None, hard=True).sum(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
