@@ -11,8 +11,17 @@
 - ``tiny_lm(family="gpt2", **load_kwargs) -> LoadedModel``: loaded once per session per
   (family, kwargs); treat it as read-only (traces clean up after themselves).
 
+- ``in_process(exe, *args, env=None) -> result``: ``dolm-<tool> ARGS`` run in this
+  process (the installed console script's click command, its exit codes and error
+  handling; torch on one thread, ``DOLM_PROGRESS=0``), for a reference run or a bad-input
+  case that need not pay a cold import of torch in a new process; ``result`` has
+  ``returncode``, ``stdout`` and ``stderr`` as ``subprocess.run``'s.
 - ``one_thread``: module-scoped; torch on one thread while a test module runs (opt in with
   ``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+Tests marked ``slow`` run first (stable order otherwise): under pytest-xdist the suite
+ends when its last long test does, so the long ones start first and the short ones fill
+the gaps.
 
 Also, for the whole session: ``DOLM_CACHE_DIR`` points to a temporary folder (weights
 hash cache) and HF progress bars are off.
@@ -23,6 +32,10 @@ from __future__ import annotations
 import os
 
 import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,6 +49,32 @@ def _dolm_test_env(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def in_process():
+    import importlib.metadata
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    scripts = {e.name: e for e in importlib.metadata.entry_points(group="console_scripts")
+               if e.name.startswith("dolm")}
+
+    def run(exe: str, *args, env: dict | None = None):
+        import torch
+
+        main = scripts[exe].load()
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            r = CliRunner().invoke(main, [str(a) for a in args], prog_name=exe,
+                                   env={"DOLM_PROGRESS": "0", **(env or {})})
+        finally:
+            torch.set_num_threads(saved)
+        return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
+
+    return run
 
 
 @pytest.fixture(scope="module")
