@@ -24,7 +24,10 @@ ends when its last long test does, so the long ones start first and the short on
 the gaps.
 
 Also, for the whole session: ``DOLM_CACHE_DIR`` points to a temporary folder (weights
-hash cache) and HF progress bars are off.
+hash cache), HF progress bars are off, and torch (and every child process, by
+``OMP_NUM_THREADS``) computes on one thread: tiny models gain nothing from more, and
+``-n 2`` workers on 2 cores with 2 threads each thrash (4x the CPU time of one thread
+on a busy machine).
 """
 
 from __future__ import annotations
@@ -40,10 +43,17 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _dolm_test_env(tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in ("DOLM_CACHE_DIR", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    import torch
+
+    saved = {k: os.environ.get(k) for k in ("DOLM_CACHE_DIR", "HF_HUB_DISABLE_PROGRESS_BARS",
+                                            "OMP_NUM_THREADS")}
     os.environ["DOLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("dolm-cache"))
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["OMP_NUM_THREADS"] = "1"  # child processes too
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
