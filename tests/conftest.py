@@ -11,11 +11,23 @@
 - ``tiny_lm(family="gpt2", **load_kwargs) -> LoadedModel``: loaded once per session per
   (family, kwargs); treat it as read-only (traces clean up after themselves).
 
+- ``in_process(exe, *args, env=None) -> result``: ``dolm-<tool> ARGS`` run in this
+  process (the installed console script's click command, its exit codes and error
+  handling; torch on one thread, ``DOLM_PROGRESS=0``), for a reference run or a bad-input
+  case that need not pay a cold import of torch in a new process; ``result`` has
+  ``returncode``, ``stdout`` and ``stderr`` as ``subprocess.run``'s.
 - ``one_thread``: module-scoped; torch on one thread while a test module runs (opt in with
   ``pytestmark = pytest.mark.usefixtures("one_thread")``).
 
+Tests marked ``slow`` run first (stable order otherwise): under pytest-xdist the suite
+ends when its last long test does, so the long ones start first and the short ones fill
+the gaps.
+
 Also, for the whole session: ``DOLM_CACHE_DIR`` points to a temporary folder (weights
-hash cache) and HF progress bars are off.
+hash cache), HF progress bars are off, and torch (and every child process, by
+``OMP_NUM_THREADS``) computes on one thread: tiny models gain nothing from more, and
+``-n 2`` workers on 2 cores with 2 threads each thrash (4x the CPU time of one thread
+on a busy machine).
 """
 
 from __future__ import annotations
@@ -25,17 +37,54 @@ import os
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _dolm_test_env(tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in ("DOLM_CACHE_DIR", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    import torch
+
+    saved = {k: os.environ.get(k) for k in ("DOLM_CACHE_DIR", "HF_HUB_DISABLE_PROGRESS_BARS",
+                                            "OMP_NUM_THREADS")}
     os.environ["DOLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("dolm-cache"))
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["OMP_NUM_THREADS"] = "1"  # child processes too
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def in_process():
+    import importlib.metadata
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    scripts = {e.name: e for e in importlib.metadata.entry_points(group="console_scripts")
+               if e.name.startswith("dolm")}
+
+    def run(exe: str, *args, env: dict | None = None):
+        import torch
+
+        main = scripts[exe].load()
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            r = CliRunner().invoke(main, [str(a) for a in args], prog_name=exe,
+                                   env={"DOLM_PROGRESS": "0", **(env or {})})
+        finally:
+            torch.set_num_threads(saved)
+        return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
+
+    return run
 
 
 @pytest.fixture(scope="module")

@@ -285,7 +285,7 @@ def sweep_file(sweep, tmp_path_factory):
 
 
 def test_cli_scan_then_top_and_bottom_from_the_scan(tiny_gpt2_dir, tiny_model_dir, sweep_file,
-                                                    tmp_path):
+                                                    tmp_path, in_process):
     model = str(tiny_gpt2_dir)
     scan = tmp_path / "scan.parquet"
     r = dolm("dolm-ablate", str(sweep_file), "--model", model, "--scan", "heads",
@@ -314,15 +314,15 @@ def test_cli_scan_then_top_and_bottom_from_the_scan(tiny_gpt2_dir, tiny_model_di
     assert comps == {want_top, want_bottom}
     assert set(got["kind"]) == {"none", "zero", "mean"}
     assert meta.extra["from"]["metric"] == "mae_bayes"
-    # bad input, each exit 3 with the culprit named
-    r = dolm("dolm-ablate", str(sweep_file), "--model", model, "--from", str(scan), "--by",
-             "mae_bayes", "--top", "13", "-o", str(tmp_path / "x.parquet"))
+    # bad input, each exit 3 with the culprit named (in-process: no cold import per case)
+    r = in_process("dolm-ablate", sweep_file, "--model", model, "--from", scan, "--by",
+                   "mae_bayes", "--top", "13", "-o", tmp_path / "x.parquet")
     assert r.returncode == 3 and "--top 13" in r.stderr and "offers only 12" in r.stderr
-    r = dolm("dolm-ablate", str(sweep_file), "--model", str(tiny_model_dir("llama")), "--from",
-             str(scan), "--by", "mae_bayes", "--top", "2", "-o", str(tmp_path / "x.parquet"))
+    r = in_process("dolm-ablate", sweep_file, "--model", tiny_model_dir("llama"), "--from",
+                   scan, "--by", "mae_bayes", "--top", "2", "-o", tmp_path / "x.parquet")
     assert r.returncode == 3 and "--allow-model-mismatch" in r.stderr, r.stderr
-    r = dolm("dolm-ablate", str(sweep_file), "--model", model, "--components", "head.1.7",
-             "-o", str(tmp_path / "x.parquet"))
+    r = in_process("dolm-ablate", sweep_file, "--model", model, "--components", "head.1.7",
+                   "-o", tmp_path / "x.parquet")
     assert r.returncode == 3 and "head.1.7" in r.stderr and "out of range" in r.stderr
     assert not (tmp_path / "x.parquet").exists()
 

@@ -503,7 +503,9 @@ def _bad(d, name, rows=None, frame=None):
         "output-exists",
     ],
 )
-def test_bad_input_exits_3_and_leaves_nothing(case, bad_dir, tiny_gpt2_dir):
+def test_bad_input_exits_3_and_leaves_nothing(case, bad_dir, tiny_gpt2_dir, in_process):
+    """The click command in-process (its own error handling and exit codes; no cold import
+    of torch per case)."""
     d = bad_dir / case
     d.mkdir()
     prompts = bad_dir / "ok.parquet"
@@ -537,8 +539,8 @@ def test_bad_input_exits_3_and_leaves_nothing(case, bad_dir, tiny_gpt2_dir):
         expect = "pass --force"
     model = [] if case == "unknown-model" else ["--model", tiny_gpt2_dir]
     acts = [] if "--sites" in extra else ["--sites", "resid_post.0"]
-    proc = _run(prompts, *model, "-o", d / "out.parquet", "--acts", d / "acts.h5",
-                *acts, *extra, check=False)  # fmt: skip
+    proc = in_process(TOOL, prompts, *model, "-o", d / "out.parquet", "--acts",
+                      d / "acts.h5", *acts, *extra)
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.startswith("dolm-collect-acts: error:"), proc.stderr
     assert expect in proc.stderr

@@ -244,7 +244,7 @@ def test_parity_with_transformer_lens(randomised):
 # ---------------------------------------------------------------- the executable
 
 
-def test_cli(tiny_model_dir, tmp_path):
+def test_cli(tiny_model_dir, tmp_path, in_process):
     from dolm.formats import validate_file, write_table
 
     model = tiny_model_dir("gpt2")
@@ -262,15 +262,16 @@ def test_cli(tiny_model_dir, tmp_path):
     sums = t[t.in_total].groupby("prompt_id").agg(v=("value", "sum"), m=("metric_value", "first"))
     np.testing.assert_allclose(sums.v, sums.m, atol=1e-4)
     assert t[t.prompt_id == "p2"].foil.iloc[0] == " yes"
-    # bad input: a foil that is not one token; an empty table
+    # bad input (in-process: no cold import per case): a foil that is not one token; an
+    # empty table
     df = prompts_frame()
     df.loc[3, "foil"] = " Franceland"
     write_table(df, prompts, schema="prompts", run=None, force=True)
-    r = _run(prompts, "--model", model, "-o", tmp_path / "x.parquet")
+    r = in_process("dolm-dla", prompts, "--model", model, "-o", tmp_path / "x.parquet")
     assert r.returncode == 3 and "Traceback" not in r.stderr
     assert "prompt p3, column 'foil'" in r.stderr and "expected exactly one" in r.stderr
     write_table(df.iloc[:0], prompts, schema="prompts", run=None, force=True)
-    r = _run(prompts, "--model", model, "-o", tmp_path / "x.parquet")
+    r = in_process("dolm-dla", prompts, "--model", model, "-o", tmp_path / "x.parquet")
     assert r.returncode == 3 and "empty" in r.stderr
 
 

@@ -259,17 +259,19 @@ def test_cli_train_then_read(tiny_model_dir, tmp_path):
     assert "--allow-model-mismatch" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_cli_bad_input(tiny_model_dir, tmp_path):
+def test_cli_bad_input(tiny_model_dir, tmp_path, in_process):
+    """In-process (the click command's own error handling; no cold import per case)."""
     model = tiny_model_dir("gpt2")
     df = prompts_frame()
     df.loc[1, "target"] = " fourteenth"
     prompts = write_prompts(tmp_path / "p.parquet", df)
-    r = _run(prompts, "--model", model, "-o", tmp_path / "o.parquet")
+    r = in_process("dolm-lens", prompts, "--model", model, "-o", tmp_path / "o.parquet")
     assert r.returncode == 3
     assert "prompt p0-1, column 'target'" in r.stderr and "expected exactly one" in r.stderr
     assert "--first-token" in r.stderr and "Traceback" not in r.stderr
     empty = write_prompts(tmp_path / "e.parquet", df.iloc[:0])
-    r = _run(empty, "--model", model, "-o", tmp_path / "o.parquet")
+    r = in_process("dolm-lens", empty, "--model", model, "-o", tmp_path / "o.parquet")
     assert r.returncode == 3 and "empty" in r.stderr
-    r = _run(prompts, "--model", model, "-o", tmp_path / "o.parquet", "--lens", "tuned")
+    r = in_process("dolm-lens", prompts, "--model", model, "-o", tmp_path / "o.parquet",
+                   "--lens", "tuned")
     assert r.returncode == 3 and "--translators" in r.stderr

@@ -222,7 +222,8 @@ def test_bad_pairs_name_the_pair(tiny_lm):
                       text_column="text")
 
 
-def test_cli_bad_input_exit_3(tiny_model_dir, tmp_path):
+def test_cli_bad_input_exit_3(tiny_model_dir, tmp_path, in_process):
+    """In-process (the click command's own error handling; no cold import per case)."""
     model = str(tiny_model_dir("gpt2"))
     df = _prompts(n=3)
     # span with a different token count in one pair
@@ -230,12 +231,13 @@ def test_cli_bad_input_exit_3(tiny_model_dir, tmp_path):
     i = bad.index[(bad.group_id == "g1") & bad.cot][0]
     bad.loc[i, "spans"] = json.dumps({"a": [0, len(bad.loc[i, "prompt"])]})
     badp = _write(bad, tmp_path / "bad.parquet")
-    r = mediate("interventional", badp, "--model", model, "--sites", "head.0.0", "-t", "cot",
-                "--position", "a", "-o", str(tmp_path / "x.parquet"))
+    r = in_process("dolm-mediate", "interventional", badp, "--model", model, "--sites",
+                   "head.0.0", "-t", "cot", "--position", "a", "-o", tmp_path / "x.parquet")
     assert r.returncode == 3, r.stderr
     assert "pair g1" in r.stderr and "align" in r.stderr
     assert "Traceback" not in r.stderr
-    r = mediate("interventional", _write(df, tmp_path / "good.parquet"), "--model", model,
-                "--sites", "head.9.0", "-t", "cot", "-o", str(tmp_path / "x.parquet"))
+    r = in_process("dolm-mediate", "interventional", _write(df, tmp_path / "good.parquet"),
+                   "--model", model, "--sites", "head.9.0", "-t", "cot", "-o",
+                   tmp_path / "x.parquet")
     assert r.returncode == 3 and "head.9.0" in r.stderr
     assert not (tmp_path / "x.parquet").exists()

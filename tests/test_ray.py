@@ -23,6 +23,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+pytestmark = pytest.mark.slow  # a process per tool run and a cluster: start these first
+
 # The module's cluster is local and short-lived: no token (Ray >= 2.59 asks drivers that
 # join a local cluster for the token it generated; docs/ray.md says how to pass one).
 ENV = dict(os.environ, OMP_NUM_THREADS="1", DOLM_PROGRESS="0", RAY_USAGE_STATS_ENABLED="0",
@@ -51,16 +53,16 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def kit(tiny_gpt2_dir, tmp_path_factory):
+def kit(tiny_gpt2_dir, tmp_path_factory, in_process):
     d = tmp_path_factory.mktemp("ray")
     model = str(tiny_gpt2_dir)
     p = d / "prompts.parquet"
-    r = dolm("dolm-gen-prompts", "factual", "--n", "12", "-o", p, "--model", model)
+    r = in_process("dolm-gen-prompts", "factual", "--n", "12", "-o", p, "--model", model)
     assert r.returncode == 0, r.stderr
     vec = d / "v.npy"
     np.save(vec, np.random.default_rng(0).normal(size=32).astype("float32"))
-    r = dolm("dolm-steer", "fit", p, "--model", model, "--method", "file", "--vector", vec,
-             "--sites", "resid_post.1", "-o", d / "dirs.safetensors")
+    r = in_process("dolm-steer", "fit", p, "--model", model, "--method", "file", "--vector",
+                   vec, "--sites", "resid_post.1", "-o", d / "dirs.safetensors")
     assert r.returncode == 0, r.stderr
     return d, model, p
 
@@ -108,41 +110,63 @@ def valid(*paths):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_collect_patch_ablate_on_ray_equal_in_process(cluster, kit):
+def local_then_ray(in_process, argv, files, ray_files, ray_opts):
+    """The in-process run (the same click command, this process) into ``files`` and the
+    real executable on Ray into ``ray_files``; ``argv[0]`` is the executable, then its
+    arguments; ``files``: [(option, path)] of the outputs."""
+    r = in_process(*argv, *[x for o, f in files for x in (o, f)])
+    assert r.returncode == 0, (argv[0], "local", r.stderr)
+    r = dolm(*argv, *[x for o, f in ray_files for x in (o, f)], *ray_opts)
+    assert r.returncode == 0, (argv[0], "ray", r.stderr)
+
+
+PRIMARY = {  # name -> (argv, output options, suffixes)
+    "collect": (["dolm-collect-acts", "--sites", "resid_post.*,head.1.*", "--positions",
+                 "last,subject"], ("-o", "--acts"), (".parquet", ".h5")),
+    "patch": (["dolm-patch", "--sites", "resid_pre,attn_out", "--positions", "last"],
+              ("-o", "--summary"), (".parquet", ".parquet")),
+    "ablate": (["dolm-ablate", "--components", "head.0.1,mlp_out.1,layer.2", "--kind",
+                "zero,mean"], ("-o",), (".parquet",)),
+}
+
+
+@pytest.mark.parametrize("name", list(PRIMARY))
+def test_collect_patch_ablate_on_ray_equal_in_process(cluster, kit, in_process, name):
     d, model, p = kit
-    common = ["--model", model, "--batch-size", "1"]
+    (exe, *opts_), opts, exts = PRIMARY[name]
+    argv = [exe, p, "--model", model, "--batch-size", "1", *opts_]
     ray_opts = ["--executor", "ray", "--ray-address", cluster, "--shards", "4"]
-    jobs = {
-        "collect": (["dolm-collect-acts", p, *common, "--sites", "resid_post.*,head.1.*",
-                     "--positions", "last,subject"], ("-o", "--acts"), (".parquet", ".h5")),
-        "patch": (["dolm-patch", p, *common, "--sites", "resid_pre,attn_out",
-                   "--positions", "last"], ("-o", "--summary"), (".parquet", ".parquet")),
-        "ablate": (["dolm-ablate", p, *common, "--components", "head.0.1,mlp_out.1,layer.2",
-                    "--kind", "zero,mean"], ("-o",), (".parquet",)),
-    }
-    for name, (argv, opts, exts) in jobs.items():
-        outs = {}
-        for how, extra in (("local", []), ("ray", ray_opts)):
-            files = [d / f"{name}-{how}-{i}{ext}" for i, ext in enumerate(exts)]
-            args = [x for o, f in zip(opts, files, strict=True) for x in (o, f)]
-            r = dolm(*argv, *args, *extra)
-            assert r.returncode == 0, (name, how, r.stderr)
-            outs[how] = files
-        for a, b in zip(outs["local"], outs["ray"], strict=True):
-            if a.suffix == ".h5":
-                same_h5(a, b)
-            else:
-                same_tables(a, b, exact=name == "collect")
-        valid(*outs["ray"])
-        ex = executor_entry(outs["ray"][0])
-        phases = ["means", "main"] if name == "ablate" else ["main"]  # mean: sums reduced first
-        assert ex["kind"] == "ray" and ex["shards"] == 4 and ex["phases"] == phases
-        assert [s["phase"] for s in ex["every_shard"]] == [p for p in phases for _ in range(4)]
-        assert ex["cluster"]["cpus"] == 2 and ex["cluster"]["workers"] == 2
-        assert not (d / f"{outs['ray'][0].name}.shards").exists()  # merged, cleaned up
+    outs = {how: [d / f"{name}-{how}-{i}{ext}" for i, ext in enumerate(exts)]
+            for how in ("local", "ray")}
+    local_then_ray(in_process, argv, list(zip(opts, outs["local"], strict=True)),
+                   list(zip(opts, outs["ray"], strict=True)), ray_opts)
+    for a, b in zip(outs["local"], outs["ray"], strict=True):
+        if a.suffix == ".h5":
+            same_h5(a, b)
+        else:
+            same_tables(a, b, exact=name == "collect")
+    valid(*outs["ray"])
+    ex = executor_entry(outs["ray"][0])
+    phases = ["means", "main"] if name == "ablate" else ["main"]  # mean: sums reduced first
+    assert ex["kind"] == "ray" and ex["shards"] == 4 and ex["phases"] == phases
+    assert [s["phase"] for s in ex["every_shard"]] == [p for p in phases for _ in range(4)]
+    assert ex["cluster"]["cpus"] == 2 and ex["cluster"]["workers"] == 2
+    assert not (d / f"{outs['ray'][0].name}.shards").exists()  # merged, cleaned up
 
 
-def test_dla_lens_steer_mediate_circuit_on_ray_equal_in_process(cluster, kit):
+OTHERS = {  # name -> argv after PROMPTS --model M --batch-size 1 (DIRS: the directions)
+    "dla": ["dolm-dla", "--metric", "logit", "--first-token"],
+    "lens": ["dolm-lens", "--first-token", "--top-k", "2"],
+    "steer": ["dolm-steer", "apply", "--directions", "DIRS", "--alphas", "-2,0,2"],
+    "mediate": ["dolm-mediate", "interventional", "--sites", "head.1.*,mlp_out.0", "--sims",
+                "200"],
+    "edges": ["dolm-circuit", "edges", "--method", "eap", "--metric", "prob_target"],
+}
+
+
+@pytest.mark.parametrize("name", list(OTHERS))
+def test_dla_lens_steer_mediate_circuit_on_ray_equal_in_process(cluster, kit, in_process,
+                                                                name):
     """The other prompt-parallel tools: with --batch-size 1 every prompt (pair) is computed
     alone in both runs, so the merged outputs equal the in-process ones exactly, the
     statistics over all prompts included (steer's slopes, mediate's bootstrap and
@@ -150,41 +174,28 @@ def test_dla_lens_steer_mediate_circuit_on_ray_equal_in_process(cluster, kit):
     from dolm.formats import read_meta
 
     d, model, p = kit
-    dirs = d / "dirs.safetensors"
-    common = ["--model", model, "--batch-size", "1"]
-    jobs = {
-        "dla": ["dolm-dla", p, *common, "--metric", "logit", "--first-token"],
-        "lens": ["dolm-lens", p, *common, "--first-token", "--top-k", "2"],
-        "steer": ["dolm-steer", "apply", p, *common, "--directions", dirs, "--alphas",
-                  "-2,0,2"],
-        "mediate": ["dolm-mediate", "interventional", p, *common, "--sites",
-                    "head.1.*,mlp_out.0", "--sims", "200"],
-        "edges": ["dolm-circuit", "edges", p, *common, "--method", "eap", "--metric",
-                  "prob_target"],
-    }
-    for name, argv in jobs.items():
-        outs = {}
-        for how, extra in (("local", []), ("ray", ["--executor", "ray", "--ray-address",
-                                                   cluster, "--shards", "3"])):
-            out = d / f"{name}-{how}.parquet"
-            r = dolm(*argv, "-o", out, *extra)
-            assert r.returncode == 0, (name, how, r.stderr)
-            outs[how] = [out]
-            if name == "mediate":
-                outs[how] += [d / f"{name}-{how}.effects.parquet",
-                              d / f"{name}-{how}.summary.json"]
-        for a, b in zip(outs["local"], outs["ray"], strict=True):
-            if a.suffix == ".json":
-                x, y = json.loads(a.read_text()), json.loads(b.read_text())
-                x.pop("dolm"), y.pop("dolm")  # the header: provenance differs by design
-                assert x == y, name
-                continue
-            x, y = pq.read_table(a).to_pandas(), pq.read_table(b).to_pandas()
-            pd.testing.assert_frame_equal(x, y, check_exact=True)
-            assert read_meta(a).extra == read_meta(b).extra, name
-        valid(*outs["ray"])
-        ex = executor_entry(outs["ray"][0])
-        assert ex["kind"] == "ray" and ex["shards"] == 3 and len(ex["every_shard"]) == 3
+    exe, *rest = OTHERS[name]
+    sub = [rest.pop(0)] if name in ("steer", "mediate", "edges") else []
+    rest = [str(d / "dirs.safetensors") if x == "DIRS" else x for x in rest]
+    argv = [exe, *sub, p, "--model", model, "--batch-size", "1", *rest]
+    outs = {how: [d / f"{name}-{how}.parquet"] for how in ("local", "ray")}
+    local_then_ray(in_process, argv, [("-o", outs["local"][0])], [("-o", outs["ray"][0])],
+                   ["--executor", "ray", "--ray-address", cluster, "--shards", "3"])
+    if name == "mediate":
+        for how in outs:
+            outs[how] += [d / f"{name}-{how}.effects.parquet", d / f"{name}-{how}.summary.json"]
+    for a, b in zip(outs["local"], outs["ray"], strict=True):
+        if a.suffix == ".json":
+            x, y = json.loads(a.read_text()), json.loads(b.read_text())
+            x.pop("dolm"), y.pop("dolm")  # the header: provenance differs by design
+            assert x == y, name
+            continue
+        x, y = pq.read_table(a).to_pandas(), pq.read_table(b).to_pandas()
+        pd.testing.assert_frame_equal(x, y, check_exact=True)
+        assert read_meta(a).extra == read_meta(b).extra, name
+    valid(*outs["ray"])
+    ex = executor_entry(outs["ray"][0])
+    assert ex["kind"] == "ray" and ex["shards"] == 3 and len(ex["every_shard"]) == 3
 
 
 def _descendant(pid: int, ancestor: int) -> bool:
@@ -213,14 +224,14 @@ def _shard_worker() -> int | None:
     return None
 
 
-def test_a_killed_worker_is_retried_and_the_output_equals_in_process(cluster, kit):
+def test_a_killed_worker_is_retried_and_the_output_equals_in_process(cluster, kit, in_process):
     if not Path("/proc/self/stat").exists():
         pytest.skip("needs /proc to find the worker process")
     d, model, p = kit
     argv = ["dolm-collect-acts", p, "--model", model, "--batch-size", "1",
             "--sites", "resid_post.*"]
     local = d / "kill-local.parquet"
-    assert dolm(*argv, "-o", local, "--acts", d / "kill-local.h5").returncode == 0
+    assert in_process(*argv, "-o", local, "--acts", d / "kill-local.h5").returncode == 0
     out, acts = d / "kill-ray.parquet", d / "kill-ray.h5"
     proc = subprocess.Popen([str(a) for a in (*argv, "-o", out, "--acts", acts,
                                               "--executor", "ray", "--ray-address", cluster,
@@ -244,7 +255,7 @@ def test_a_killed_worker_is_retried_and_the_output_equals_in_process(cluster, ki
     assert killed not in pids  # the killed worker's shard was redone by another process
 
 
-def test_a_killed_driver_resumes_and_skips_finished_shards(cluster, kit):
+def test_a_killed_driver_resumes_and_skips_finished_shards(cluster, kit, in_process):
     """SIGKILL the driver once a main-round shard of a two-phase ablate (mean) is finished:
     no output appears; the same command with --resume keeps every finished shard (the
     means round whole, part of the main round), redoes the rest, and the output equals
@@ -253,7 +264,7 @@ def test_a_killed_driver_resumes_and_skips_finished_shards(cluster, kit):
     argv = ["dolm-ablate", p, "--model", model, "--batch-size", "1", "--scan", "heads",
             "--kind", "zero,mean"]
     local, out = d / "resume-local.parquet", d / "resume-ray.parquet"
-    assert dolm(*argv, "-o", local).returncode == 0
+    assert in_process(*argv, "-o", local).returncode == 0
     ray_argv = [*argv, "-o", out, "--executor", "ray", "--ray-address", cluster,
                 "--shards", "6"]
     folder = d / f"{out.name}.shards"
@@ -324,14 +335,16 @@ def test_a_worker_that_cannot_write_the_shards_folder_is_named(cluster, kit, tmp
         assert not shards.exists() or list(shards.iterdir()) == []
 
 
-def test_job_array_shards_merge_by_hand(kit, tmp_path):
+def test_job_array_shards_merge_by_hand(kit, tmp_path, in_process):
     """--shard K/N runs (a job array, no Ray) of patch, merged with dolm-merge in any
     argument order, equal the in-process tables; a missing shard, a shard of other
-    options and a tool that needs its own merge are named errors, exit 3."""
+    options and a tool that needs its own merge are named errors, exit 3. The shards and
+    their merge are the real executables; the reference and the bad cases run in-process."""
     d, model, p = kit
     argv = ["dolm-patch", p, "--model", model, "--batch-size", "1", "--sites", "resid_pre",
             "--positions", "last"]
-    r = dolm(*argv, "-o", tmp_path / "local.parquet", "--summary", tmp_path / "local-s.parquet")
+    r = in_process(*argv, "-o", tmp_path / "local.parquet", "--summary",
+                   tmp_path / "local-s.parquet")
     assert r.returncode == 0, r.stderr
     for k in (1, 2):
         r = dolm(*argv, "--shard", f"{k}/2", "-o", tmp_path / f"s{k}.parquet", "--summary",
@@ -347,19 +360,20 @@ def test_job_array_shards_merge_by_hand(kit, tmp_path):
     prov = json.loads(pq.read_schema(tmp_path / "merged.parquet").metadata[b"dolm.provenance"])
     assert prov[-1]["tool"] == "patch" and prov[-1]["params"]["executor"]["shards"] == 2
     # bad input: nothing written
-    r = dolm(*argv, "--shard", "2/2", "--positions", "all", "-o", tmp_path / "other.parquet")
+    r = in_process(*argv, "--shard", "2/2", "--positions", "all", "-o",
+                   tmp_path / "other.parquet")
     assert r.returncode == 0, r.stderr
     bad = {"shards missing: 2/2": ["s1"],
            "differs from": ["s1", "other"],
            "given twice": ["s1", "s2", "s2"]}
     for message, parts in bad.items():
-        r = dolm("dolm-merge", *[tmp_path / f"{x}.parquet" for x in parts], "-o",
-                 tmp_path / "bad.parquet")
+        r = in_process("dolm-merge", *[tmp_path / f"{x}.parquet" for x in parts], "-o",
+                       tmp_path / "bad.parquet")
         assert r.returncode == 3 and message in r.stderr, (message, r.stderr)
-    r = dolm("dolm-steer", "apply", p, "--model", model, "--directions", d / "dirs.safetensors",
-             "--shard", "1/1", "-o", tmp_path / "st1.parquet")
+    r = in_process("dolm-steer", "apply", p, "--model", model, "--directions",
+                   d / "dirs.safetensors", "--shard", "1/1", "-o", tmp_path / "st1.parquet")
     assert r.returncode == 0, r.stderr
-    r = dolm("dolm-merge", tmp_path / "st1.parquet", "-o", tmp_path / "bad.parquet")
+    r = in_process("dolm-merge", tmp_path / "st1.parquet", "-o", tmp_path / "bad.parquet")
     assert r.returncode == 3 and "own merge" in r.stderr, r.stderr
     assert not (tmp_path / "bad.parquet").exists()
 

@@ -47,7 +47,7 @@ def card_metrics():
 def hf():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one per xdist worker (see conftest)
     model = AutoModelForCausalLM.from_pretrained(TOY).eval()
     tok = AutoTokenizer.from_pretrained(TOY)
     return model, tok

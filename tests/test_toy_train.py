@@ -110,7 +110,7 @@ def tiny_config(steps: int) -> dict:
 def short_run(tmp_path_factory):
     from dolm_tools.toy.train import train
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one per xdist worker: 2 threads on 2 busy cores thrash
     out = tmp_path_factory.mktemp("toy-short")
     summary = train(tiny_config(300), out, device="cpu", seed=0, show_progress=False)
     return out, summary
@@ -150,7 +150,7 @@ def test_saved_folder_loads_offline(short_run, monkeypatch):
 def test_training_is_deterministic(tmp_path):
     from dolm_tools.toy.train import train
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one per xdist worker: 2 threads on 2 busy cores thrash
     cfg = tiny_config(12)
     cfg["train"]["log_every"] = 4
     train(cfg, tmp_path / "a", device="cpu", seed=3, show_progress=False)
