@@ -162,6 +162,25 @@ def test_hand_computed_balance():
     assert rb["var_ratio"] is None
 
 
+def test_ecdf_ties_survive_a_last_bit_difference():
+    """Two units with the same propensity score up to the last bit (BLAS blocking gives
+    that for equal covariate rows) are one eCDF step, as with an exact tie: the hand
+    example above with control 2 moved by one ulp gives the same mean and max."""
+    x = np.array([1, 2, 3, 2, 4, 6, 8], dtype=float)
+    t = np.array([1, 1, 1, 0, 0, 0, 0])
+    w = np.ones(7)
+    exact = bal.ecdf_diffs(x, t, w)
+    x2 = x.copy()
+    x2[3] = np.nextafter(2.0, 3.0)
+    assert bal.ecdf_diffs(x2, t, w) == pytest.approx(exact, abs=0)
+    assert bal.ecdf_diffs(x2, t, w, bal.SortedColumn.of(x2, t)) == pytest.approx(exact, abs=0)
+    assert exact == pytest.approx(((4 + 5 + 9 + 6 + 3 + 0) / 12 / 6, 0.75))
+    # a real difference (1e-9 relative) is still two values
+    x3 = x.copy()
+    x3[3] = 2.0 + 2e-9
+    assert bal.ecdf_diffs(x3, t, w)[0] != pytest.approx(exact[0], rel=1e-6)
+
+
 def test_tiny_table_through_pipeline_balance_all():
     df = pd.DataFrame({"x": [1, 2, 3, 2, 4, 6, 8, 5.0], "z": [0, 1, 0, 1, 1, 0, 0, 1.0],
                        "t": [1, 1, 1, 0, 0, 0, 0, 0], "y": [1.0, 2, 3, 4, 5, 6, 7, 8]})

@@ -32,6 +32,15 @@ def wvar(x: np.ndarray, w: np.ndarray) -> float:
     return float(np.sum(w * (x - m) ** 2) / denom)
 
 
+def value_ends(xs: np.ndarray) -> np.ndarray:
+    """For sorted ``xs``: where a new value starts after each element (length n - 1).
+    Values within a relative 1e-12 of each other are one value: a propensity score
+    computed for two units with the same covariates can differ in the last bit (BLAS
+    blocking), and a tie must not split into two eCDF steps because of it."""
+    a, b = xs[:-1], xs[1:]
+    return (b - a) > 1e-12 * np.maximum(np.abs(a), np.abs(b))
+
+
 @dataclass
 class SortedColumn:
     """One column sorted once (stable) with its treatment flags, reused by every call."""
@@ -45,7 +54,7 @@ class SortedColumn:
     def of(cls, x: np.ndarray, t: np.ndarray) -> SortedColumn:
         order = np.argsort(x, kind="stable")
         xs = x[order]
-        return cls(order, xs, t[order], bool(np.all(xs[1:] != xs[:-1])))
+        return cls(order, xs, t[order], bool(np.all(value_ends(xs))))
 
 
 def ecdf_diffs(x, t, w, order=None) -> tuple[float, float]:
@@ -73,7 +82,7 @@ def ecdf_diffs(x, t, w, order=None) -> tuple[float, float]:
     w0 = ws - w1
     c1 = np.cumsum(w1) / w1.sum()
     c0 = np.cumsum(w0) / w0.sum()
-    last = np.flatnonzero(np.append(xs[1:] != xs[:-1], True))  # last index of each value
+    last = np.flatnonzero(np.append(value_ends(xs), True))  # last index of each value
     d = np.abs(c1[last] - c0[last])
     return float(d.mean()), float(d.max())
 
