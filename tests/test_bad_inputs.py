@@ -455,3 +455,27 @@ def test_disk_full_is_a_named_error(kit, tmp_path):
         assert not [q.name for q in mnt.iterdir() if "psm" in q.name]
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_run_refused_while_the_holder_writes_its_details_still_names_it(tmp_path):
+    """The lock's holder writes its pid just after taking the lock; a run refused in that
+    instant (an empty lock file) waits for the details instead of saying "another run"."""
+    import fcntl
+    import threading
+
+    from dolm.errors import InputError
+    from dolm.formats.lock import lock_path, output_locks
+
+    out = tmp_path / "o.parquet"
+    fd = os.open(lock_path(out), os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, details not yet written
+    info = {"pid": 4242, "tool": "patch", "run": "r1", "started": "now"}
+    late = threading.Timer(0.15, lambda: os.write(fd, json.dumps(info).encode()))
+    late.start()
+    try:
+        with pytest.raises(InputError) as err, output_locks([("--output", str(out))]):
+            pass
+    finally:
+        late.join()
+        os.close(fd)
+    assert "another run is writing" in str(err.value) and "pid 4242" in str(err.value)

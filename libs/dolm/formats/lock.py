@@ -26,11 +26,21 @@ def lock_path(path: str | os.PathLike) -> Path:
     return p.parent / f".{p.name}.lock"
 
 
-def _holder(lock: Path) -> str:
-    try:
-        info = json.loads(lock.read_text() or "{}")
-    except (OSError, ValueError):
-        info = {}
+def _holder(lock: Path, tries: int = 20) -> str:
+    """Who holds ``lock``. The holder writes its details just after taking the lock, so
+    a run refused in that instant retries the read for up to ~0.5 s."""
+    import time
+
+    info: dict = {}
+    for i in range(tries):
+        try:
+            info = json.loads(lock.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if info:
+            break
+        if i + 1 < tries:
+            time.sleep(0.025)
     if not info:
         return "another run"
     return (f"dolm-{info.get('tool', '?')} (pid {info.get('pid', '?')}, run "
