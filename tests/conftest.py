@@ -61,30 +61,30 @@ def _dolm_test_env(tmp_path_factory):
             os.environ[k] = v
 
 
-@pytest.fixture(scope="session")
-def in_process():
+def run_in_process(exe: str, *args, env: dict | None = None):
+    """``exe ARGS`` (a ``dolm-*`` console script) run in this process: its click command,
+    exit codes and error handling, torch on one thread, ``DOLM_PROGRESS=0``."""
     import importlib.metadata
     from types import SimpleNamespace
 
+    import torch
     from click.testing import CliRunner
 
-    scripts = {e.name: e for e in importlib.metadata.entry_points(group="console_scripts")
-               if e.name.startswith("dolm")}
+    (entry,) = importlib.metadata.entry_points(group="console_scripts", name=exe)
+    main = entry.load()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = CliRunner().invoke(main, [str(a) for a in args], prog_name=exe,
+                               env={"DOLM_PROGRESS": "0", **(env or {})})
+    finally:
+        torch.set_num_threads(saved)
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
 
-    def run(exe: str, *args, env: dict | None = None):
-        import torch
 
-        main = scripts[exe].load()
-        saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            r = CliRunner().invoke(main, [str(a) for a in args], prog_name=exe,
-                                   env={"DOLM_PROGRESS": "0", **(env or {})})
-        finally:
-            torch.set_num_threads(saved)
-        return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
-
-    return run
+@pytest.fixture(scope="session")
+def in_process():
+    return run_in_process
 
 
 @pytest.fixture(scope="module")

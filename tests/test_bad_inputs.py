@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = pd.DataFrame({"prompt_id": ["a", "b"], "family": ["f", "f"], "prompt": ["x", "y"],
@@ -38,21 +39,9 @@ def dolm(*args, **kw):
                           **kw)
 
 
-class _Result:
-    def __init__(self, code: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = code, stdout, stderr
-
-
-def tool(name: str, *args) -> _Result:
-    """``dolm-<name> ARGS`` run in-process (same click command and error handling)."""
-    from click.testing import CliRunner
-
-    module = {"steer": "dolm_tools.steer.cli", "collect-acts": "dolm_tools.collect_acts.cli",
-              "gen-prompts": "dolm_tools.gen_prompts.cli", "psm": "dolm_tools.psm.cli",
-              "validate": "dolm_tools.validate.cli"}[name]
-    main = importlib.import_module(module).main
-    r = CliRunner().invoke(main, [str(a) for a in args], prog_name=f"dolm-{name}")
-    return _Result(r.exit_code, r.stdout, r.stderr)
+def tool(name: str, *args):
+    """``dolm-<name> ARGS`` run in-process (conftest's ``run_in_process``)."""
+    return run_in_process(f"dolm-{name}", *args)
 
 
 def _leftovers(folder: Path, keep: set[str]) -> list[str]:
