@@ -158,12 +158,12 @@ def _sibling(output: str, suffix: str) -> str | None:
               help="Run DoWhy's placebo, random-common-cause and data-subset refuters.")
 @click.option("--refute-sims", type=click.IntRange(min=2), default=50, show_default=True,
               help="Simulations per refuter (each re-runs the propensity fit and matching).")
-@click.option("--refute-max-units", type=click.IntRange(min=0), default=None,
+@click.option("--refute-max-units", type=click.IntRange(min=0), default=REFUTE_MAX_UNITS,
+              show_default=True,
               help="Refute a contrast with more units than this on a random subsample of "
               "this many (treated and controls in their proportions; the refuters' tests "
               "compare with the estimate on that sample; recorded in the summary's "
-              "refutation.sample). 0: always all units.  [default: "
-              f"{REFUTE_MAX_UNITS}]")
+              "refutation.sample). 0: always all units.")
 @click.option("--balance-terms", "balance_terms", default="",
               help="Also report balance on these terms of the covariates, as cobalt's "
               "poly = 2 / int = TRUE: 'squares' (each non-binary covariate squared, "
@@ -267,8 +267,7 @@ def main(run, table, treatment, outcome, covariates, dag_path, reference, id_col
                   folds=folds,
                   estimands=est, se=se, n_boot=n_boot, seed=seed, refute=refute,
                   refute_sims=refute_sims, balance_terms=terms,
-                  refute_max_units=(REFUTE_MAX_UNITS if refute_max_units is None
-                                    else refute_max_units))
+                  refute_max_units=refute_max_units)
     res = run_psm(u, opt)
     summary = {"tool": "psm", "input": str(table), **res.summary,
                "covariates_from": "dag" if dag_info else "option", "dag": dag_info}
